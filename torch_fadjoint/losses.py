@@ -1,0 +1,140 @@
+"""Losses with their closed-form output adjoints X*^L = ∂J/∂X^L (ALGORITHMS.md §1.3).
+
+Each function returns ``(loss, out_adj)``: the loss exactly as ``torch.nn.functional`` computes it
+(same ``reduction`` semantics) and its gradient with respect to the model output, without autograd.
+
+    cross-entropy on logits:   X*^L = (softmax(X^L) − q) / B,   q = (1 − ε) onehot(t) + ε / C
+    NLL on log-probabilities:  X*^L = −onehot(t) / B
+    MSE:                       X*^L = 2 (X^L − T) / (B · n_L)
+
+(``reduction="sum"`` drops the division by B, resp. B · n_L.)
+
+``validate=True`` checks the target's dtype, shape and class range; the range check reads one value
+back from the device (a host sync): pass ``validate=False`` inside a captured CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["cross_entropy", "nll", "mse", "get_loss", "LOSSES"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _check_logits(x_out: Tensor, target: Tensor, what: str, validate: bool) -> None:
+    if x_out.dim() != 2:
+        raise ValueError(f"{what}: expected a (batch, classes) output, got shape {tuple(x_out.shape)}")
+    if not validate:
+        return
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+        raise ValueError(f"{what}: expected integer class targets, got dtype {target.dtype}")
+    if target.shape != x_out.shape[:1]:
+        raise ValueError(
+            f"{what}: expected targets of shape ({x_out.shape[0]},), got {tuple(target.shape)}"
+        )
+    if target.device != x_out.device:
+        raise ValueError(f"{what}: targets on {target.device}, output on {x_out.device}")
+    n_classes = x_out.shape[1]
+    if target.numel() and bool(((target < 0) | (target >= n_classes)).any()):
+        raise ValueError(f"{what}: targets must lie in [0, {n_classes - 1}]")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _onehot(target: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
+    return F.one_hot(target.long(), n_classes).to(dtype)
+
+
+def cross_entropy(
+    x_out: Tensor,
+    target: Tensor,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy on logits and X*^L (ALGORITHMS.md §1.3).
+
+    x_out: (B, C) logits X^L; target: (B,) integer classes. Returns (loss: scalar, out_adj: (B, C)).
+        X*^L = (softmax(X^L) − q) / B,  q = (1 − ε) onehot(t) + ε / C
+    >>> loss, out_adj = cross_entropy(torch.zeros(2, 3), torch.tensor([0, 2]))
+    >>> out_adj.shape
+    torch.Size([2, 3])
+    """
+    _check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_logits(x_out, target, "cross_entropy", validate)
+    target = target.long()
+    loss = F.cross_entropy(x_out, target, label_smoothing=label_smoothing, reduction=reduction)
+    n_classes = x_out.shape[1]
+    out_adj = torch.softmax(x_out, dim=1)
+    out_adj.scatter_add_(1, target[:, None], out_adj.new_full((x_out.shape[0], 1), label_smoothing - 1.0))
+    if label_smoothing:
+        out_adj.sub_(label_smoothing / n_classes)
+    if reduction == "mean":
+        out_adj.div_(x_out.shape[0])
+    return loss, out_adj
+
+
+def nll(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:
+    """Negative log-likelihood on log-probabilities (after ``nn.LogSoftmax``), ALGORITHMS.md §1.3.
+
+    x_out: (B, C) log-probabilities; target: (B,). Returns (loss, out_adj (B, C)).
+        X*^L = −onehot(t) / B
+    >>> nll(torch.log_softmax(torch.zeros(2, 3), 1), torch.tensor([0, 2]))[1][0]
+    tensor([-0.5000, 0.0000, 0.0000])
+    """
+    _check_reduction(reduction)
+    _check_logits(x_out, target, "nll", validate)
+    target = target.long()
+    loss = F.nll_loss(x_out, target, reduction=reduction)
+    scale = -1.0 / x_out.shape[0] if reduction == "mean" else -1.0
+    out_adj = torch.zeros_like(x_out).scatter_(1, target[:, None], scale)
+    return loss, out_adj
+
+
+def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:
+    """Mean squared error and X*^L (ALGORITHMS.md §1.3).
+
+    x_out: (B, n_L); target: a float tensor of x_out's shape, or (B,) integer classes (T = onehot(t)).
+        X*^L = 2 (X^L − T) / (B · n_L)
+    >>> mse(torch.ones(2, 2), torch.zeros(2, 2))[1]
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.5000]])
+    """
+    _check_reduction(reduction)
+    if not target.is_floating_point():
+        _check_logits(x_out, target, "mse", validate)
+        target = _onehot(target, x_out.shape[1], x_out.dtype)
+    elif validate and (target.shape != x_out.shape or target.dtype != x_out.dtype or target.device != x_out.device):
+        raise ValueError(
+            f"mse: expected a target of shape {tuple(x_out.shape)}, dtype {x_out.dtype} on {x_out.device}, "
+            f"got {tuple(target.shape)}, {target.dtype} on {target.device}"
+        )
+    loss = F.mse_loss(x_out, target, reduction=reduction)
+    out_adj = x_out - target
+    out_adj.mul_(2.0 / x_out.numel() if reduction == "mean" else 2.0)
+    return loss, out_adj
+
+
+LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "cross_entropy": cross_entropy,
+    "nll": nll,
+    "mse": mse,
+}
+
+
+def get_loss(loss) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A loss by name (``"cross_entropy"``, ``"nll"``, ``"mse"``) or a callable returning ``(loss, out_adj)``."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
+    return LOSSES[loss]

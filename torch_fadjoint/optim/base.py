@@ -1,0 +1,246 @@
+"""The shared optimizer base and the SGD update every rule applies (ALGORITHMS.md §1.4).
+
+``RuleOptimizer`` is a ``torch.optim.Optimizer`` bound to an :class:`~torch_fadjoint.FPropagation`
+recorder: hyper-parameters live in ``param_groups`` (so schedulers, ``state_dict`` and ``zero_grad``
+work unchanged), momentum buffers in ``self.state[p]["momentum_buffer"]`` as in ``torch.optim.SGD``.
+``step(target)`` computes the loss and X*^L from the recorded output, asks the subclass for the
+update, and returns the loss tensor.
+
+The update is torch.optim.SGD's (STYLE P1: a thin class over a functional core)::
+
+    g ← −g if maximize;  g ← g + λ θ
+    b ← g (first step) | μ b + (1 − dampening) g;   g ← g + μ b (Nesterov) | b
+    θ ← θ − lr g
+
+``sgd_update`` picks ``_single_tensor_sgd`` (a Python loop) or ``_foreach_sgd`` (``torch._foreach_*``
+per (device, dtype) group); the two agree, which a test checks.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..losses import LOSSES, get_loss
+from ..recorder import FPropagation, LayerRecord
+
+__all__ = ["RuleOptimizer", "sgd_update", "accumulate_grads", "check_out_adj", "check_finite"]
+
+
+# -- the functional SGD core -------------------------------------------------------------------
+def sgd_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """θ ← θ − lr · SGD-direction(g), in place; fills ``momentum_buffers`` on the first step.
+
+    params, grads: matching lists of tensors; momentum_buffers: a list of the same length whose
+    ``None`` entries are replaced by new buffers (the caller stores them in the optimizer state).
+    Grads are never modified in place.
+    """
+    if foreach is None:
+        foreach = bool(params) and all(p.device.type != "cpu" for p in params)
+    impl = _foreach_sgd if foreach else _single_tensor_sgd
+    impl(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+
+
+def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
+                       nesterov, maximize):
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.clone(grad).detach()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+
+
+def _group_by_device_dtype(*tensor_lists):
+    """Indices grouped by (device, dtype) of the first list: torch's own helper is private."""
+    groups = defaultdict(list)
+    for i, tensor in enumerate(tensor_lists[0]):
+        groups[(tensor.device, tensor.dtype)].append(i)
+    return groups.values()
+
+
+def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
+                 nesterov, maximize):
+    for indices in _group_by_device_dtype(params):
+        device_params = [params[i] for i in indices]
+        device_grads = [grads[i] for i in indices]
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+        if weight_decay != 0:
+            device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+        if momentum != 0:
+            if all(momentum_buffers[i] is not None for i in indices):
+                bufs = [momentum_buffers[i] for i in indices]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, device_grads, alpha=1 - dampening)
+            else:
+                bufs = []
+                for i, grad in zip(indices, device_grads):
+                    if momentum_buffers[i] is None:
+                        momentum_buffers[i] = torch.clone(grad).detach()
+                    else:
+                        momentum_buffers[i].mul_(momentum).add_(grad, alpha=1 - dampening)
+                    bufs.append(momentum_buffers[i])
+            device_grads = torch._foreach_add(device_grads, bufs, alpha=momentum) if nesterov else bufs
+        torch._foreach_add_(device_params, device_grads, alpha=-lr)
+
+
+# -- checks shared by every rule ---------------------------------------------------------------
+def check_out_adj(net: FPropagation, out_adj: Tensor) -> None:
+    """X*^L must have the recorded output's shape, dtype and device."""
+    output = net.output
+    if not isinstance(out_adj, Tensor):
+        raise ValueError(f"out_adj: expected a tensor, got {type(out_adj).__name__}")
+    if out_adj.shape != output.shape or out_adj.dtype != output.dtype or out_adj.device != output.device:
+        last = net.layers[-1].name
+        raise ValueError(
+            f"out_adj: expected shape {tuple(output.shape)}, {output.dtype} on {output.device} "
+            f"(the output of {last}), got {tuple(out_adj.shape)}, {out_adj.dtype} on {out_adj.device}"
+        )
+
+
+def check_finite(tensors: list[Tensor], what: str) -> None:
+    """Raise RuntimeError if any tensor holds NaN/Inf (one host sync for the whole list)."""
+    if not tensors:
+        return
+    flags = torch.stack([t.isfinite().all() for t in tensors])
+    if not bool(flags.all()):
+        first = int((~flags).nonzero()[0, 0])
+        raise RuntimeError(f"{what}: non-finite values in entry {first}; nothing was changed")
+
+
+def check_trainable(layers: list[LayerRecord], rule_name: str) -> None:
+    """Refuse modules whose derivative is 0 almost everywhere (tfa.nn.Step) before any sweep."""
+    for layer in layers:
+        for act in layer.activations:
+            if not act.derivative.differentiable:
+                raise TypeError(
+                    f"{act.name} ({type(act.module).__name__}): derivative is 0 almost everywhere, "
+                    f"{rule_name} cannot train through it; use tfa.optim.LFP"
+                )
+
+
+def accumulate_grads(grads: dict[Tensor, Tensor]) -> None:
+    """p.grad += g (or p.grad = g when None), as ``loss.backward()`` accumulates."""
+    for param, grad in grads.items():
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+
+
+# -- the optimizer base ------------------------------------------------------------------------
+class RuleOptimizer(Optimizer):
+    """Base of every ``tfa.optim`` optimizer: an Optimizer bound to an ``FPropagation`` recorder.
+
+    Subclasses implement ``_rule_step(out_adj)``; ``step`` does the rest (loss, checks, grad mode).
+
+    Args:
+        net: the ``FPropagation`` wrapping the model.
+        params: parameters or parameter groups (default: ``net.parameters()``).
+        defaults: the hyper-parameters of every group.
+        loss: ``"cross_entropy"``, ``"nll"``, ``"mse"`` or a callable ``(output, target) -> (loss, out_adj)``.
+        loss_kwargs: extra arguments for the loss (e.g. ``{"label_smoothing": 0.1}``).
+        validate: check targets and refuse a non-finite update before any parameter is written
+            (one host sync per step); pass False to capture the step in a CUDA graph.
+    """
+
+    def __init__(self, net: FPropagation, params, defaults: dict, loss="cross_entropy",
+                 loss_kwargs: dict | None = None, validate: bool = True):
+        if not isinstance(net, FPropagation):
+            raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
+        if not 0.0 <= defaults.get("lr", 0.0):
+            raise ValueError(f"Invalid learning rate: {defaults['lr']}")
+        self.net = net
+        self.loss = loss
+        self._loss_fn = get_loss(loss)
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.validate = validate
+        super().__init__(net.parameters() if params is None else params, defaults)
+
+    def _loss_and_adjoint(self, target, out_adj) -> tuple[Tensor | None, Tensor]:
+        output = self.net.output
+        if out_adj is None:
+            if target is None:
+                raise ValueError("step() needs a target (or a precomputed out_adj=)")
+            kwargs = dict(self.loss_kwargs)
+            if self._loss_fn in LOSSES.values():
+                kwargs["validate"] = self.validate
+            loss, out_adj = self._loss_fn(output, target, **kwargs)
+        else:
+            loss = None
+        check_out_adj(self.net, out_adj)
+        if self.validate:
+            check_finite([out_adj], "out_adj")
+        return loss, out_adj
+
+    @torch.no_grad()
+    def step(self, target: Tensor | None = None, closure=None, *, out_adj: Tensor | None = None):
+        """One training step from the last recorded forward; returns the loss tensor (None with ``out_adj``).
+
+        target: the loss's target (e.g. (B,) class indices); or pass ``out_adj`` = X*^L directly.
+        closure: optional callable that runs the forward (``lambda: net(x)``) before the step.
+        """
+        if closure is not None:
+            closure()
+        loss, out_adj = self._loss_and_adjoint(target, out_adj)
+        self._rule_step(out_adj)
+        return loss
+
+    def _rule_step(self, out_adj: Tensor) -> None:
+        raise NotImplementedError
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def _apply_sgd(self, grads: dict[Tensor, Tensor], params_subset=None) -> None:
+        """Write ``grads`` to ``.grad`` and apply each group's SGD update to the params that have one."""
+        for group in self.param_groups:
+            params, group_grads, bufs = [], [], []
+            for param in group["params"]:
+                if param not in grads or (params_subset is not None and param not in params_subset):
+                    continue
+                param.grad = grads[param]
+                params.append(param)
+                group_grads.append(grads[param])
+                bufs.append(self.state[param].get("momentum_buffer"))
+            if not params:
+                continue
+            sgd_update(params, group_grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                       dampening=group["dampening"], weight_decay=group["weight_decay"],
+                       nesterov=group["nesterov"], maximize=group["maximize"], foreach=group["foreach"])
+            if group["momentum"] != 0:
+                for param, buf in zip(params, bufs):
+                    self.state[param]["momentum_buffer"] = buf
+
+    @staticmethod
+    def _sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach) -> dict:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, maximize=maximize, foreach=foreach)
