@@ -72,14 +72,18 @@ def cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     _check_logits(x_out, target, "cross_entropy", validate)
     target = target.long()
-    loss = F.cross_entropy(x_out, target, label_smoothing=label_smoothing, reduction=reduction)
-    n_classes = x_out.shape[1]
-    out_adj = torch.softmax(x_out, dim=1)
-    out_adj.scatter_add_(1, target[:, None], out_adj.new_full((x_out.shape[0], 1), label_smoothing - 1.0))
+    batch, n_classes = x_out.shape
+    log_probs = torch.log_softmax(x_out, dim=1)
+    scale = 1.0 / batch if reduction == "mean" else 1.0
+    # ∂J/∂log_probs = −q/B, then through log_softmax: g − softmax · Σ g (autograd's kernels and order,
+    # so the result matches loss.backward() to the last bit where torch computes it this way)
+    log_probs_adj = log_probs.new_full(log_probs.shape, -label_smoothing / n_classes * scale)
+    log_probs_adj.scatter_add_(1, target[:, None], log_probs.new_full((batch, 1), -(1.0 - label_smoothing) * scale))
+    out_adj = log_probs_adj - log_probs.exp() * log_probs_adj.sum(1, keepdim=True)
     if label_smoothing:
-        out_adj.sub_(label_smoothing / n_classes)
-    if reduction == "mean":
-        out_adj.div_(x_out.shape[0])
+        loss = F.cross_entropy(x_out, target, label_smoothing=label_smoothing, reduction=reduction)
+    else:
+        loss = F.nll_loss(log_probs, target, reduction=reduction)
     return loss, out_adj
 
 

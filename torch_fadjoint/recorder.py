@@ -73,6 +73,11 @@ class LayerRecord:
         self.activations = []
 
 
+def _detach(tensor: Tensor) -> Tensor:
+    """The tensor itself when it carries no graph (the usual no_grad case), else a detached view."""
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
 def _describe(name: str, module: nn.Module) -> str:
     return f"{name or '<model>'} ({type(module).__name__})"
 
@@ -206,10 +211,10 @@ class FPropagation(nn.Module):
                     f"got shape {tuple(x_prev.shape)}; put an nn.Flatten before it"
                 )
             if self._layers:
-                self._layers[-1].x = x_prev.detach()
-            layer = LayerRecord(k=len(self._layers) + 1, name=name, module=module, x_prev=x_prev.detach())
+                self._layers[-1].x = _detach(x_prev)
+            layer = LayerRecord(k=len(self._layers) + 1, name=name, module=module, x_prev=_detach(x_prev))
             if self.keep_pre_activations:
-                layer.y = output.detach()
+                layer.y = _detach(output)
             self._layers.append(layer)
             self._last = output
             return None
@@ -231,7 +236,7 @@ class FPropagation(nn.Module):
                             "which this rule or derivative needs; use inplace=False"
                         )
                 if isinstance(saved, Tensor):
-                    saved = saved.detach()
+                    saved = _detach(saved)
                 if derivative.saves == "input" and layer.y is None and not layer.activations:
                     layer.y = saved  # the same tensor: Y^k is kept once
                 layer.activations.append(ActivationRecord(name, module, derivative, saved))
@@ -269,8 +274,7 @@ class FPropagation(nn.Module):
                 f"FPropagation: the model's output is not what its last module returned (a functional op "
                 f"after {last.name}?); end the model with a module"
             )
-        self._layers[-1].x = output.detach()
-        self._output = output.detach()
+        self._output = self._layers[-1].x = _detach(output)
         return output
 
     # -- records -------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Output adjoints in closed form (ALGORITHMS.md §1.3), typed here by hand, and against autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_fadjoint as tfa
+
+B, C = 6, 4
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(B, C, dtype=torch.float64) * 2
+
+
+@pytest.fixture
+def target():
+    return torch.tensor([0, 3, 1, 1, 2, 0])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_adjoint_is_softmax_minus_q_over_b(logits, target, eps, reduction):
+    loss, out_adj = tfa.losses.cross_entropy(logits, target, label_smoothing=eps, reduction=reduction)
+    q = (1 - eps) * F.one_hot(target, C).double() + eps / C
+    want = (torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True) - q) / (B if reduction == "mean" else 1)
+    torch.testing.assert_close(out_adj, want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target, label_smoothing=eps, reduction=reduction))
+
+
+def test_nll_adjoint_is_minus_onehot_over_b(logits, target):
+    log_probs = logits.log_softmax(1)
+    loss, out_adj = tfa.losses.nll(log_probs, target)
+    torch.testing.assert_close(out_adj, -F.one_hot(target, C).double() / B, rtol=0, atol=0)
+    torch.testing.assert_close(loss, F.nll_loss(log_probs, target))
+
+
+def test_mse_adjoint_float_and_class_targets(logits, target):
+    dense = torch.randn(B, C, dtype=torch.float64)
+    loss, out_adj = tfa.losses.mse(logits, dense)
+    torch.testing.assert_close(out_adj, 2 * (logits - dense) / (B * C), rtol=0, atol=1e-15)
+    torch.testing.assert_close(loss, F.mse_loss(logits, dense))
+    _, out_adj = tfa.losses.mse(logits, target, reduction="sum")
+    torch.testing.assert_close(out_adj, 2 * (logits - F.one_hot(target, C).double()), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "mse"])
+def test_adjoint_equals_autograd(logits, target, name):
+    leaf = logits.clone().requires_grad_()
+    ref = F.cross_entropy(leaf, target) if name == "cross_entropy" else F.mse_loss(leaf, F.one_hot(target, C).double())
+    (want,) = torch.autograd.grad(ref, leaf)
+    _, got = tfa.losses.get_loss(name)(logits, target)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-16)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([0, 1, 2, 3, 4, 0]), r"targets must lie in \[0, 3\]"),
+    (torch.tensor([0, 1, 2, 3, -1, 0]), r"targets must lie in \[0, 3\]"),
+    (torch.zeros(6), "expected integer class targets"),
+    (torch.zeros(5, dtype=torch.long), r"expected targets of shape \(6,\)"),
+])
+def test_bad_targets_are_one_line_errors(logits, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tfa.losses.cross_entropy(logits, bad)
+
+
+def test_unknown_loss_and_reduction():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        tfa.losses.get_loss("hinge")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        tfa.losses.mse(torch.zeros(2, 2), torch.zeros(2, 2), reduction="none")
