@@ -44,6 +44,8 @@ DEFAULTS = {
     "device": "cpu",
     "threads": 0,
     "validation": 0,
+    "train_subset": 0,
+    "download": True,
     "out": "benchmarks/results/train",
     "tag": "",
     "progress": True,
@@ -102,10 +104,14 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
 
 def load_splits(cfg: dict, device: torch.device) -> dict:
     try:
-        return tfa_data.load(cfg["dataset"], cfg["data_root"] or None, device=device, dtype=DTYPES[cfg["dtype"]],
-                             normalize=cfg["normalize"], validation=cfg["validation"])
+        splits = tfa_data.load(cfg["dataset"], cfg["data_root"] or None, device=device, dtype=DTYPES[cfg["dtype"]],
+                               normalize=cfg["normalize"], validation=cfg["validation"], download=cfg["download"])
     except tfa_data.DatasetNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if cfg["train_subset"]:
+        train = splits["train"]
+        splits["train"] = tfa_data.TensorDataset(train.x[:cfg["train_subset"]], train.t[:cfg["train_subset"]])
+    return splits
 
 
 def main(argv=None) -> list[dict]:
