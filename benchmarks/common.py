@@ -55,12 +55,15 @@ def parse_config(defaults: dict, description: str, argv=None) -> dict:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="TOML file; every key below overrides it")
     for key, value in cfg.items():
+        if isinstance(value, dict):
+            continue  # tables ([variants.*]) come from the TOML file only
         flag = "--" + key.replace("_", "-")
+        extra = {"nargs": "?", "const": True} if isinstance(value, bool) else {}
         parser.add_argument(flag, dest=key, default=value, metavar=type(value).__name__.upper(),
                             type=lambda s, d=defaults.get(key, value): _parse_value(s, d),
-                            help=f"(default: {value!r})")
+                            help=f"(default: {value!r})", **extra)
     args = parser.parse_args(argv)
-    out = {key: getattr(args, key) for key in cfg}
+    out = {key: getattr(args, key, value) for key, value in cfg.items()}
     out["command"] = "python -m " + " ".join(shlex.quote(a) for a in [_module_name()] + sys.argv[1:])
     return out
 

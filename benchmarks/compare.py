@@ -1,0 +1,203 @@
+"""Every learning rule × MNIST / Fashion-MNIST against autograd SGD: one command, one report (issue 7).
+
+    python -m benchmarks.compare --config configs/compare.toml [--quick] [--resume]
+
+For each data set and each rule variant of ``[variants.*]`` in the config: the learning rate (and the
+variant's own knob, if it lists one) is picked on a validation split carved from train, by the
+validation accuracy after ``select_epochs`` epochs from seed 0; then the variant is trained for
+``epochs`` epochs from every seed and tested on the official test set. Each finished run is written to
+``<out>/runs/`` as it completes; ``--resume`` reuses those files. ``REPORT.md`` and the PNG plots in
+``<out>`` are rebuilt from the run files at the end.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import environment, parse_config, write_json
+from .train import DEFAULTS as TRAIN_DEFAULTS
+from .train import load_splits, run
+
+DEFAULTS = {
+    **{k: TRAIN_DEFAULTS[k] for k in ("data_root", "batch_size", "dtype", "device", "threads", "progress",
+                                      "download", "normalize", "train_subset")},
+    "datasets": ["mnist", "fashion_mnist"],
+    "seeds": [0, 1, 2, 3, 4],
+    "widths": [784, 256, 256, 10],
+    "epochs": 10,
+    "select_epochs": 2,
+    "validation": 5000,
+    "variants": {},
+    "only": [],
+    "quick": False,
+    "resume": False,
+    "out": "benchmarks/results/compare",
+    "thresholds": [0.97, 0.85],
+}
+QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "validation": 1000}
+
+
+def _variant_cfg(cfg: dict, dataset: str, spec: dict) -> dict:
+    base = {**TRAIN_DEFAULTS, **{k: v for k, v in cfg.items() if k in TRAIN_DEFAULTS}, "dataset": dataset}
+    fixed = {k: v for k, v in spec.items() if k not in ("rule", "grid")}
+    return {**base, **fixed, "progress": False}
+
+
+def _grid(spec: dict) -> list[dict]:
+    grid = spec.get("grid", {})
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
+
+
+def _run_cached(path: Path, resume: bool, make):
+    if resume and path.exists():
+        return json.loads(path.read_text())
+    result = make()
+    result.pop("step_losses", None)
+    write_json(path, result)
+    return result
+
+
+def _tag(values: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in sorted(values.items())) or "default"
+
+
+def main(argv=None) -> Path:
+    cfg = parse_config(DEFAULTS, __doc__.splitlines()[1], argv)
+    if cfg["quick"]:
+        cfg.update(QUICK)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    out = Path(cfg["out"])
+    variants = {name: spec for name, spec in cfg["variants"].items() if not cfg["only"] or name in cfg["only"]}
+    if not variants:
+        raise SystemExit("error: no [variants.*] in the config (or none matches --only)")
+    jobs = sum(len(_grid(s)) + len(cfg["seeds"]) for s in variants.values()) * len(cfg["datasets"])
+    overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
+    summary = {"config": cfg, "environment": environment(device), "datasets": {}}
+    for dataset in cfg["datasets"]:
+        splits = load_splits({**cfg, "dataset": dataset}, device)
+        per_dataset = summary["datasets"][dataset] = {}
+        for name, spec in variants.items():
+            rule = spec.get("rule", name)
+            selection = []
+            for values in _grid(spec):
+                vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
+                overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
+                result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],
+                                     lambda: run(vcfg, rule, 0, splits, device))
+                selection.append({"values": values, "val_acc": result["history"][-1].get("val_acc", float("nan"))})
+                overall.update()
+            best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"]
+            runs = []
+            for seed in cfg["seeds"]:
+                vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": cfg["epochs"]}
+                overall.set_postfix_str(f"{dataset} {name} seed {seed}")
+                runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
+                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device)))
+                overall.update()
+            per_dataset[name] = {"rule": rule, "selection": selection, "chosen": best,
+                                 "histories": [r["history"] for r in runs]}
+    overall.close()
+    write_json(out / "summary.json", summary)
+    report = write_report(summary, out)
+    print(report.read_text())
+    return report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_report(summary: dict, out: Path) -> Path:
+    """REPORT.md and the plots, from the summary alone."""
+    cfg, env = summary["config"], summary["environment"]
+    lines = ["# All rules against autograd SGD", "",
+             f"Command: `{cfg['command']}`  ",
+             f"Machine: {env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads.  ",
+             f"Protocol: {'x'.join(map(str, cfg['widths']))} MLP, batch {cfg['batch_size']}, {cfg['epochs']} epochs, "
+             f"seeds {cfg['seeds']}, hyper-parameters chosen on a {cfg['validation']}-image validation split after "
+             f"{cfg['select_epochs']} epoch(s)" + (f", training on the first {cfg['train_subset']} images"
+                                                  if cfg["train_subset"] else "") + ".", ""]
+    for (dataset, rules), threshold in zip(summary["datasets"].items(), itertools.cycle(cfg["thresholds"])):
+        sgd_time = None
+        if "sgd" in rules:
+            sgd_time = statistics.fmean(h["seconds"] for hist in rules["sgd"]["histories"] for h in hist)
+        lines += [f"## {dataset}", "",
+                  f"| variant | rule | chosen | test acc (mean ± std) | best epoch | epochs to {threshold:.0%} | "
+                  "s / epoch | time vs sgd |", "|---|---|---|---|---|---|---|---|"]
+        for name, res in rules.items():
+            finals = [hist[-1]["test_acc"] for hist in res["histories"]]
+            mean, std = _mean_std(finals)
+            curve = [statistics.fmean(hist[e]["test_acc"] for hist in res["histories"])
+                     for e in range(len(res["histories"][0]))]
+            best_epoch = max(range(len(curve)), key=curve.__getitem__) + 1
+            reach = next((e + 1 for e, acc in enumerate(curve) if acc >= threshold), None)
+            seconds = statistics.fmean(h["seconds"] for hist in res["histories"] for h in hist)
+            ratio = f"{seconds / sgd_time:.2f}×" if sgd_time else "–"
+            lines.append(f"| {name} | {res['rule']} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f} | {best_epoch} | "
+                         f"{reach or '–'} | {seconds:.2f} | {ratio} |")
+        lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
+                  f"![selection]({dataset}_selection.png)", ""]
+    lines += ["Step-time and memory ratios measured in isolation: see `benchmarks/results/SPEED.md`.", ""]
+    report = out / "REPORT.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines))
+    _plots(summary, out)
+    return report
+
+
+def _plots(summary: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install torch-fadjoint[plots])", file=sys.stderr)
+        return
+    for dataset, rules in summary["datasets"].items():
+        for kind in ("accuracy", "wallclock"):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for name, res in rules.items():
+                acc = torch.tensor([[h["test_acc"] for h in hist] for hist in res["histories"]])
+                if kind == "accuracy":
+                    xs = list(range(1, acc.shape[1] + 1))
+                else:
+                    secs = torch.tensor([[h["seconds"] for h in hist] for hist in res["histories"]]).mean(0)
+                    xs = secs.cumsum(0).tolist()
+                mean, std = acc.mean(0), acc.std(0) if acc.shape[0] > 1 else torch.zeros(acc.shape[1])
+                ax.plot(xs, mean, label=name)
+                ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+            ax.set_xlabel("epoch" if kind == "accuracy" else "training seconds")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(dataset)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / f"{dataset}_{kind}.png", dpi=100)
+            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, res in rules.items():
+            if "lr" in (res["selection"][0]["values"] or {}):
+                pts = sorted((s["values"]["lr"], s["val_acc"]) for s in res["selection"])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"{dataset}: learning-rate sensitivity")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{dataset}_selection.png", dpi=100)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
