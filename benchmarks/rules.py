@@ -87,9 +87,54 @@ def _sgd_kwargs(cfg: dict) -> dict:
                 loss_kwargs={"reduction": cfg.get("reduction", "mean")})
 
 
+def _equilibrium_kwargs(cfg: dict, reference_output_derivative: bool | None = None) -> dict:
+    """§2 hyper-parameters from cfg: tau, steps (< 0: equilibrium, None), sequential, relax_init, quirk.
+
+    The relaxation's start is read from ``relax_init`` ("forward" | "zero"): ``init`` already names the
+    weight initialisation in ``benchmarks.train``.
+    """
+    steps = cfg.get("steps", 100)
+    quirk = cfg.get("reference_output_derivative", False) if reference_output_derivative is None \
+        else reference_output_derivative
+    return dict(tau=cfg.get("tau", 0.1), steps=None if steps is None or steps < 0 else steps,
+                sequential=cfg.get("sequential", True), init=cfg.get("relax_init", "forward"),
+                reference_output_derivative=quirk)
+
+
+def _lfp(model: nn.Module, cfg: dict) -> RuleTrainer:
+    """LFP (§3): SGD + momentum on −F/B with global clipping (``clip_norm``, ≤ 0 switches it off)."""
+    clip = cfg.get("clip_norm", 3.0)
+    return RuleTrainer(model, lambda net: tfa.optim.LFP(
+        net, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0), weight_decay=cfg.get("weight_decay", 0.0),
+        nesterov=cfg.get("nesterov", False), reward=cfg.get("reward", "softmax"), eps=cfg.get("eps", 1e-6),
+        clip_norm=clip if clip and clip > 0 else None, foreach=cfg.get("foreach"),
+        validate=cfg.get("validate", True)), keep_pre_activations=True)
+
+
+def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
+    """§4 with a base optimizer (``base`` = sgd | adam | …; momentum/nesterov go to SGD only)."""
+    def factory(model: nn.Module, cfg: dict) -> RuleTrainer:
+        base = cfg.get("base", "sgd")
+        base_kwargs = {"weight_decay": cfg.get("weight_decay", 0.0)}
+        if base == "sgd":
+            base_kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
+        return RuleTrainer(model, lambda net: tfa.optim.Consequentialism(
+            net, lr=cfg["lr"], mode=mode, base=base, delta_rel=cfg.get("delta_rel", 1e-3),
+            loss=cfg.get("loss", "cross_entropy"), loss_kwargs={"reduction": cfg.get("reduction", "mean")},
+            validate=cfg.get("validate", True), **base_kwargs))
+    return factory
+
+
 RULES: dict[str, Callable[[nn.Module, dict], object]] = {
     "sgd": AutogradSGD,
     "fadjoint": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(net, **_sgd_kwargs(cfg))),
+    "equilibrium": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
+        net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg))),
+    "equilibrium_ref": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
+        net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg, reference_output_derivative=True))),
+    "lfp": _lfp,
+    "consequentialism": _consequentialism("consequentialism"),
+    "nlms": _consequentialism("nlms"),
 }
 
 

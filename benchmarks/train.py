@@ -33,6 +33,7 @@ DEFAULTS = {
     "loss": "cross_entropy",
     "reduction": "mean",
     "rules": ["fadjoint", "sgd"],
+    "rule": "",  # --rule NAME: shorthand for --rules NAME
     "lr": 0.1,
     "momentum": 0.0,
     "weight_decay": 0.0,
@@ -50,6 +51,11 @@ DEFAULTS = {
     "tag": "",
     "progress": True,
     "validate": True,
+    # rule-specific knobs (benchmarks/rules.py reads them; other rules ignore them)
+    "tau": 0.1, "steps": 100, "sequential": True, "relax_init": "forward",   # equilibrium (§2)
+    "reference_output_derivative": False,
+    "clip_norm": 3.0, "reward": "softmax", "eps": 1e-6,                        # lfp (§3)
+    "base": "sgd", "delta_rel": 1e-3,                                          # consequentialism, nlms (§4)
 }
 
 
@@ -116,6 +122,8 @@ def load_splits(cfg: dict, device: torch.device) -> dict:
 
 def main(argv=None) -> list[dict]:
     cfg = parse_config(DEFAULTS, __doc__.splitlines()[1], argv)
+    if cfg["rule"]:
+        cfg["rules"] = [cfg["rule"]]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
