@@ -107,6 +107,7 @@ def _lfp(model: nn.Module, cfg: dict) -> RuleTrainer:
     return RuleTrainer(model, lambda net: tfa.optim.LFP(
         net, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0), weight_decay=cfg.get("weight_decay", 0.0),
         nesterov=cfg.get("nesterov", False), reward=cfg.get("reward", "softmax"), eps=cfg.get("eps", 1e-6),
+        batch_reduction=cfg.get("batch_reduction", "mean"),
         clip_norm=clip if clip and clip > 0 else None, foreach=cfg.get("foreach"),
         validate=cfg.get("validate", True)), keep_pre_activations=True)
 

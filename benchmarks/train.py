@@ -54,7 +54,7 @@ DEFAULTS = {
     # rule-specific knobs (benchmarks/rules.py reads them; other rules ignore them)
     "tau": 0.1, "steps": 100, "sequential": True, "relax_init": "forward",   # equilibrium (§2)
     "reference_output_derivative": False,
-    "clip_norm": 3.0, "reward": "softmax", "eps": 1e-6,                        # lfp (§3)
+    "clip_norm": 3.0, "reward": "softmax", "eps": 1e-6, "batch_reduction": "mean",  # lfp (§3)
     "base": "sgd", "delta_rel": 1e-3,                                          # consequentialism, nlms (§4)
 }
 
