@@ -87,8 +87,13 @@ def build_mlp(widths: list[int], activation: str, output_activation: str = "", i
         if init == "xavier_normal":
             nn.init.xavier_normal_(linear.weight)
             nn.init.zeros_(linear.bias)
+        elif init == "xavier_normal_folded":  # ALGORITHMS.md §2.4: the bias is a column of W, drawn with it
+            std = (2.0 / (n_in + 1 + n_out)) ** 0.5
+            with torch.no_grad():
+                linear.weight.normal_(0.0, std)
+                linear.bias.normal_(0.0, std)
         elif init != "default":
-            raise SystemExit(f"error: init must be 'default' or 'xavier_normal', got {init!r}")
+            raise SystemExit(f"error: init must be 'default', 'xavier_normal' or 'xavier_normal_folded', got {init!r}")
         layers.append(linear)
         last = i == len(widths) - 2
         act = ACTIVATIONS[output_activation if last else activation]

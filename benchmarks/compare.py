@@ -26,8 +26,7 @@ from .train import DEFAULTS as TRAIN_DEFAULTS
 from .train import load_splits, run
 
 DEFAULTS = {
-    **{k: TRAIN_DEFAULTS[k] for k in ("data_root", "batch_size", "dtype", "device", "threads", "progress",
-                                      "download", "normalize", "train_subset")},
+    **{k: v for k, v in TRAIN_DEFAULTS.items() if k not in ("rules", "rule", "tag", "dataset")},
     "datasets": ["mnist", "fashion_mnist"],
     "seeds": [0, 1, 2, 3, 4],
     "widths": [784, 256, 256, 10],
@@ -47,7 +46,7 @@ QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "v
 def _variant_cfg(cfg: dict, dataset: str, spec: dict) -> dict:
     base = {**TRAIN_DEFAULTS, **{k: v for k, v in cfg.items() if k in TRAIN_DEFAULTS}, "dataset": dataset}
     fixed = {k: v for k, v in spec.items() if k not in ("rule", "grid")}
-    return {**base, **fixed, "progress": False}
+    return {**base, **fixed}
 
 
 def _grid(spec: dict) -> list[dict]:
@@ -80,7 +79,7 @@ def main(argv=None) -> Path:
     variants = {name: spec for name, spec in cfg["variants"].items() if not cfg["only"] or name in cfg["only"]}
     if not variants:
         raise SystemExit("error: no [variants.*] in the config (or none matches --only)")
-    jobs = sum(len(_grid(s)) + len(cfg["seeds"]) for s in variants.values()) * len(cfg["datasets"])
+    jobs = sum(len(_grid(s)) * bool(s.get("grid")) + len(cfg["seeds"]) for s in variants.values()) * len(cfg["datasets"])
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
     summary = {"config": cfg, "environment": environment(device), "datasets": {}}
     for dataset in cfg["datasets"]:
@@ -89,22 +88,23 @@ def main(argv=None) -> Path:
         for name, spec in variants.items():
             rule = spec.get("rule", name)
             selection = []
-            for values in _grid(spec):
+            for values in (_grid(spec) if spec.get("grid") else []):  # no grid: nothing to select
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
                 result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],
-                                     lambda: run(vcfg, rule, 0, splits, device))
+                                     lambda: run(vcfg, rule, 0, splits, device, position=1))
                 selection.append({"values": values, "val_acc": result["history"][-1].get("val_acc", float("nan"))})
                 overall.update()
-            best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"]
+            best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"] \
+                if selection else {}
             runs = []
             for seed in cfg["seeds"]:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": cfg["epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
                 runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
-                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device)))
+                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1)))
                 overall.update()
-            per_dataset[name] = {"rule": rule, "selection": selection, "chosen": best,
+            per_dataset[name] = {"rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
                                  "histories": [r["history"] for r in runs]}
     overall.close()
     write_json(out / "summary.json", summary)
@@ -132,8 +132,8 @@ def write_report(summary: dict, out: Path) -> Path:
         if "sgd" in rules:
             sgd_time = statistics.fmean(h["seconds"] for hist in rules["sgd"]["histories"] for h in hist)
         lines += [f"## {dataset}", "",
-                  f"| variant | rule | chosen | test acc (mean ± std) | best epoch | epochs to {threshold:.0%} | "
-                  "s / epoch | time vs sgd |", "|---|---|---|---|---|---|---|---|"]
+                  f"| variant | rule | grid | chosen | test acc (mean ± std) | best epoch | epochs to {threshold:.0%} | "
+                  "s / epoch | time vs sgd |", "|---|---|---|---|---|---|---|---|---|"]
         for name, res in rules.items():
             finals = [hist[-1]["test_acc"] for hist in res["histories"]]
             mean, std = _mean_std(finals)
@@ -143,7 +143,8 @@ def write_report(summary: dict, out: Path) -> Path:
             reach = next((e + 1 for e, acc in enumerate(curve) if acc >= threshold), None)
             seconds = statistics.fmean(h["seconds"] for hist in res["histories"] for h in hist)
             ratio = f"{seconds / sgd_time:.2f}×" if sgd_time else "–"
-            lines.append(f"| {name} | {res['rule']} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f} | {best_epoch} | "
+            grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
+            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f} | {best_epoch} | "
                          f"{reach or '–'} | {seconds:.2f} | {ratio} |")
         lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
                   f"![selection]({dataset}_selection.png)", ""]
@@ -186,11 +187,18 @@ def _plots(summary: dict, out: Path) -> None:
             plt.close(fig)
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, res in rules.items():
-            if "lr" in (res["selection"][0]["values"] or {}):
-                pts = sorted((s["values"]["lr"], s["val_acc"]) for s in res["selection"])
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            values = res["selection"][0]["values"] if res["selection"] else {}
+            key = next((k for k in ("lr", "alpha") if k in values), None)
+            if key is None:
+                continue
+            others = [k for k in values if k != key]  # one curve per setting of the other knobs
+            for setting in sorted({tuple(s["values"][k] for k in others) for s in res["selection"]}):
+                pts = sorted((s["values"][key], s["val_acc"]) for s in res["selection"]
+                             if tuple(s["values"][k] for k in others) == setting)
+                label = name + (f" ({_tag(dict(zip(others, setting)))})" if others else "") + (" [α]" if key == "alpha" else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
+        ax.set_xlabel("learning rate (α for il_prox: the implicit step)")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"{dataset}: learning-rate sensitivity")
         ax.legend(fontsize=7)

@@ -23,6 +23,7 @@ from .rules import build_trainer
 
 DEFAULTS = {
     "dataset": "mnist",
+    "datasets": [],  # several data sets in one command (overrides `dataset`)
     "data_root": "",
     "widths": [784, 256, 10],
     "activation": "relu",
@@ -34,10 +35,12 @@ DEFAULTS = {
     "reduction": "mean",
     "rules": ["fadjoint", "sgd"],
     "rule": "",  # --rule NAME: shorthand for --rules NAME
+    "variants": {},  # [variants.NAME] tables (rule = ..., overrides): run instead of `rules` when present
     "lr": 0.1,
     "momentum": 0.0,
     "weight_decay": 0.0,
     "nesterov": False,
+    "schedule": "constant",  # "constant" | "cosine" (torch.optim.lr_scheduler.CosineAnnealingLR over the epochs)
     "batch_size": 128,
     "epochs": 1,
     "seeds": [0],
@@ -56,6 +59,8 @@ DEFAULTS = {
     "reference_output_derivative": False,
     "clip_norm": 3.0, "reward": "softmax", "eps": 1e-6, "batch_reduction": "mean",  # lfp (§3)
     "base": "sgd", "delta_rel": 1e-3,                                          # consequentialism, nlms (§4)
+    "T": 25, "gamma_top": -1.0, "gamma_bot": -1.0, "clamp": 1.0,              # il, il_prox (§5); γ < 0: defaults
+    "alpha": 5.0, "prox_eps": 0.25,
 }
 
 
@@ -71,6 +76,15 @@ def accuracy(model, split: tfa_data.TensorDataset, batch_size: int = 4096) -> fl
     return correct.item() / len(split)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict):
+    """The per-epoch learning-rate schedule named by ``cfg["schedule"]`` (None for "constant")."""
+    if cfg["schedule"] == "constant":
+        return None
+    if cfg["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    raise SystemExit(f"error: schedule must be 'constant' or 'cosine', got {cfg['schedule']!r}")
+
+
 def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, position: int = 0) -> dict:
     """Train one rule from one seed; returns the per-epoch record and the per-step losses."""
     dtype = DTYPES[cfg["dtype"]]
@@ -78,6 +92,7 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
     model = build_mlp(cfg["widths"], cfg["activation"], cfg["output_activation"], cfg["init"],
                       cfg["input_noise"]).to(device=device, dtype=dtype)
     trainer = build_trainer(rule, model, cfg)
+    scheduler = make_scheduler(trainer.opt, cfg)
     batches = torch.Generator().manual_seed(seed)
     train = splits["train"]
     steps_per_epoch = -(-len(train) // cfg["batch_size"])
@@ -96,6 +111,8 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        if scheduler is not None:
+            scheduler.step()
         epoch_losses = torch.stack(losses).double().cpu()
         step_losses.append(epoch_losses)
         record = {"epoch": epoch, "train_loss": epoch_losses.mean().item(), "seconds": seconds,
@@ -127,26 +144,45 @@ def main(argv=None) -> list[dict]:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
+    results = []
+    for dataset in cfg["datasets"] or [cfg["dataset"]]:
+        results += _train_dataset({**cfg, "dataset": dataset}, device)
+    _print_table(results)
+    return results
+
+
+def _train_dataset(cfg: dict, device: torch.device) -> list[dict]:
     splits = load_splits(cfg, device)
     env = environment(device)
     out_dir = Path(cfg["out"])
     results = []
     for seed in cfg["seeds"]:
         reference = None
-        for rule in cfg["rules"]:
-            result = run(cfg, rule, seed, splits, device)
+        for name, rule, rcfg in _runs(cfg):
+            result = run(rcfg, rule, seed, splits, device)
+            result["variant"] = name
             losses = result.pop("step_losses")
             if reference is None:
-                reference = (rule, losses)
+                reference = (name, losses)
             else:
                 result["max_step_loss_diff_vs_" + reference[0]] = (losses - reference[1]).abs().max().item()
-            payload = {**result, "config": cfg, "environment": env,
+            payload = {**result, "config": rcfg, "environment": env,
                        "step_loss_first": losses[:5].tolist(), "step_loss_last": losses[-5:].tolist()}
-            name = f"{cfg['tag'] + '_' if cfg['tag'] else ''}{cfg['dataset']}_{rule}_seed{seed}.json"
-            write_json(out_dir / name, payload)
+            file = f"{cfg['tag'] + '_' if cfg['tag'] else ''}{cfg['dataset']}_{name}_seed{seed}.json"
+            write_json(out_dir / file, payload)
             results.append(payload)
-    _print_table(results)
     return results
+
+
+def _runs(cfg: dict) -> list[tuple[str, str, dict]]:
+    """(name, rule, config) per run: the ``rules`` list, or each ``[variants.NAME]`` with its overrides.
+
+    A variant's ``grid`` is benchmarks.compare's selection; here the config's base value is used.
+    """
+    if not cfg["variants"]:
+        return [(rule, rule, cfg) for rule in cfg["rules"]]
+    return [(name, spec.get("rule", name), {**cfg, **{k: v for k, v in spec.items() if k not in ("rule", "grid")}})
+            for name, spec in cfg["variants"].items()]
 
 
 def _print_table(results: list[dict]) -> None:
@@ -156,7 +192,7 @@ def _print_table(results: list[dict]) -> None:
         best = max(h["test_acc"] for h in r["history"])
         per_epoch = sum(h["seconds"] for h in r["history"]) / len(r["history"])
         diff = next((v for k, v in r.items() if k.startswith("max_step_loss_diff")), None)
-        print(f"{r['rule']:<18}{r['seed']:>5}{last['test_acc']:>10.4f}{best:>8.4f}{last['train_loss']:>10.4f}"
+        print(f"{r.get('variant', r['rule']):<18}{r['seed']:>5}{last['test_acc']:>10.4f}{best:>8.4f}{last['train_loss']:>10.4f}"
               f"{per_epoch:>9.2f}  {'' if diff is None else f'{diff:.2e}'}")
 
 

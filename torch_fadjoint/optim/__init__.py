@@ -8,6 +8,7 @@ from .base import RuleOptimizer, sgd_update
 from .consequentialism import Consequentialism, consequentialism_grads
 from .equilibrium import EquilibriumFAdjoint, equilibrium_grads
 from .fadjoint import FAdjoint, fadjoint_grads
+from .inference import InferenceLearning, inference_grads
 from .lfp import LFP, lfp_backward, lfp_grads
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "EquilibriumFAdjoint", "equilibrium_grads",
     "LFP", "lfp_grads", "lfp_backward",
     "Consequentialism", "consequentialism_grads",
+    "InferenceLearning", "inference_grads",
 ]

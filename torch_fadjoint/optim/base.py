@@ -26,7 +26,8 @@ from torch.optim import Optimizer
 from ..losses import LOSSES, get_loss
 from ..recorder import FPropagation, LayerRecord
 
-__all__ = ["RuleOptimizer", "sgd_update", "accumulate_grads", "check_out_adj", "check_finite"]
+__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "accumulate_grads", "check_out_adj",
+           "check_finite", "BASES"]
 
 
 # -- the functional SGD core -------------------------------------------------------------------
@@ -244,3 +245,57 @@ class RuleOptimizer(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, maximize=maximize, foreach=foreach)
+
+
+BASES: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class DelegatingRuleOptimizer(RuleOptimizer):
+    """A rule whose update is any ``torch.optim`` optimizer's (``base``), fed the rule's ``.grad``.
+
+    The base optimizer (``self.inner``) shares this optimizer's ``param_groups`` list and ``state``
+    dict, so schedulers and ``add_param_group`` change the lr it uses, and ``state_dict()`` /
+    ``load_state_dict()`` carry its buffers (momentum, Adam moments). Subclasses compute
+    ``{param: grad}`` and call ``_apply_base(grads)``.
+
+    base: "sgd" | "adam" | "adamw" | "rmsprop" | an ``Optimizer`` class; ``base_kwargs`` go to it.
+    """
+
+    def __init__(self, net: FPropagation, params, lr: float, base, base_kwargs: dict, loss="cross_entropy",
+                 loss_kwargs: dict | None = None, validate: bool = True):
+        if isinstance(base, str) and base.lower() in BASES:
+            base_cls = BASES[base.lower()]
+        elif isinstance(base, type) and issubclass(base, Optimizer):
+            base_cls = base
+        else:
+            raise ValueError(f"base must be one of {sorted(BASES)} or an Optimizer class, got {base!r}")
+        if not isinstance(net, FPropagation):
+            raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
+        params = list(net.parameters() if params is None else params)
+        self.inner = base_cls(params, lr=lr, **base_kwargs)  # validates its own hyper-parameters
+        # the inner optimizer's groups (dicts with all of its keys) become ours, then both share them
+        super().__init__(net, self.inner.param_groups, dict(self.inner.defaults), loss=loss,
+                         loss_kwargs=loss_kwargs, validate=validate)
+        self._link_inner()
+
+    def _link_inner(self) -> None:
+        self.inner.param_groups = self.param_groups
+        self.inner.state = self.state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # load_state_dict replaces param_groups and state: re-share them
+        if "inner" in self.__dict__:
+            self._link_inner()
+
+    def _apply_base(self, grads: dict[Tensor, Tensor]) -> None:
+        """Write ``grads`` into ``.grad`` of this optimizer's parameters, then step the base optimizer."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param in grads:
+                    param.grad = grads[param]
+        self.inner.step()

@@ -28,21 +28,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule, backward_sweep
-from .base import RuleOptimizer, check_finite, check_out_adj, check_trainable
+from .base import BASES, DelegatingRuleOptimizer, check_finite, check_out_adj, check_trainable
 
 __all__ = ["Consequentialism", "ConsequentialismRule", "consequentialism_grads", "MODES", "BASES"]
 
 MODES = ("consequentialism", "nlms", "lms")
-BASES: dict[str, type[Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-}
 
 
 def _check_hyper(mode: str, delta, delta_rel: float) -> None:
@@ -127,7 +120,7 @@ def consequentialism_grads(net: FPropagation, out_adj: Tensor, mode: str = "cons
     return grads
 
 
-class Consequentialism(RuleOptimizer):
+class Consequentialism(DelegatingRuleOptimizer):
     r"""§4's normalised directions handed to a torch optimizer (SGD, momentum, Nesterov, RMSProp, Adam).
 
     .. code-block:: text
@@ -160,38 +153,10 @@ class Consequentialism(RuleOptimizer):
                  delta: float | None = None, delta_rel: float = 1e-3, loss="cross_entropy",
                  loss_kwargs: dict | None = None, validate: bool = True, params=None, **base_kwargs):
         _check_hyper(mode, delta, delta_rel)
-        if isinstance(base, str):
-            if base.lower() not in BASES:
-                raise ValueError(f"base must be one of {sorted(BASES)} or an Optimizer class, got {base!r}")
-            base_cls = BASES[base.lower()]
-        elif isinstance(base, type) and issubclass(base, Optimizer):
-            base_cls = base
-        else:
-            raise ValueError(f"base must be one of {sorted(BASES)} or an Optimizer class, got {base!r}")
-        if not isinstance(net, FPropagation):
-            raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
-        params = list(net.parameters() if params is None else params)
-        self.inner = base_cls(params, lr=lr, **base_kwargs)  # validates its own hyper-parameters
         self.mode, self.delta, self.delta_rel = mode, delta, delta_rel
-        # the inner optimizer's groups (dicts with all of its keys) become ours, then both share them
-        super().__init__(net, self.inner.param_groups, dict(self.inner.defaults), loss=loss,
-                         loss_kwargs=loss_kwargs, validate=validate)
-        self._link_inner()
-
-    def _link_inner(self) -> None:
-        self.inner.param_groups = self.param_groups
-        self.inner.state = self.state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)  # load_state_dict replaces param_groups and state: re-share them
-        if "inner" in self.__dict__:
-            self._link_inner()
+        super().__init__(net, params, lr, base, base_kwargs, loss=loss, loss_kwargs=loss_kwargs, validate=validate)
 
     def _rule_step(self, out_adj: Tensor) -> None:
         grads = consequentialism_grads(self.net, out_adj, self.mode, self.delta, delta_rel=self.delta_rel,
                                        validate=self.validate)
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param in grads:
-                    param.grad = grads[param]
-        self.inner.step()
+        self._apply_base(grads)
