@@ -42,9 +42,12 @@ class AutogradSGD:
                                    weight_decay=cfg.get("weight_decay", 0.0),
                                    nesterov=cfg.get("nesterov", False), foreach=cfg.get("foreach"))
 
+    def loss_of(self, out, target):
+        return _autograd_loss(self.loss, out, target, self.reduction)
+
     def step(self, x, target):
         out = self.model(x)
-        loss = _autograd_loss(self.loss, out, target, self.reduction)
+        loss = self.loss_of(out, target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -97,6 +100,7 @@ def _equilibrium_kwargs(cfg: dict, reference_output_derivative: bool | None = No
     quirk = cfg.get("reference_output_derivative", False) if reference_output_derivative is None \
         else reference_output_derivative
     return dict(tau=cfg.get("tau", 0.1), steps=None if steps is None or steps < 0 else steps,
+                relaxation=cfg.get("relaxation", "closed_form"),
                 sequential=cfg.get("sequential", True), init=cfg.get("relax_init", "forward"),
                 reference_output_derivative=quirk)
 
@@ -149,6 +153,8 @@ RULES: dict[str, Callable[[nn.Module, dict], object]] = {
         net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg))),
     "equilibrium_ref": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
         net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg, reference_output_derivative=True))),
+    "equilibrium_euler": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
+        net, **_sgd_kwargs(cfg), **{**_equilibrium_kwargs(cfg), "relaxation": "euler"})),
     "lfp": _lfp,
     "consequentialism": _consequentialism("consequentialism"),
     "nlms": _consequentialism("nlms"),

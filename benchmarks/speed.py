@@ -1,0 +1,352 @@
+"""Step time and memory of every learning rule against autograd + torch.optim.SGD, as ratios (issue 5).
+
+    python -m benchmarks.speed --config configs/speed.toml [--quick] [--cuda-graph] [--compile]
+
+For each MLP size × batch of the config, every rule of ``benchmarks/rules.py`` (``--rules`` to choose) is
+built from the same initial weights; after warm-up the repetitions are interleaved (rule A, rule B, …,
+A, B, …) in one process, so drifting clocks and neighbours hit every rule alike. Reported per rule:
+
+* step time: median and interquartile range of forward + adjoint/backward + update;
+* bytes kept for the backward step (exact, noise-free): for autograd, every tensor the forward saves
+  (``torch.autograd.graph.saved_tensors_hooks``); for our rules, every tensor held by the recorder's
+  records after the forward; storages counted once, parameters (and views of them) excluded;
+* peak memory of one step: the most bytes of tensor storage alive at once among those created during the
+  step, tracked by a ``TorchDispatchMode`` that counts each op output's storage once and releases it when
+  its last tensor dies (the same method on CPU and CUDA); on CUDA also ``torch.cuda.max_memory_allocated``
+  above the memory allocated before the step.
+
+Writes ``speed.json`` and ``SPEED.md`` (ratios ours / autograd, device, torch, threads, the command) and
+``step_time.png`` (step time vs batch) under ``out``.
+
+CUDA: ``--cuda-graph`` captures the whole step (forward, adjoint, update; ``validate=False``, static input
+and target buffers) in a ``torch.cuda.CUDAGraph`` and replays it; ``--compile`` wraps the step in
+``torch.compile``. Both are checked against the eager step (same parameters after 3 steps) before timing.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm.auto import tqdm
+
+from .common import DTYPES, build_mlp, environment, parse_config, write_json
+from .rules import RULES, build_trainer
+
+DEFAULTS = {
+    "sizes": [[784, 256, 256, 10], [784, 1024, 1024, 10], [784, 4096, 4096, 10], [784, 1024, 1024, 1024, 10]],
+    "batches": [16, 128, 1024],
+    "rules": [],  # empty: every rule in benchmarks/rules.py
+    "reference": "sgd",
+    "activation": "relu",
+    "loss": "cross_entropy",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "foreach": True,
+    "repeats": 20,
+    "warmup": 3,
+    "max_seconds": 20.0,  # per (size, batch): fewer repetitions for big sizes
+    "dtype": "float32",
+    "device": "cpu",
+    "threads": 0,
+    "validate": False,
+    "cuda_graph": False,
+    "compile": False,
+    "quick": False,
+    "progress": True,
+    "out": "benchmarks/results/speed",
+}
+QUICK = {"sizes": [[784, 64, 10]], "batches": [16, 64], "repeats": 3, "warmup": 1}
+SLOW_RULES = {"il", "il_prox", "il_prox_adam"}  # T inference sweeps per step: measured, but skipped at 4096
+
+
+# -- memory ------------------------------------------------------------------------------------
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.device, tensor.untyped_storage().data_ptr())
+
+
+def _tensors(obj, seen_ids=None):
+    """Every tensor reachable from ``obj`` through dataclass fields, lists, tuples and dicts."""
+    seen_ids = set() if seen_ids is None else seen_ids
+    if id(obj) in seen_ids:
+        return
+    seen_ids.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item, seen_ids)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item, seen_ids)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            if name != "module":
+                yield from _tensors(getattr(obj, name), seen_ids)
+
+
+def _unique_bytes(tensors, exclude: set) -> int:
+    total, seen = 0, set(exclude)
+    for tensor in tensors:
+        key = _storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def bytes_kept(trainer, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
+    """Bytes held for the backward step after one forward (parameters excluded); nothing is updated."""
+    params = {_storage_key(p) for p in model.parameters()}
+    if getattr(trainer, "uses_autograd", False):
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model(x)
+            trainer.loss_of(out, target)
+        return _unique_bytes(saved, params)
+    with torch.no_grad():
+        trainer.net(x)
+    kept = _unique_bytes(_tensors(trainer.net.layers), params)
+    trainer.net.clear()
+    return kept
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the mode and alive at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._refs = 0, 0, {}
+
+    def _release(self, key, nbytes):
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in _tensors(out if isinstance(out, (list, tuple)) else [out]):
+            key = _storage_key(tensor)
+            nbytes = tensor.untyped_storage().nbytes()
+            if key not in self._refs:
+                self._refs[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self._refs[key] += 1
+            weakref.finalize(tensor, self._release, key, nbytes)
+        return out
+
+
+def peak_step_bytes(trainer, x, target) -> dict:
+    """Peak bytes alive during one step (dispatch-mode count; + CUDA allocator peak on CUDA)."""
+    result = {}
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.step(x, target)
+        torch.cuda.synchronize()
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    mode = _LiveBytes()
+    with mode:
+        trainer.step(x, target)
+    result["peak_bytes"] = mode.peak
+    return result
+
+
+# -- CUDA graph / compile ----------------------------------------------------------------------
+def cuda_graph_step(trainer, x: torch.Tensor, target: torch.Tensor, warmup: int = 3):
+    """Capture ``trainer.step`` on static buffers in a CUDA graph; returns ``step(x, t)`` that replays it.
+
+    The trainer must be host-sync free (``validate=False``). Inputs are copied into the static buffers.
+    """
+    static_x, static_t = x.clone(), target.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        for _ in range(warmup):
+            trainer.step(static_x, static_t)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = trainer.step(static_x, static_t)
+
+    def step(x_new, t_new):
+        static_x.copy_(x_new)
+        static_t.copy_(t_new)
+        graph.replay()
+        return static_loss
+
+    return step
+
+
+def compiled_step(trainer):
+    """``torch.compile`` of the trainer's step (hooks and Python checks may graph-break; correct anyway)."""
+    return torch.compile(trainer.step)
+
+
+# -- the harness -------------------------------------------------------------------------------
+def _make(cfg, rule, widths, device, dtype):
+    torch.manual_seed(0)
+    model = build_mlp(widths, cfg["activation"]).to(device=device, dtype=dtype)
+    trainer = build_trainer(rule, model, {**cfg, "widths": widths})
+    return model, trainer
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_equal(cfg, rule, widths, device, dtype, make_step, x, target) -> float:
+    """Max |Δθ| between the eager step and ``make_step(trainer)`` after 3 steps from the same weights."""
+    model_a, eager = _make(cfg, rule, widths, device, dtype)
+    model_b, fast = _make(cfg, rule, widths, device, dtype)
+    step = make_step(fast, x, target)
+    for _ in range(3):
+        eager.step(x, target)
+        step(x, target)
+    _sync(device)
+    return max((a - b).abs().max().item() for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, bar=None) -> dict:
+    dtype = DTYPES[cfg["dtype"]]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, widths[0], generator=gen).to(device=device, dtype=dtype)
+    target = torch.randint(0, widths[-1], (batch,), generator=gen).to(device)
+    entries = {}
+    for rule in rules:
+        model, trainer = _make(cfg, rule, widths, device, dtype)
+        entry = {"kept_bytes": bytes_kept(trainer, model, x, target)}
+        entry.update(peak_step_bytes(trainer, x, target))
+        step = trainer.step
+        if cfg["cuda_graph"] and device.type == "cuda":
+            entry["graph_max_abs_diff"] = _check_equal(cfg, rule, widths, device, dtype, cuda_graph_step, x, target)
+            step = cuda_graph_step(trainer, x, target)
+        elif cfg["compile"]:
+            entry["compile_max_abs_diff"] = _check_equal(cfg, rule, widths, device, dtype,
+                                                         lambda tr, *_: compiled_step(tr), x, target)
+            step = compiled_step(trainer)
+        for _ in range(cfg["warmup"]):
+            step(x, target)
+        entry["times"], entry["_step"] = [], step
+        entries[rule] = entry
+    _sync(device)
+    start = time.perf_counter()
+    for rep in range(cfg["repeats"]):
+        for rule, entry in entries.items():  # interleaved: A, B, C, A, B, C, …
+            _sync(device)
+            tic = time.perf_counter()
+            entry["_step"](x, target)
+            _sync(device)
+            entry["times"].append(time.perf_counter() - tic)
+        if bar is not None:
+            bar.set_postfix_str(f"{'x'.join(map(str, widths))} b{batch} rep {rep + 1}")
+        if rep >= 4 and time.perf_counter() - start > cfg["max_seconds"]:
+            break
+    for entry in entries.values():
+        entry.pop("_step")
+        quartiles = statistics.quantiles(entry["times"], n=4) if len(entry["times"]) > 1 else [entry["times"][0]] * 3
+        entry.update(median_s=statistics.median(entry["times"]), iqr_s=quartiles[2] - quartiles[0],
+                     repeats=len(entry["times"]))
+    ref = entries.get(cfg["reference"])
+    if ref is not None:
+        for entry in entries.values():
+            entry["time_ratio"] = entry["median_s"] / ref["median_s"]
+            entry["kept_ratio"] = entry["kept_bytes"] / ref["kept_bytes"] if ref["kept_bytes"] else float("nan")
+            entry["peak_ratio"] = entry["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] else float("nan")
+    return entries
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(DEFAULTS, __doc__.splitlines()[1], argv)
+    if cfg["quick"]:
+        cfg.update(QUICK)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    rules = cfg["rules"] or [cfg["reference"]] + [r for r in RULES if r != cfg["reference"]]
+    if cfg["cuda_graph"] or cfg["compile"]:
+        cfg["validate"] = False  # no host syncs inside a captured step
+    results = []
+    cells = [(w, b) for w in cfg["sizes"] for b in cfg["batches"]]
+    bar = tqdm(cells, desc="speed", disable=not cfg["progress"], file=sys.stderr)
+    for widths, batch in bar:
+        chosen = [r for r in rules if not (r in SLOW_RULES and max(widths) >= 4096)]
+        results.append({"widths": widths, "batch": batch, "rules": measure(cfg, widths, batch, chosen, device, bar)})
+    payload = {"config": cfg, "environment": environment(device), "results": results}
+    out = Path(cfg["out"])
+    write_json(out / "speed.json", payload)
+    report = write_report(payload, out)
+    print(report.read_text())
+    return payload
+
+
+def write_report(payload: dict, out: Path) -> Path:
+    cfg, env = payload["config"], payload["environment"]
+    ref = cfg["reference"]
+    mode = "CUDA graph" if cfg["cuda_graph"] else ("torch.compile" if cfg["compile"] else "eager")
+    lines = ["# Step time and memory, ours / autograd", "",
+             f"Command: `{cfg['command']}`  ",
+             f"Machine: {env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "
+             f"{cfg['dtype']}, {mode} steps, validate={cfg['validate']}.  ",
+             f"Reference: `{ref}` (autograd + torch.optim.SGD, lr {cfg['lr']}, momentum {cfg['momentum']}). "
+             "Ratios < 1 favour the rule. Timings: median of interleaved repetitions (IQR in brackets).", "",
+             "| MLP | batch | rule | step ms (IQR) | time ratio | kept for backward MiB | kept ratio | "
+             "peak MiB | peak ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    mib = 2 ** 20
+    for cell in payload["results"]:
+        for rule, e in cell["rules"].items():
+            lines.append(
+                f"| {'-'.join(map(str, cell['widths']))} | {cell['batch']} | {rule} | {1e3 * e['median_s']:.2f} "
+                f"({1e3 * e['iqr_s']:.2f}) | {e.get('time_ratio', float('nan')):.2f} | {e['kept_bytes'] / mib:.2f} | "
+                f"{e.get('kept_ratio', float('nan')):.2f} | {e['peak_bytes'] / mib:.2f} | "
+                f"{e.get('peak_ratio', float('nan')):.2f} |")
+    lines += ["", "![step time vs batch](step_time.png)", ""]
+    report = out / "SPEED.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines))
+    _plot(payload, out)
+    return report
+
+
+def _plot(payload: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    sizes = [list(s) for s in dict.fromkeys(tuple(c["widths"]) for c in payload["results"])]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.5), squeeze=False)
+    for ax, widths in zip(axes[0], sizes):
+        cells = [c for c in payload["results"] if c["widths"] == widths]
+        for rule in cells[0]["rules"]:
+            pts = [(c["batch"], 1e3 * c["rules"][rule]["median_s"]) for c in cells if rule in c["rules"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rule)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("step ms")
+        ax.set_title("-".join(map(str, widths)), fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "step_time.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

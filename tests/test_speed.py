@@ -1,0 +1,66 @@
+"""benchmarks.speed: the memory counters against hand counts, the --quick harness end to end, CUDA capture."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import speed
+from benchmarks.rules import build_trainer
+
+CFG = {**speed.DEFAULTS, "lr": 0.01, "momentum": 0.9, "validate": False}
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_bytes_kept_counts_what_each_side_holds():
+    """Autograd saves x (first addmm), the ReLU output (ReLU + second addmm, one storage) and the
+    log-softmax output (4 bytes each), plus nll_loss's int64 targets and its 4-byte total weight; our
+    records hold x, X¹ (= the ReLU's record) and the logits."""
+    x, t = torch.randn(5, 20), torch.randint(0, 3, (5,))
+    sgd_model, ours_model = mlp(), mlp()
+    sgd = build_trainer("sgd", sgd_model, CFG)
+    ours = build_trainer("fadjoint", ours_model, CFG)
+    assert speed.bytes_kept(sgd, sgd_model, x, t) == 4 * 5 * (20 + 8 + 3) + 8 * 5 + 4
+    assert speed.bytes_kept(ours, ours_model, x, t) == 4 * 5 * (20 + 8 + 3)
+    assert all(p.grad is None for p in ours_model.parameters())  # measuring does not train
+
+
+def test_peak_bytes_sees_a_known_allocation():
+    class Alloc:
+        def step(self, x, t):
+            big = torch.empty(1000, dtype=torch.float64)  # 8 000 bytes alive at once with a copy
+            copy = big.clone()
+            del big, copy
+
+    assert speed.peak_step_bytes(Alloc(), torch.zeros(1), torch.zeros(1))["peak_bytes"] == 16000
+
+
+def test_quick_harness_writes_every_rule_with_finite_ratios(tmp_path):
+    payload = speed.main(["--quick", "--progress", "false", "--out", str(tmp_path), "--threads", "1",
+                          "--rules", "sgd,fadjoint,equilibrium,lfp,il_prox", "--repeats", "2"])
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(payload["results"]))
+    for cell in saved["results"]:
+        assert set(cell["rules"]) == {"sgd", "fadjoint", "equilibrium", "lfp", "il_prox"}
+        for entry in cell["rules"].values():
+            assert math.isfinite(entry["time_ratio"]) and entry["time_ratio"] > 0
+            assert entry["kept_bytes"] > 0 and entry["peak_bytes"] > 0
+        assert 0.9 < cell["rules"]["fadjoint"]["kept_ratio"] <= 1.0
+    assert "| fadjoint |" in (tmp_path / "SPEED.md").read_text()
+    assert (tmp_path / "step_time.png").stat().st_size > 1000
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", ["fadjoint", "equilibrium", "lfp", "sgd"])
+def test_cuda_graph_step_equals_eager(rule):
+    device = torch.device("cuda")
+    x = torch.randn(32, 20, device=device)
+    t = torch.randint(0, 3, (32,), device=device)
+    diff = speed._check_equal({**CFG, "activation": "relu"}, rule, [20, 16, 3], device, torch.float32,
+                              speed.cuda_graph_step, x, t)
+    assert diff <= 1e-6, diff
