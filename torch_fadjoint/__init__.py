@@ -7,7 +7,7 @@
 >>> loss, out_adj = tfa.losses.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1]))
 >>> net.adjoint(out_adj)  # fills p.grad as loss.backward() would
 """
-from . import derivatives, losses, nn, optim
+from . import derivatives, distributed, losses, nn, optim
 from .derivatives import Derivative, register_derivative
 from .recorder import ActivationRecord, FPropagation, LayerRecord
 

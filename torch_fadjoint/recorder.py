@@ -101,11 +101,17 @@ class FPropagation(nn.Module):
     ``.grad``; see :mod:`torch_fadjoint.optim.fadjoint`.
     """
 
-    def __init__(self, model: nn.Module, keep_pre_activations: bool = False):
+    def __init__(self, model: nn.Module, keep_pre_activations: bool = False, process_group=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         self.model = model
+        self.reducer = None  # set for data-parallel training: grads averaged over process_group
+        if process_group is not None:
+            from .distributed import GradientAverager, broadcast_parameters
+
+            self.reducer = GradientAverager(process_group)
+            broadcast_parameters(model, process_group)
         self.keep_pre_activations = keep_pre_activations
         self._handles: list = []
         self._layers: list[LayerRecord] = []

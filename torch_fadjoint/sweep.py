@@ -6,6 +6,8 @@ A rule says what it sends down and what it makes of each layer; the sweep owns t
     for k = L..1:
         y_signal   = rule.through_activations(layer k, signal, top=(k == L))      e.g. Y*^k
         grad_w, grad_b = rule.param_feedback(layer k, y_signal)                   e.g. (Y*^k)ᵀ X^{k-1}
+        [reducer: start averaging grad_w, grad_b over the ranks (async; waited for before on_layer
+         when wait_each, else once after the sweep: torch_fadjoint.distributed)]
         on_layer(layer k, grad_w, grad_b)            the caller collects, or updates W^k now (§2.3)
         signal     = rule.through_linear(layer k, y_signal)    (k > 1)            e.g. Y*^k W^k
         release layer k's records
@@ -49,14 +51,26 @@ def backward_sweep(
     rule: Rule,
     on_layer: Callable[[LayerRecord, Tensor, Tensor | None], None],
     release: bool = True,
+    reducer=None,
+    wait_each: bool = False,
 ) -> None:
-    """Run ``rule`` from the top layer down, calling ``on_layer`` with each layer's feedback."""
+    """Run ``rule`` from the top layer down, calling ``on_layer`` with each layer's feedback.
+
+    reducer: a ``torch_fadjoint.distributed.GradientAverager`` (or None); ``wait_each`` makes every
+    layer's average complete before its ``on_layer`` (for rules that update during the sweep).
+    """
     for k in range(len(layers) - 1, -1, -1):
         layer = layers[k]
         y_signal = rule.through_activations(layer, signal, top=k == len(layers) - 1)
         grad_w, grad_b = rule.param_feedback(layer, y_signal)
+        if reducer is not None:
+            reducer.launch([grad_w] + ([grad_b] if grad_b is not None else []))
+            if wait_each:
+                reducer.wait()
         on_layer(layer, grad_w, grad_b)
         if k > 0:
             signal = rule.through_linear(layer, y_signal)
         if release:
             layer.release()
+    if reducer is not None:
+        reducer.wait()

@@ -110,7 +110,8 @@ def consequentialism_grads(net: FPropagation, out_adj: Tensor, mode: str = "cons
         if grad_b is not None:
             grads[layer.module.bias] = grad_b
 
-    backward_sweep(layers, out_adj, rule, collect, release=not retain_records)
+    backward_sweep(layers, out_adj, rule, collect, release=not retain_records,
+                   reducer=net.reducer)
     if not retain_records:
         net.clear()
     if validate:

@@ -150,7 +150,8 @@ def equilibrium_grads(net: FPropagation, out_adj: Tensor, *, tau: float = 0.1, s
         if grad_b is not None:
             grads[layer.module.bias] = grad_b
 
-    backward_sweep(layers, out_adj, rule, collect, release=not retain_records)
+    backward_sweep(layers, out_adj, rule, collect, release=not retain_records,
+                   reducer=net.reducer)
     if not retain_records:
         net.clear()
     if validate:
@@ -234,7 +235,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
             self._update_layer(pairs, group_of)
 
         try:
-            backward_sweep(layers, out_adj, self.rule, update_now)
+            backward_sweep(layers, out_adj, self.rule, update_now, reducer=self.net.reducer, wait_each=True)
         except BaseException:
             for param, value, grad, buf, had_state in reversed(undo):
                 param.copy_(value)

@@ -48,7 +48,8 @@ def fadjoint_grads(net: FPropagation, out_adj: Tensor, *, validate: bool = True,
         if grad_b is not None:
             grads[layer.module.bias] = grad_b
 
-    backward_sweep(layers, out_adj, _FADJOINT, collect, release=not retain_records)
+    backward_sweep(layers, out_adj, _FADJOINT, collect, release=not retain_records,
+                   reducer=net.reducer)
     if not retain_records:
         net.clear()
     if validate:

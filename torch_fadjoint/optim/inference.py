@@ -205,6 +205,9 @@ def inference_grads(net: FPropagation, target: Tensor, variant: str = "il", *, T
         if layer.bias is not None:
             grads[layer.bias] = delta.sum(0).mul_(scale)
     net.clear()
+    if net.reducer is not None:  # no sweep here: average every layer at once
+        net.reducer.launch(list(grads.values()))
+        net.reducer.wait()
     if validate:
         check_finite(list(grads.values()), f"{variant} gradients")
     return grads

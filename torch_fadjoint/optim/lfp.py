@@ -224,7 +224,8 @@ def lfp_grads(net: FPropagation, target: Tensor | None = None, *, reward="softma
         if grad_b is not None:
             grads[layer.module.bias] = grad_b
 
-    backward_sweep(layers, out_reward, rule, collect, release=not retain_records)
+    backward_sweep(layers, out_reward, rule, collect, release=not retain_records,
+                   reducer=net.reducer)
     if not retain_records:
         net.clear()
     if validate:
