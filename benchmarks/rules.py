@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,7 +37,8 @@ class AutogradSGD:
     uses_autograd = True
 
     def __init__(self, model: nn.Module, cfg: dict):
-        self.model = model
+        # under torchrun: DistributedDataParallel, the autograd reference for tfa.distributed
+        self.model = nn.parallel.DistributedDataParallel(model) if _distributed() else model
         self.loss, self.reduction = cfg.get("loss", "cross_entropy"), cfg.get("reduction", "mean")
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
                                    weight_decay=cfg.get("weight_decay", 0.0),
@@ -68,7 +70,8 @@ class RuleTrainer:
     def __init__(self, model: nn.Module, make_optimizer: Callable[[tfa.FPropagation], torch.optim.Optimizer],
                  keep_pre_activations: bool = False):
         self.model = model
-        self.net = tfa.FPropagation(model, keep_pre_activations=keep_pre_activations)
+        self.net = tfa.FPropagation(model, keep_pre_activations=keep_pre_activations,
+                                    process_group=dist.group.WORLD if _distributed() else None)
         self.opt = make_optimizer(self.net)
 
     @torch.no_grad()
@@ -81,6 +84,10 @@ class RuleTrainer:
 
     def load_state_dict(self, state):
         self.opt.load_state_dict(state)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _sgd_kwargs(cfg: dict) -> dict:

@@ -9,11 +9,13 @@ how far each rule's per-step losses are from the first rule's (the F-adjoint vs 
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from torch_fadjoint import data as tfa_data
@@ -54,6 +56,8 @@ DEFAULTS = {
     "tag": "",
     "progress": True,
     "validate": True,
+    "checkpoint_dir": "",  # save model, optimizer, scheduler, epoch and RNG states there after every epoch
+    "resume": False,       # continue each run from its checkpoint in checkpoint_dir
     # rule-specific knobs (benchmarks/rules.py reads them; other rules ignore them)
     "tau": 0.1, "steps": 100, "sequential": True, "relax_init": "forward",   # equilibrium (§2)
     "reference_output_derivative": False, "relaxation": "closed_form",
@@ -85,8 +89,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict):
     raise SystemExit(f"error: schedule must be 'constant' or 'cosine', got {cfg['schedule']!r}")
 
 
-def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, position: int = 0) -> dict:
-    """Train one rule from one seed; returns the per-epoch record and the per-step losses."""
+def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, position: int = 0,
+        name: str | None = None) -> dict:
+    """Train one rule from one seed; returns the per-epoch record and the per-step losses.
+
+    With ``checkpoint_dir`` the state after every epoch is saved (atomically) to
+    ``<checkpoint_dir>/<dataset>_<name>_seed<seed>.pt``; with ``resume`` the run continues from it.
+    """
     dtype = DTYPES[cfg["dtype"]]
     torch.manual_seed(seed)
     model = build_mlp(cfg["widths"], cfg["activation"], cfg["output_activation"], cfg["init"],
@@ -94,18 +103,33 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
     trainer = build_trainer(rule, model, cfg)
     scheduler = make_scheduler(trainer.opt, cfg)
     batches = torch.Generator().manual_seed(seed)
+    rank, world = _rank_world()
     train = splits["train"]
-    steps_per_epoch = -(-len(train) // cfg["batch_size"])
-    history, step_losses = [], []
-    bar = tqdm(total=cfg["epochs"] * steps_per_epoch, desc=f"{rule} seed {seed}", position=position,
-               leave=False, disable=not cfg["progress"], file=sys.stderr)
-    for epoch in range(1, cfg["epochs"] + 1):
+    steps_per_epoch = -(-len(train) // (cfg["batch_size"] * world))
+    history, step_losses, first_epoch = [], [], 1
+    checkpoint = (Path(cfg["checkpoint_dir"]) / f"{cfg['tag'] + '_' if cfg['tag'] else ''}{cfg['dataset']}_"
+                  f"{name or rule}_seed{seed}.pt") if cfg["checkpoint_dir"] else None
+    if checkpoint is not None and cfg["resume"] and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        trainer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        batches.set_state(state["batches"])
+        history, step_losses, first_epoch = state["history"], state["step_losses"], state["epoch"] + 1
+    bar = tqdm(total=cfg["epochs"] * steps_per_epoch, initial=(first_epoch - 1) * steps_per_epoch,
+               desc=f"{name or rule} seed {seed}", position=position, leave=False,
+               disable=not cfg["progress"] or rank != 0, file=sys.stderr)
+    for epoch in range(first_epoch, cfg["epochs"] + 1):
         model.train()
         losses = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for x, t in train.batches(cfg["batch_size"], generator=batches):
+        for x, t in _batches(train, cfg["batch_size"], batches, rank, world):
             losses.append(trainer.step(x, t))
             bar.update()
         if device.type == "cuda":
@@ -121,8 +145,45 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
             record["val_acc"] = accuracy(model, splits["val"])
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['test_acc']:.4f}")
+        if checkpoint is not None and rank == 0:
+            save_checkpoint(checkpoint, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": trainer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "batches": batches.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": history, "step_losses": step_losses, "config": cfg})
     bar.close()
     return {"rule": rule, "seed": seed, "history": history, "step_losses": torch.cat(step_losses)}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file beside ``path``, then ``os.replace``: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batches(train: tfa_data.TensorDataset, batch_size: int, generator: torch.Generator, rank: int, world: int):
+    """The epoch's batches; under torchrun each rank takes its strided share of every global batch
+    (same permutation on every rank, as DistributedSampler with a shared seed)."""
+    if world == 1:
+        yield from train.batches(batch_size, generator=generator)
+        return
+    order = torch.randperm(len(train), generator=generator).to(train.x.device)
+    global_batch = batch_size * world
+    for begin in range(0, len(order) - global_batch + 1, global_batch):  # drop the ragged tail
+        idx = order[begin:begin + global_batch][rank::world]
+        yield train.x[idx], train.t[idx]
 
 
 def load_splits(cfg: dict, device: torch.device) -> dict:
@@ -144,10 +205,16 @@ def main(argv=None) -> list[dict]:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
     results = []
     for dataset in cfg["datasets"] or [cfg["dataset"]]:
         results += _train_dataset({**cfg, "dataset": dataset}, device)
-    _print_table(results)
+    if _rank_world()[0] == 0:
+        _print_table(results)
     return results
 
 
@@ -159,7 +226,7 @@ def _train_dataset(cfg: dict, device: torch.device) -> list[dict]:
     for seed in cfg["seeds"]:
         reference = None
         for name, rule, rcfg in _runs(cfg):
-            result = run(rcfg, rule, seed, splits, device)
+            result = run(rcfg, rule, seed, splits, device, name=name)
             result["variant"] = name
             losses = result.pop("step_losses")
             if reference is None:
@@ -169,7 +236,8 @@ def _train_dataset(cfg: dict, device: torch.device) -> list[dict]:
             payload = {**result, "config": rcfg, "environment": env,
                        "step_loss_first": losses[:5].tolist(), "step_loss_last": losses[-5:].tolist()}
             file = f"{cfg['tag'] + '_' if cfg['tag'] else ''}{cfg['dataset']}_{name}_seed{seed}.json"
-            write_json(out_dir / file, payload)
+            if _rank_world()[0] == 0:  # log from rank 0 only
+                write_json(out_dir / file, payload)
             results.append(payload)
     return results
 
