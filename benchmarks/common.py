@@ -102,6 +102,27 @@ def build_mlp(widths: list[int], activation: str, output_activation: str = "", i
     return nn.Sequential(*layers)
 
 
+def write_markdown(out: Path, name: str, lines: list[str]) -> Path:
+    """Write ``lines`` as ``out/name`` (creating ``out``); returns the path."""
+    report = out / name
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines))
+    return report
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
 def environment(device: torch.device) -> dict:
     """Device name, torch version, threads: recorded with every result."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())

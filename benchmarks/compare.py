@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import environment, parse_config, write_json
+from .common import environment, parse_config, pyplot, write_json, write_markdown
 from .train import DEFAULTS as TRAIN_DEFAULTS
 from .train import load_splits, run
 
@@ -149,21 +149,14 @@ def write_report(summary: dict, out: Path) -> Path:
         lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
                   f"![selection]({dataset}_selection.png)", ""]
     lines += ["Step-time and memory ratios measured in isolation: see `benchmarks/results/SPEED.md`.", ""]
-    report = out / "REPORT.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(lines))
+    report = write_markdown(out, "REPORT.md", lines)
     _plots(summary, out)
     return report
 
 
 def _plots(summary: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install torch-fadjoint[plots])", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     for dataset, rules in summary["datasets"].items():
         for kind in ("accuracy", "wallclock"):

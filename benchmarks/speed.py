@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
-from .common import DTYPES, build_mlp, environment, parse_config, write_json
+from .common import DTYPES, build_mlp, environment, parse_config, pyplot, write_json, write_markdown
 from .rules import RULES, build_trainer
 
 DEFAULTS = {
@@ -315,20 +315,14 @@ def write_report(payload: dict, out: Path) -> Path:
                 f"{e.get('kept_ratio', float('nan')):.2f} | {e['peak_bytes'] / mib:.2f} | "
                 f"{e.get('peak_ratio', float('nan')):.2f} |")
     lines += ["", "![step time vs batch](step_time.png)", ""]
-    report = out / "SPEED.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(lines))
+    report = write_markdown(out, "SPEED.md", lines)
     _plot(payload, out)
     return report
 
 
 def _plot(payload: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     sizes = [list(s) for s in dict.fromkeys(tuple(c["widths"]) for c in payload["results"])]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.5), squeeze=False)

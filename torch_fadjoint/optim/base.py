@@ -25,9 +25,10 @@ from torch.optim import Optimizer
 
 from ..losses import LOSSES, get_loss
 from ..recorder import FPropagation, LayerRecord
+from ..sweep import Rule, backward_sweep
 
-__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "accumulate_grads", "check_out_adj",
-           "check_finite", "BASES"]
+__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "sweep_grads", "accumulate_grads",
+           "check_out_adj", "check_finite", "BASES"]
 
 
 # -- the functional SGD core -------------------------------------------------------------------
@@ -140,6 +141,26 @@ def check_trainable(layers: list[LayerRecord], rule_name: str) -> None:
                     f"{act.name} ({type(act.module).__name__}): derivative is 0 almost everywhere, "
                     f"{rule_name} cannot train through it; use tfa.optim.LFP"
                 )
+
+
+def sweep_grads(net: FPropagation, layers: list[LayerRecord], signal: Tensor, rule: Rule, *, what: str,
+                validate: bool = True, retain_records: bool = False) -> dict[Tensor, Tensor]:
+    """Run ``rule`` down the shared sweep and collect {parameter: feedback} (averaged over ranks when the
+    recorder has a process group); frees the records unless ``retain_records``; with ``validate`` a
+    non-finite result raises RuntimeError naming ``what``. Nothing is written."""
+    grads: dict[Tensor, Tensor] = {}
+
+    def collect(layer, grad_w, grad_b):
+        grads[layer.module.weight] = grad_w
+        if grad_b is not None:
+            grads[layer.module.bias] = grad_b
+
+    backward_sweep(layers, signal, rule, collect, release=not retain_records, reducer=net.reducer)
+    if not retain_records:
+        net.clear()
+    if validate:
+        check_finite(list(grads.values()), what)
+    return grads
 
 
 def accumulate_grads(grads: dict[Tensor, Tensor]) -> None:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from ..recorder import FPropagation, LayerRecord
-from ..sweep import Rule, backward_sweep
-from .base import BASES, DelegatingRuleOptimizer, check_finite, check_out_adj, check_trainable
+from ..sweep import Rule
+from .base import BASES, DelegatingRuleOptimizer, check_finite, check_out_adj, check_trainable, sweep_grads
 
 __all__ = ["Consequentialism", "ConsequentialismRule", "consequentialism_grads", "MODES", "BASES"]
 
@@ -103,18 +103,9 @@ def consequentialism_grads(net: FPropagation, out_adj: Tensor, mode: str = "cons
     layers = net.recorded_layers()
     check_out_adj(net, out_adj)
     check_trainable(layers, f"{mode} (F-adjoint deltas)")
-    grads: dict[Tensor, Tensor] = {}
-
-    def collect(layer, grad_w, grad_b):
-        grads[layer.module.weight] = grad_w
-        if grad_b is not None:
-            grads[layer.module.bias] = grad_b
-
-    backward_sweep(layers, out_adj, rule, collect, release=not retain_records,
-                   reducer=net.reducer)
-    if not retain_records:
-        net.clear()
-    if validate:
+    grads = sweep_grads(net, layers, out_adj, rule, what=f"{mode} gradients", validate=False,
+                        retain_records=retain_records)
+    if validate:  # a failed factorisation first: it is the cause of any non-finite result
         if rule.failures and bool(torch.stack(rule.failures).ne(0).any()):
             raise RuntimeError(f"{mode}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?); nothing was changed")
         check_finite(list(grads.values()), f"{mode} gradients")

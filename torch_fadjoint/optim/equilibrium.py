@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule, backward_sweep
-from .base import RuleOptimizer, check_finite, check_out_adj, check_trainable, sgd_update
+from .base import RuleOptimizer, check_finite, check_out_adj, check_trainable, sweep_grads
 
 __all__ = ["EquilibriumFAdjoint", "EquilibriumRule", "equilibrium_grads", "relaxation_factor"]
 
@@ -143,20 +143,8 @@ def equilibrium_grads(net: FPropagation, out_adj: Tensor, *, tau: float = 0.1, s
     check_out_adj(net, out_adj)
     check_trainable(layers, "the equilibrium F-adjoint")
     _check_shapes(layers)
-    grads: dict[Tensor, Tensor] = {}
-
-    def collect(layer, grad_w, grad_b):
-        grads[layer.module.weight] = grad_w
-        if grad_b is not None:
-            grads[layer.module.bias] = grad_b
-
-    backward_sweep(layers, out_adj, rule, collect, release=not retain_records,
-                   reducer=net.reducer)
-    if not retain_records:
-        net.clear()
-    if validate:
-        check_finite(list(grads.values()), "equilibrium F-adjoint gradients")
-    return grads
+    return sweep_grads(net, layers, out_adj, rule, what="equilibrium F-adjoint gradients", validate=validate,
+                       retain_records=retain_records)
 
 
 class EquilibriumFAdjoint(RuleOptimizer):
@@ -217,7 +205,6 @@ class EquilibriumFAdjoint(RuleOptimizer):
         layers = self.net.recorded_layers()
         check_trainable(layers, "the equilibrium F-adjoint")
         _check_shapes(layers)
-        group_of = {param: group for group in self.param_groups for param in group["params"]}
         all_grads: list[Tensor] = []
         undo: list[tuple] = []  # (param, old value, old .grad, old momentum buffer) of layers already updated
 
@@ -232,7 +219,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
                         buf = self.state[param].get("momentum_buffer") if param in self.state else None
                         undo.append((param, param.clone(), param.grad,
                                      None if buf is None else buf.clone(), param in self.state))
-            self._update_layer(pairs, group_of)
+            self._apply_sgd(dict(pairs))  # each parameter with its own group's hyper-parameters (§1.4)
 
         try:
             backward_sweep(layers, out_adj, self.rule, update_now, reducer=self.net.reducer, wait_each=True)
@@ -249,24 +236,3 @@ class EquilibriumFAdjoint(RuleOptimizer):
             raise
         finally:
             self.net.clear()
-
-    def _update_layer(self, pairs: list[tuple[Tensor, Tensor]], group_of: dict) -> None:
-        """SGD on one layer's parameters, each with its own group's hyper-parameters (§1.4)."""
-        by_group: dict[int, tuple[dict, list, list]] = {}
-        for param, grad in pairs:
-            group = group_of.get(param)
-            if group is None:
-                continue  # not optimised: its feedback still flows down
-            entry = by_group.setdefault(id(group), (group, [], []))
-            entry[1].append(param)
-            entry[2].append(grad)
-        for group, params, grads in by_group.values():
-            bufs = [self.state[p].get("momentum_buffer") if p in self.state else None for p in params]
-            for param, grad in zip(params, grads):
-                param.grad = grad
-            sgd_update(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
-                       dampening=group["dampening"], weight_decay=group["weight_decay"],
-                       nesterov=group["nesterov"], maximize=group["maximize"], foreach=group["foreach"])
-            if group["momentum"] != 0:
-                for param, buf in zip(params, bufs):
-                    self.state[param]["momentum_buffer"] = buf

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..recorder import FPropagation
-from ..sweep import Rule, backward_sweep
-from .base import RuleOptimizer, check_finite, check_out_adj, check_trainable
+from ..sweep import Rule
+from .base import RuleOptimizer, check_out_adj, check_trainable, sweep_grads
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -41,20 +41,8 @@ def fadjoint_grads(net: FPropagation, out_adj: Tensor, *, validate: bool = True,
     layers = net.recorded_layers()
     check_out_adj(net, out_adj)
     check_trainable(layers, "the F-adjoint")
-    grads: dict[Tensor, Tensor] = {}
-
-    def collect(layer, grad_w, grad_b):
-        grads[layer.module.weight] = grad_w
-        if grad_b is not None:
-            grads[layer.module.bias] = grad_b
-
-    backward_sweep(layers, out_adj, _FADJOINT, collect, release=not retain_records,
-                   reducer=net.reducer)
-    if not retain_records:
-        net.clear()
-    if validate:
-        check_finite(list(grads.values()), "F-adjoint gradients")
-    return grads
+    return sweep_grads(net, layers, out_adj, _FADJOINT, what="F-adjoint gradients", validate=validate,
+                       retain_records=retain_records)
 
 
 class FAdjoint(RuleOptimizer):

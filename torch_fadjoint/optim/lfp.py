@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from ..losses import _check_logits
 from ..recorder import FPropagation, LayerRecord
-from ..sweep import Rule, backward_sweep
-from .base import RuleOptimizer, accumulate_grads, check_finite
+from ..sweep import Rule
+from .base import RuleOptimizer, accumulate_grads, sweep_grads
 
 __all__ = ["LFP", "LFPRule", "lfp_grads", "lfp_backward", "lfp_reward", "clip_grads_", "REWARDS"]
 
@@ -217,19 +217,8 @@ def lfp_grads(net: FPropagation, target: Tensor | None = None, *, reward="softma
             f"{layers[-1].name}), got {tuple(out_reward.shape)}, {out_reward.dtype} on {out_reward.device}"
         )
     rule.check(layers)
-    grads: dict[Tensor, Tensor] = {}
-
-    def collect(layer, grad_w, grad_b):
-        grads[layer.module.weight] = grad_w
-        if grad_b is not None:
-            grads[layer.module.bias] = grad_b
-
-    backward_sweep(layers, out_reward, rule, collect, release=not retain_records,
-                   reducer=net.reducer)
-    if not retain_records:
-        net.clear()
-    if validate:
-        check_finite(list(grads.values()), "LFP gradients")
+    grads = sweep_grads(net, layers, out_reward, rule, what="LFP gradients", validate=validate,
+                        retain_records=retain_records)
     if clip_norm is not None:
         clip_grads_(list(grads.values()), clip_norm)
     return grads
