@@ -2,7 +2,8 @@
 
 One small class per module type, looked up by exact type (a subclass may change ``forward``).
 Each entry says what the recorder keeps for it (``record``) and how an adjoint goes through it
-(``backward``: Y*^k = X*^k ⊙ σ'(Y^k), step 1 of §1.2).
+(``backward``: Y*^k = X*^k ⊙ σ'(Y^k), step 1 of §1.2; ``backward_`` writes it into X*^k's
+buffer when the caller owns it, with the same kernel).
 
 The elementwise backward kernels are the ones autograd itself calls (``torch.ops.aten.*_backward``),
 so the F-adjoint reproduces ``loss.backward()`` bit for bit where autograd uses the same kernel.
@@ -69,6 +70,14 @@ class Derivative:
         """Y* = X* ⊙ σ'(Y), shape of ``x_adj`` (step 1 of ALGORITHMS.md §1.2)."""
         raise NotImplementedError
 
+    def backward_(self, module: nn.Module, saved, x_adj: Tensor) -> Tensor:
+        """Like :meth:`backward`, but may overwrite and return ``x_adj`` (the caller owns it).
+
+        Entries with an ``out=`` form of autograd's kernel write into ``x_adj`` (the same kernel, so
+        the result is bit-identical to :meth:`backward`); the default allocates, as ``backward``.
+        """
+        return self.backward(module, saved, x_adj)
+
     def df(self, module: nn.Module, saved) -> Tensor:
         """σ'(Y) itself, from the record (elementwise entries only)."""
         if not self.elementwise:
@@ -92,10 +101,16 @@ class _Identity(Derivative):
     def backward(self, module, saved, x_adj):
         return x_adj
 
+    def backward_(self, module, saved, x_adj):
+        return x_adj
+
 
 class _ReLU(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.threshold_backward(x_adj, saved, 0)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.threshold_backward.grad_input(x_adj, saved, 0, grad_input=x_adj)
 
 
 class _LeakyReLU(Derivative):
@@ -111,20 +126,32 @@ class _LeakyReLU(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.leaky_relu_backward(x_adj, saved, module.negative_slope, True)
 
+    def backward_(self, module, saved, x_adj):
+        return _aten.leaky_relu_backward.grad_input(x_adj, saved, module.negative_slope, True, grad_input=x_adj)
+
 
 class _Sigmoid(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.sigmoid_backward(x_adj, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.sigmoid_backward.grad_input(x_adj, saved, grad_input=x_adj)
 
 
 class _Tanh(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.tanh_backward(x_adj, saved)
 
+    def backward_(self, module, saved, x_adj):
+        return _aten.tanh_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
 
 class _ELU(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.elu_backward(x_adj, module.alpha, 1.0, 1.0, True, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.elu_backward.grad_input(x_adj, module.alpha, 1.0, 1.0, True, saved, grad_input=x_adj)
 
 
 class _Softplus(Derivative):
@@ -133,6 +160,9 @@ class _Softplus(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.softplus_backward(x_adj, saved, module.beta, module.threshold)
 
+    def backward_(self, module, saved, x_adj):
+        return _aten.softplus_backward.grad_input(x_adj, saved, module.beta, module.threshold, grad_input=x_adj)
+
 
 class _SiLU(Derivative):
     saves = "input"
@@ -140,12 +170,18 @@ class _SiLU(Derivative):
     def backward(self, module, saved, x_adj):
         return _aten.silu_backward(x_adj, saved)
 
+    def backward_(self, module, saved, x_adj):
+        return _aten.silu_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
 
 class _GELU(Derivative):
     saves = "input"
 
     def backward(self, module, saved, x_adj):
         return _aten.gelu_backward(x_adj, saved, approximate=module.approximate)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.gelu_backward.grad_input(x_adj, saved, approximate=module.approximate, grad_input=x_adj)
 
 
 class _LogSoftmax(Derivative):
@@ -196,6 +232,9 @@ class _Dropout(Derivative):
 
     def backward(self, module, saved, x_adj):
         return x_adj if saved is None else x_adj * saved
+
+    def backward_(self, module, saved, x_adj):
+        return x_adj if saved is None else x_adj.mul_(saved)
 
     def df_at(self, module, y):
         raise TypeError("Dropout's derivative is its recorded mask; there is no σ'(y) at a new point")

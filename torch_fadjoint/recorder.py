@@ -101,6 +101,16 @@ class FPropagation(nn.Module):
     ``.grad``; see :mod:`torch_fadjoint.optim.fadjoint`.
     """
 
+    # Per-forward state is written several times per step: plain attributes, not nn.Module.__setattr__
+    # (which checks parameters / buffers / submodules on every write; ~17 writes per step).
+    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_seen", "_recording", "_paused"})
+
+    def __setattr__(self, name, value):
+        if name in FPropagation._PLAIN_STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __init__(self, model: nn.Module, keep_pre_activations: bool = False, process_group=None):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -120,6 +130,7 @@ class FPropagation(nn.Module):
         self._seen: set[str] = set()
         self._output: Tensor | None = None
         self._fingerprint: tuple = ()
+        self._paused = False
         self.attach(model)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -171,16 +182,37 @@ class FPropagation(nn.Module):
     @contextlib.contextmanager
     def paused(self) -> Iterator["FPropagation"]:
         """Run the model without recording (evaluation): ``with net.paused(): model(x)``."""
-        previous, self._paused = getattr(self, "_paused", False), True
+        previous, self._paused = self._paused, True
         try:
             yield self
         finally:
             self._paused = previous
 
     def _make_fingerprint(self) -> tuple:
-        modules = tuple((name, id(m), type(m)) for name, m in self.model.named_modules())
-        params = tuple((id(p), p.shape, p.dtype, p.device) for p in self.model.parameters())
+        """What ``attach`` saw: every module with its children and parameters, and each parameter's
+        shape, dtype and device (``model.to(...)`` changes those in place)."""
+        modules = tuple((m, tuple(m._modules.items()), tuple(m._parameters.items()))
+                        for _, m in self.model.named_modules())
+        params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps in modules for _, p in ps if p is not None)
         return modules, params
+
+    def _changed(self) -> bool:
+        """True if the model is not what ``attach`` saw; checked at every forward without walking the
+        tree (``named_modules`` recursion + tuples were a third of the recorder's Python time): for each
+        module seen at attach, its children and parameters must be the same objects under the same
+        names, and each parameter keeps its shape, dtype and device. A module added anywhere changes
+        its parent's ``_modules``, so this sees what a full walk sees."""
+        modules, params = self._fingerprint
+        for module, children, own in modules:
+            if len(module._modules) != len(children) or len(module._parameters) != len(own):
+                return True
+            for (name, child), (name2, child2) in zip(children, module._modules.items()):
+                if name != name2 or child is not child2:
+                    return True
+            for (name, p), (name2, p2) in zip(own, module._parameters.items()):
+                if name != name2 or p is not p2:
+                    return True
+        return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
 
     def _make_refusal(self, name: str, module: nn.Module, why: str):
         def refuse(mod, inputs, output):
@@ -253,11 +285,11 @@ class FPropagation(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if getattr(self, "_paused", False):
+        if self._paused:
             return self.model(*args, **kwargs)
         if not self._handles:
             raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
-        if self._make_fingerprint() != self._fingerprint:
+        if self._changed():
             raise RuntimeError(
                 "FPropagation: the model's modules or parameters changed after wrapping; call net.attach()"
             )

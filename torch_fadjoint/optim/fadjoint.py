@@ -20,7 +20,23 @@ from .base import RuleOptimizer, check_out_adj, check_trainable, sweep_grads
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
-_FADJOINT = Rule()
+class _FAdjointRule(Rule):
+    """The two-step rule with in-place adjoint buffers (the numbers are those of ``Rule``).
+
+    Below the top layer X*^k is the fresh ``Y*^{k+1} W^{k+1}`` that ``through_linear`` just made, so
+    step 1 writes Y*^k into that buffer (``Derivative.backward_``: autograd's own kernel, ``out=`` form)
+    instead of allocating one more (B, n_k) tensor per module. X*^L belongs to the caller: never written.
+    """
+
+    def through_activations(self, layer, x_adj, top):
+        if top:
+            return super().through_activations(layer, x_adj, top)
+        for act in reversed(layer.activations):
+            x_adj = act.derivative.backward_(act.module, act.saved, x_adj)
+        return x_adj
+
+
+_FADJOINT = _FAdjointRule()
 
 
 @torch.no_grad()
