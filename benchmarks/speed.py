@@ -51,6 +51,9 @@ DEFAULTS = {
     "repeats": 20,
     "warmup": 3,
     "max_seconds": 20.0,  # per (size, batch): fewer repetitions for big sizes
+    "min_repeats": 5,     # never fewer interleaved repetitions than this ...
+    "big_width": 4096,    # ... except for MLPs this wide (or wider):
+    "big_min_repeats": 3, "big_warmup": 1,
     "dtype": "float32",
     "device": "cpu",
     "threads": 0,
@@ -223,6 +226,9 @@ def _check_equal(cfg, rule, widths, device, dtype, make_step, x, target) -> floa
 
 def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, bar=None) -> dict:
     dtype = DTYPES[cfg["dtype"]]
+    big = max(widths) >= cfg["big_width"]
+    warmup = cfg["big_warmup"] if big else cfg["warmup"]
+    min_repeats = cfg["big_min_repeats"] if big else cfg["min_repeats"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, widths[0], generator=gen).to(device=device, dtype=dtype)
     target = torch.randint(0, widths[-1], (batch,), generator=gen).to(device)
@@ -239,7 +245,7 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
             entry["compile_max_abs_diff"] = _check_equal(cfg, rule, widths, device, dtype,
                                                          lambda tr, *_: compiled_step(tr), x, target)
             step = compiled_step(trainer)
-        for _ in range(cfg["warmup"]):
+        for _ in range(warmup):
             step(x, target)
         entry["times"], entry["_step"] = [], step
         entries[rule] = entry
@@ -254,7 +260,7 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
             entry["times"].append(time.perf_counter() - tic)
         if bar is not None:
             bar.set_postfix_str(f"{'x'.join(map(str, widths))} b{batch} rep {rep + 1}")
-        if rep >= 4 and time.perf_counter() - start > cfg["max_seconds"]:
+        if rep + 1 >= min_repeats and time.perf_counter() - start > cfg["max_seconds"]:
             break
     for entry in entries.values():
         entry.pop("_step")

@@ -66,3 +66,21 @@ def test_register_derivative_extends_the_table_and_refuses_silent_overwrite():
         DERIVATIVES.pop(Square)
     with pytest.raises(ValueError, match="nn.Linear is the layer itself"):
         register_derivative(nn.Linear, SquareDerivative())
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_in_place_backward_is_bit_identical_and_writes_into_the_buffer(name):
+    """``backward_`` (the F-adjoint's in-place step 1) uses the same kernel as ``backward``: equal to the bit."""
+    module = ACTIVATIONS[name]().double()
+    y = torch.linspace(-4, 4, 41, dtype=torch.float64).reshape(1, 41)
+    deriv = derivative_for(module)
+    if not deriv.differentiable:
+        pytest.skip("not trainable")
+    saved = deriv.record(module, y, module(y))
+    x_adj = torch.randn(1, 41, dtype=torch.float64)
+    want = deriv.backward(module, saved, x_adj)
+    buffer = x_adj.clone()
+    got = deriv.backward_(module, saved, buffer)
+    assert torch.equal(got, want)
+    if name in ("relu", "leaky_relu", "sigmoid", "tanh", "elu", "softplus", "silu", "gelu", "gelu_tanh"):
+        assert got.data_ptr() == buffer.data_ptr()  # written in place: no new (B, n) tensor

@@ -259,3 +259,20 @@ def test_non_finite_gradient_is_refused_before_any_write():
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.step(out_adj=torch.ones(3, 4, dtype=torch.float64))
     _assert_untouched(model, opt, snapshot)
+
+
+def test_check_finite_fast_path_has_no_false_alarm_and_misses_nothing():
+    """The sum-based fast path: finite tensors whose sum overflows pass (exact fallback decides);
+    a single NaN, +Inf or -Inf anywhere is caught and the entry named."""
+    from torch_fadjoint.optim.base import check_finite
+
+    big = torch.full((4, 4), 3e38, dtype=torch.float32)  # finite, but the sum overflows to inf
+    check_finite([torch.ones(3), big, torch.ones(2, dtype=torch.float64)], "g")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(5, 7, dtype=torch.float64)
+        t[3, 2] = bad
+        with pytest.raises(RuntimeError, match=r"^g: non-finite values in entry 1;"):
+            check_finite([torch.ones(3, dtype=torch.float64), t], "g")
+    inf_pair = torch.tensor([float("inf"), -float("inf")])  # inf - inf in the sum: still caught
+    with pytest.raises(RuntimeError, match="entry 0"):
+        check_finite([inf_pair], "g")

@@ -201,3 +201,23 @@ def test_eval_mode_dropout_records_nothing_and_train_mode_records_its_mask():
         out = net(torch.randn(50, 3))
     assert net.layers[0].activations[0].saved is None
     assert out.shape == (50, 2)
+
+
+@pytest.mark.parametrize("change", ["replace_child", "insert_child", "dtype", "delete_bias", "nested_append"])
+def test_every_kind_of_change_after_wrapping_is_detected(change):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    net = tfa.FPropagation(model)
+    with torch.no_grad():
+        net(torch.randn(1, 3))
+    if change == "replace_child":
+        model[1] = nn.Tanh()
+    elif change == "insert_child":
+        model.insert(2, nn.Identity())
+    elif change == "dtype":
+        model.double()  # same parameter objects, new dtype
+    elif change == "delete_bias":
+        model[0].bias = None
+    else:
+        model[2].append(nn.ReLU())
+    with pytest.raises(RuntimeError, match="changed after wrapping"):
+        net(torch.randn(1, 3, dtype=torch.float64 if change == "dtype" else torch.float32))

@@ -103,7 +103,7 @@ class FPropagation(nn.Module):
 
     # Per-forward state is written several times per step: plain attributes, not nn.Module.__setattr__
     # (which checks parameters / buffers / submodules on every write; ~17 writes per step).
-    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_seen", "_recording", "_paused"})
+    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_seen", "_recording", "_paused", "_attached"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -131,6 +131,7 @@ class FPropagation(nn.Module):
         self._output: Tensor | None = None
         self._fingerprint: tuple = ()
         self._paused = False
+        self._attached = False  # a bool, not ``bool(self._handles)``: torch.compile cannot trace hook handles
         self.attach(model)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class FPropagation(nn.Module):
                 )
             self._handles.append(module.register_forward_hook(hook))
         self._fingerprint = self._make_fingerprint()
+        self._attached = True
         return self
 
     def remove(self) -> None:
@@ -164,6 +166,7 @@ class FPropagation(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._attached = False
         self.clear()
 
     def clear(self) -> None:
@@ -287,7 +290,7 @@ class FPropagation(nn.Module):
     def forward(self, *args, **kwargs):
         if self._paused:
             return self.model(*args, **kwargs)
-        if not self._handles:
+        if not self._attached:
             raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
         if self._changed():
             raise RuntimeError(
