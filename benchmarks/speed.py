@@ -25,6 +25,7 @@ and target buffers) in a ``torch.cuda.CUDAGraph`` and replays it; ``--compile`` 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import time
@@ -173,13 +174,26 @@ def cuda_graph_step(trainer, x: torch.Tensor, target: torch.Tensor, warmup: int 
     """Capture ``trainer.step`` on static buffers in a CUDA graph; returns ``step(x, t)`` that replays it.
 
     The trainer must be host-sync free (``validate=False``). Inputs are copied into the static buffers.
+    The warm-up steps (needed so that the optimizer's buffers exist and the capture records the
+    steady-state branch, not "first step: buf = clone(g)") are undone afterwards: parameters are restored
+    and every tensor of the optimizer state is zeroed, which is the fresh state for SGD with dampening 0
+    (μ·0 + g = g) and for Adam (moments 0, step 0), so the first replay is the first step.
     """
     static_x, static_t = x.clone(), target.clone()
+    params = list(trainer.model.parameters())
+    saved = [p.detach().clone() for p in params]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs recommends
         for _ in range(warmup):
             trainer.step(static_x, static_t)
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+            for state in trainer.opt.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -236,7 +250,6 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
     for rule in rules:
         model, trainer = _make(cfg, rule, widths, device, dtype)
         entry = {"kept_bytes": bytes_kept(trainer, model, x, target)}
-        entry.update(peak_step_bytes(trainer, x, target))
         step = trainer.step
         if cfg["cuda_graph"] and device.type == "cuda":
             entry["graph_max_abs_diff"] = _check_equal(cfg, rule, widths, device, dtype, cuda_graph_step, x, target)
@@ -247,6 +260,10 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
             step = compiled_step(trainer)
         for _ in range(warmup):
             step(x, target)
+        if not warmup:
+            trainer.step(x, target)
+        # the peak of a steady-state eager step (optimizer buffers already exist, as in training)
+        entry.update(peak_step_bytes(trainer, x, target))
         entry["times"], entry["_step"] = [], step
         entries[rule] = entry
     _sync(device)
@@ -278,6 +295,11 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
 
 def main(argv=None) -> dict:
     cfg = parse_config(DEFAULTS, __doc__.splitlines()[1], argv)
+    # OpenMP settings change CPU timings a lot on a loaded machine (libgomp's default spin-waiting makes
+    # every parallel op wait for descheduled threads): they are part of the exact command.
+    omp = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
+    if omp:
+        cfg["command"] = f"{omp} {cfg['command']}"
     if cfg["quick"]:
         cfg.update(QUICK)
     if cfg["threads"]:
