@@ -55,6 +55,7 @@ DEFAULTS = {
     "min_repeats": 5,     # never fewer interleaved repetitions than this ...
     "big_width": 4096,    # ... except for MLPs this wide (or wider):
     "big_min_repeats": 3, "big_warmup": 1,
+    "slow_rules_max_cost": 1024 * 128,  # il, il_prox, il_prox_adam only where max width x batch <= this
     "dtype": "float32",
     "device": "cpu",
     "threads": 0,
@@ -312,7 +313,8 @@ def main(argv=None) -> dict:
     cells = [(w, b) for w in cfg["sizes"] for b in cfg["batches"]]
     bar = tqdm(cells, desc="speed", disable=not cfg["progress"], file=sys.stderr)
     for widths, batch in bar:
-        chosen = [r for r in rules if not (r in SLOW_RULES and max(widths) >= 4096)]
+        # IL runs T inference sweeps per step (~25x a step): skipped where width x batch is large
+        chosen = [r for r in rules if not (r in SLOW_RULES and max(widths) * batch > cfg["slow_rules_max_cost"])]
         results.append({"widths": widths, "batch": batch, "rules": measure(cfg, widths, batch, chosen, device, bar)})
     payload = {"config": cfg, "environment": environment(device), "results": results}
     out = Path(cfg["out"])

@@ -72,6 +72,13 @@ class LayerRecord:
         self.x_prev = self.y = self.x = None
         self.activations = []
 
+    def release_outputs(self) -> None:
+        """Drop Y^k, X^k and the activation records but keep X^{k-1}: the sweep calls this as soon as
+        step 1 of layer k is done (∂W^k and step 2 read only X^{k-1}), so X^k is freed before this
+        layer's two GEMMs allocate ∂W^k and X*^{k-1}: the point where autograd frees it too."""
+        self.y = self.x = None
+        self.activations = []
+
 
 def _detach(tensor: Tensor) -> Tensor:
     """The tensor itself when it carries no graph (the usual no_grad case), else a detached view."""

@@ -5,12 +5,13 @@ A rule says what it sends down and what it makes of each layer; the sweep owns t
     signal = X*^L                                      (given: the output adjoint, reward, …)
     for k = L..1:
         y_signal   = rule.through_activations(layer k, signal, top=(k == L))      e.g. Y*^k
+        release X^k, Y^k and the activation records of layer k (nothing below reads them)
         grad_w, grad_b = rule.param_feedback(layer k, y_signal)                   e.g. (Y*^k)ᵀ X^{k-1}
         [reducer: start averaging grad_w, grad_b over the ranks (async; waited for before on_layer
          when wait_each, else once after the sweep: torch_fadjoint.distributed)]
         on_layer(layer k, grad_w, grad_b)            the caller collects, or updates W^k now (§2.3)
         signal     = rule.through_linear(layer k, y_signal)    (k > 1)            e.g. Y*^k W^k
-        release layer k's records
+        release layer k's X^{k-1}
 
 The default methods are the F-adjoint (§1.2); subclasses override only what differs.
 """
@@ -62,6 +63,8 @@ def backward_sweep(
     for k in range(len(layers) - 1, -1, -1):
         layer = layers[k]
         y_signal = rule.through_activations(layer, signal, top=k == len(layers) - 1)
+        if release:
+            layer.release_outputs()  # X^k, Y^k, σ' records: read by step 1 only (lower peak memory)
         grad_w, grad_b = rule.param_feedback(layer, y_signal)
         if reducer is not None:
             reducer.launch([grad_w] + ([grad_b] if grad_b is not None else []))
