@@ -75,11 +75,15 @@ def cross_entropy(
     batch, n_classes = x_out.shape
     log_probs = torch.log_softmax(x_out, dim=1)
     scale = 1.0 / batch if reduction == "mean" else 1.0
-    # ∂J/∂log_probs = −q/B, then through log_softmax: g − softmax · Σ g (autograd's kernels and order,
-    # so the result matches loss.backward() to the last bit where torch computes it this way)
-    log_probs_adj = log_probs.new_full(log_probs.shape, -label_smoothing / n_classes * scale)
-    log_probs_adj.scatter_add_(1, target[:, None], log_probs.new_full((batch, 1), -(1.0 - label_smoothing) * scale))
-    out_adj = log_probs_adj - log_probs.exp() * log_probs_adj.sum(1, keepdim=True)
+    # ∂J/∂log_probs = −q/B, then through log_softmax: g − softmax · Σ g. Without smoothing these are
+    # autograd's own kernels (nll_loss_backward, _log_softmax_backward_data): loss.backward()'s bits.
+    if label_smoothing:
+        log_probs_adj = log_probs.new_full(log_probs.shape, -label_smoothing / n_classes * scale)
+        log_probs_adj.scatter_add_(1, target[:, None],
+                                   log_probs.new_full((batch, 1), -(1.0 - label_smoothing) * scale))
+    else:
+        log_probs_adj = _nll_adjoint(log_probs, target, reduction)
+    out_adj = torch.ops.aten._log_softmax_backward_data(log_probs_adj, log_probs, 1, log_probs.dtype)
     if label_smoothing:
         loss = F.cross_entropy(x_out, target, label_smoothing=label_smoothing, reduction=reduction)
     else:
@@ -99,9 +103,14 @@ def nll(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     _check_logits(x_out, target, "nll", validate)
     target = target.long()
     loss = F.nll_loss(x_out, target, reduction=reduction)
-    scale = -1.0 / x_out.shape[0] if reduction == "mean" else -1.0
-    out_adj = torch.zeros_like(x_out).scatter_(1, target[:, None], scale)
-    return loss, out_adj
+    return loss, _nll_adjoint(x_out, target, reduction)
+
+
+def _nll_adjoint(log_probs: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """−onehot(t) / B (or −onehot(t)) with autograd's own kernel, so the bits are loss.backward()'s."""
+    return torch.ops.aten.nll_loss_backward(log_probs.new_ones(()), log_probs, target, None,
+                                            1 if reduction == "mean" else 2, -100,
+                                            log_probs.new_tensor(float(log_probs.shape[0])))
 
 
 def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:
@@ -123,9 +132,8 @@ def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
             f"got {tuple(target.shape)}, {target.dtype} on {target.device}"
         )
     loss = F.mse_loss(x_out, target, reduction=reduction)
-    out_adj = x_out - target
-    out_adj.mul_(2.0 / x_out.numel() if reduction == "mean" else 2.0)
-    return loss, out_adj
+    out_adj = torch.ops.aten.mse_loss_backward(x_out.new_ones(()), x_out, target, 1 if reduction == "mean" else 2)
+    return loss, out_adj  # autograd's own kernel: loss.backward()'s bits
 
 
 LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
