@@ -317,10 +317,27 @@ def main(argv=None) -> dict:
         chosen = [r for r in rules if not (r in SLOW_RULES and max(widths) * batch > cfg["slow_rules_max_cost"])]
         results.append({"widths": widths, "batch": batch, "rules": measure(cfg, widths, batch, chosen, device, bar)})
     payload = {"config": cfg, "environment": environment(device), "results": results}
+    add_paired_ratios(payload)
     out = Path(cfg["out"])
     write_json(out / "speed.json", payload)
     report = write_report(payload, out)
     print(report.read_text())
+    return payload
+
+
+def add_paired_ratios(payload: dict) -> dict:
+    """Per-repetition ratios of interleaved neighbours (rule's i-th time / reference's i-th time): their
+    median and quartiles. Load that drifts over seconds cancels in each pair, so on a shared machine
+    this is the steadier estimate; ``time_ratio`` (ratio of medians) is kept alongside."""
+    ref = payload["config"]["reference"]
+    for cell in payload["results"]:
+        if ref not in cell["rules"]:
+            continue
+        ref_times = cell["rules"][ref]["times"]
+        for entry in cell["rules"].values():
+            ratios = [t / r for t, r in zip(entry["times"], ref_times)]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            entry.update(paired_ratio=statistics.median(ratios), paired_ratio_q1=q[0], paired_ratio_q3=q[2])
     return payload
 
 
@@ -334,14 +351,17 @@ def write_report(payload: dict, out: Path) -> Path:
              f"{cfg['dtype']}, {mode} steps, validate={cfg['validate']}.  ",
              f"Reference: `{ref}` (autograd + torch.optim.SGD, lr {cfg['lr']}, momentum {cfg['momentum']}). "
              "Ratios < 1 favour the rule. Timings: median of interleaved repetitions (IQR in brackets).", "",
-             "| MLP | batch | rule | step ms (IQR) | time ratio | kept for backward MiB | kept ratio | "
-             "peak MiB | peak ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "Paired ratio: median [quartiles] of the per-repetition ratios of interleaved neighbours.", "",
+             "| MLP | batch | rule | step ms (IQR) | time ratio | paired ratio [q1, q3] | kept for backward MiB | "
+             "kept ratio | peak MiB | peak ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     mib = 2 ** 20
     for cell in payload["results"]:
         for rule, e in cell["rules"].items():
             lines.append(
                 f"| {'-'.join(map(str, cell['widths']))} | {cell['batch']} | {rule} | {1e3 * e['median_s']:.2f} "
-                f"({1e3 * e['iqr_s']:.2f}) | {e.get('time_ratio', float('nan')):.2f} | {e['kept_bytes'] / mib:.2f} | "
+                f"({1e3 * e['iqr_s']:.2f}) | {e.get('time_ratio', float('nan')):.2f} | "
+                f"{e.get('paired_ratio', float('nan')):.2f} [{e.get('paired_ratio_q1', float('nan')):.2f}, "
+                f"{e.get('paired_ratio_q3', float('nan')):.2f}] | {e['kept_bytes'] / mib:.2f} | "
                 f"{e.get('kept_ratio', float('nan')):.2f} | {e['peak_bytes'] / mib:.2f} | "
                 f"{e.get('peak_ratio', float('nan')):.2f} |")
     lines += ["", "![step time vs batch](step_time.png)", ""]

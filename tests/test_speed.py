@@ -49,6 +49,8 @@ def test_quick_harness_writes_every_rule_with_finite_ratios(tmp_path):
         assert set(cell["rules"]) == {"sgd", "fadjoint", "equilibrium", "lfp", "il_prox"}
         for entry in cell["rules"].values():
             assert math.isfinite(entry["time_ratio"]) and entry["time_ratio"] > 0
+            assert math.isfinite(entry["paired_ratio"]) and entry["paired_ratio"] > 0
+            assert math.isfinite(entry["peak_ratio"]) and math.isfinite(entry["kept_ratio"])
             assert entry["kept_bytes"] > 0 and entry["peak_bytes"] > 0
         assert 0.9 < cell["rules"]["fadjoint"]["kept_ratio"] <= 1.0
     assert "| fadjoint |" in (tmp_path / "SPEED.md").read_text()
