@@ -6,7 +6,9 @@ For each MLP size × batch of the config, every rule of ``benchmarks/rules.py`` 
 built from the same initial weights; after warm-up the repetitions are interleaved (rule A, rule B, …,
 A, B, …) in one process, so drifting clocks and neighbours hit every rule alike. Reported per rule:
 
-* step time: median and interquartile range of forward + adjoint/backward + update;
+* step time: median and interquartile range of forward + adjoint/backward + update, the ratio of medians
+  and the *paired ratio* (median and quartiles of the per-repetition ratios of interleaved neighbours,
+  which cancels load that drifts over seconds: the steadier estimate on a shared machine);
 * bytes kept for the backward step (exact, noise-free): for autograd, every tensor the forward saves
   (``torch.autograd.graph.saved_tensors_hooks``); for our rules, every tensor held by the recorder's
   records after the forward; storages counted once, parameters (and views of them) excluded;
@@ -14,6 +16,11 @@ A, B, …) in one process, so drifting clocks and neighbours hit every rule alik
   step, tracked by a ``TorchDispatchMode`` that counts each op output's storage once and releases it when
   its last tensor dies (the same method on CPU and CUDA); on CUDA also ``torch.cuda.max_memory_allocated``
   above the memory allocated before the step.
+
+On a loaded CPU run with ``OMP_WAIT_POLICY=PASSIVE`` (libgomp's default spin-waiting makes 2-thread ops
+wait for descheduled threads; the variable is recorded in the command). Width ≥ ``big_width`` gets
+``big_warmup`` warm-up steps and at least ``big_min_repeats`` repetitions; the inference-learning rules
+run only where max width × batch ≤ ``slow_rules_max_cost``. See benchmarks/results/speed/README.md.
 
 Writes ``speed.json`` and ``SPEED.md`` (ratios ours / autograd, device, torch, threads, the command) and
 ``step_time.png`` (step time vs batch) under ``out``.
