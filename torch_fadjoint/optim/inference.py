@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .. import nn as tfa_nn
 from ..losses import _check_logits
 from ..recorder import FPropagation, LayerRecord
-from .base import DelegatingRuleOptimizer, check_finite
+from .base import DelegatingRuleOptimizer, check_finite, param_names
 
 __all__ = ["InferenceLearning", "inference_grads", "VARIANTS"]
 
@@ -209,7 +209,7 @@ def inference_grads(net: FPropagation, target: Tensor, variant: str = "il", *, T
         net.reducer.launch(list(grads.values()))
         net.reducer.wait()
     if validate:
-        check_finite(list(grads.values()), f"{variant} gradients")
+        check_finite(list(grads.values()), f"{variant} gradients", names=lambda: param_names(net, grads))
     return grads
 
 
