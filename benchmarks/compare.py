@@ -79,7 +79,8 @@ def main(argv=None) -> Path:
     variants = {name: spec for name, spec in cfg["variants"].items() if not cfg["only"] or name in cfg["only"]}
     if not variants:
         raise SystemExit("error: no [variants.*] in the config (or none matches --only)")
-    jobs = sum(len(_grid(s)) * bool(s.get("grid")) + len(cfg["seeds"]) for s in variants.values()) * len(cfg["datasets"])
+    selections = {name: (1 if cfg["quick"] else len(_grid(s))) * bool(s.get("grid")) for name, s in variants.items()}
+    jobs = sum(selections[name] + len(cfg["seeds"]) for name in variants) * len(cfg["datasets"])
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
     summary = {"config": cfg, "environment": environment(device), "datasets": {}}
     for dataset in cfg["datasets"]:
@@ -88,7 +89,8 @@ def main(argv=None) -> Path:
         for name, spec in variants.items():
             rule = spec.get("rule", name)
             selection = []
-            for values in (_grid(spec) if spec.get("grid") else []):  # no grid: nothing to select
+            grid = _grid(spec) if spec.get("grid") else []  # no grid: nothing to select
+            for values in grid[:1] if cfg["quick"] else grid:  # --quick: the first setting only
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
                 result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],

@@ -6,6 +6,16 @@ Every rule in ``rules`` (see ``benchmarks/rules.py``: ``fadjoint``, autograd ``s
 the same initial weights and sees the same batches. Data are held as tensors on the device and
 batched by a permutation. Prints a table, writes one JSON per (rule, seed) to ``out``, and reports
 how far each rule's per-step losses are from the first rule's (the F-adjoint vs autograd check).
+
+Data parallel: ``torchrun --nproc_per_node=N -m benchmarks.train ...`` (env RANK/WORLD_SIZE) starts a
+gloo (CPU) or NCCL (CUDA, one device per LOCAL_RANK) group; every rank draws the same permutation and
+takes its strided share of each global batch of ``batch_size × N`` (``batch_size`` is per rank, as
+with DDP; the ragged tail is dropped). The ``tfa.optim`` rules average through
+``FPropagation(process_group=...)`` (``torch_fadjoint.distributed``), ``sgd`` through DDP. Only rank 0
+logs, writes results and checkpoints.
+
+Checkpoints: with ``--checkpoint-dir`` the model, optimizer, scheduler, epoch, RNG states and the batch
+generator are saved after every epoch (temp file + ``os.replace``); ``--resume`` continues from them.
 """
 from __future__ import annotations
 
@@ -205,17 +215,22 @@ def main(argv=None) -> list[dict]:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # under torchrun
+    if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-    results = []
-    for dataset in cfg["datasets"] or [cfg["dataset"]]:
-        results += _train_dataset({**cfg, "dataset": dataset}, device)
-    if _rank_world()[0] == 0:
-        _print_table(results)
-    return results
+    try:
+        results = []
+        for dataset in cfg["datasets"] or [cfg["dataset"]]:
+            results += _train_dataset({**cfg, "dataset": dataset}, device)
+        if _rank_world()[0] == 0:
+            _print_table(results)
+        return results
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
 
 def _train_dataset(cfg: dict, device: torch.device) -> list[dict]:

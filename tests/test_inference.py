@@ -191,6 +191,125 @@ def test_state_dict_round_trip_and_scheduler():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+# -- a line-by-line transcription of the authors' code at batch 1 (§5: "reproduces to rounding") --------
+def _pc_reference(ws, bs, x, onehot, T, g_top, g_bot, n):
+    """PC.py (compute_PC_targets + PC_update, ReLU hidden layers, softmax output), autograd for the update."""
+    L = len(ws)
+    relu_d = lambda z: (z > 0).to(z.dtype)  # noqa: E731
+
+    def wts(i, h):
+        z = h @ ws[i].t() + bs[i]
+        return torch.relu(z) if i < L - 1 else z
+
+    h = [x]
+    for i in range(L):
+        h.append(wts(i, h[-1]))
+    targ = [v.clone() for v in h]
+    targ[-1] = n * onehot + (1 - n) * h[-1].softmax(1)
+    p = [x] + [wts(i, targ[i]) for i in range(L)]
+    eps = [None] * (L + 1)
+    for _ in range(T):
+        for layer in range(1, L):
+            eps[layer] = targ[layer] - p[layer]
+        eps[L] = (targ[L] - p[L].softmax(1)) * .5
+        for layer in range(1, L):
+            if layer < L - 1:
+                dfdt = (eps[layer + 1] * relu_d(p[layer + 1])) @ ws[layer]
+            else:
+                dfdt = eps[layer + 1] @ ws[layer]
+            targ[layer] = targ[layer] + g_top * -eps[layer] + g_bot * dfdt
+        targ[L] = n * onehot + (1 - n) * p[L].softmax(1)
+        for layer in range(1, L + 1):
+            p[layer] = wts(layer - 1, targ[layer - 1])
+    grads = []
+    with torch.enable_grad():
+        for i in range(L):
+            w, b = ws[i].clone().requires_grad_(True), bs[i].clone().requires_grad_(True)
+            z = targ[i] @ w.t() + b
+            if i < L - 1:
+                loss = .5 * (torch.relu(z) - targ[i + 1]).pow(2).sum() / z.shape[0]
+            else:
+                loss = -(targ[-1] * torch.log_softmax(z, 1)).sum(1).mean()
+            grads += list(torch.autograd.grad(loss, (w, b)))
+    return targ, grads
+
+
+def _prox_reference(ws, bs, x, onehot, T, g_top, g_bot, alpha, eps):
+    """proxPC.py (compute_PC_targets + PC_update, mom=False) at batch 1; returns targets and new params."""
+    L = len(ws)
+    relu, relu_d = torch.relu, (lambda z: (z > 0).to(z.dtype))
+
+    def wts(i, h):
+        return relu(h) @ ws[i].t() + bs[i]
+
+    h = [x.clone()]
+    for i in range(1, L + 1):
+        h.append(wts(i - 1, h[i - 1]))
+    targ = [v.clone() for v in h]
+    nm = torch.mean(torch.square(relu(h[-2])).sum(1)) + eps
+    targ[-1] = (1 / (1 + nm * alpha)) * h[-1].softmax(1) + (nm * alpha / (1 + nm * alpha)) * onehot
+    e = [torch.zeros_like(v) for v in h]
+    p = [wts(i, targ[i]) for i in range(L)]
+    p.insert(0, h[0].clone())
+    for _ in range(T):
+        for layer in range(1, L):
+            e[layer] = targ[layer] - p[layer]
+        e[-1] = targ[-1] - p[-1].softmax(1)
+        for layer in range(1, L):
+            dfdt = e[layer + 1] @ ws[layer] * relu_d(targ[layer])
+            targ[layer] = targ[layer] + g_top * -e[layer] + g_bot * dfdt
+        nm = torch.mean(torch.square(relu(targ[-2])).sum()) + 1 + eps
+        targ[-1] = (1 / (1 + nm * alpha)) * p[-1].softmax(1) + (nm * alpha / (1 + nm * alpha)) * onehot
+        for layer in range(1, L + 1):
+            p[layer] = wts(layer - 1, targ[layer - 1])
+    new = []
+    for i in range(L):
+        pi = wts(i, targ[i])
+        err = targ[i + 1] - pi if i < L - 1 else targ[i + 1] - pi.softmax(1)
+        grad_w = -err.t() @ relu(targ[i]) / err.shape[0]
+        grad_b = torch.mean(-err, dim=0)
+        nm = torch.mean(torch.square(relu(targ[i])).sum(1)) + 1 + eps
+        new += [ws[i] - grad_w / nm, bs[i] - grad_b / nm]
+    return targ, new
+
+
+def test_il_matches_transcribed_pc_py_batch1():
+    """Our §5.1 against PC.py typed out (n < 1 re-clamps each iteration, the 0.5 only in the inference)."""
+    torch.manual_seed(1)
+    model = mlp(widths=(6, 9, 7, 4), act=nn.ReLU, seed=1)
+    x, t = data(batch=1)
+    x = x.abs()
+    onehot = F.one_hot(t, 4).to(DT)
+    ws = [model[i].weight.detach() for i in (0, 2, 4)]
+    bs = [model[i].bias.detach() for i in (0, 2, 4)]
+    for n in (1.0, 0.35):
+        _, want = _pc_reference(ws, bs, x, onehot, 25, 0.1, 0.2, n)
+        grads = inference_grads(recorded(model, x), t, "il", T=25, gamma_top=0.1, gamma_bot=0.2, clamp=n)
+        for p, ref in zip(model.parameters(), want):
+            torch.testing.assert_close(grads[p], ref, rtol=0, atol=1e-13)
+        assert grads[model[0].weight].abs().max() > 1e-4  # the hidden layers learn
+
+
+def test_il_prox_matches_transcribed_prox_pc_py_batch1():
+    """Our §5.2 against proxPC.py typed out (x ≥ 0, so its ReLU on x is the identity; at B = 1 its batch sum
+    in step 3 equals our batch mean): the order of the four steps and the stale P^L of step 3."""
+    model = mlp(widths=(6, 9, 7, 4), act=nn.ReLU, seed=1)
+    x, t = data(batch=1)
+    x = x.abs()
+    onehot = F.one_hot(t, 4).to(DT)
+    ws = [model[i].weight.detach().clone() for i in (0, 2, 4)]
+    bs = [model[i].bias.detach().clone() for i in (0, 2, 4)]
+    _, want = _prox_reference(ws, bs, x, onehot, 25, 0.1, 0.2, 5.0, 0.25)
+    net = tfa.FPropagation(model)
+    opt = InferenceLearning(net, variant="il_prox", T=25, gamma_top=0.1, gamma_bot=0.2, alpha=5.0, prox_eps=0.25)
+    with torch.no_grad():
+        net(x)
+    opt.step(t)
+    for p, ref, old in zip(model.parameters(), want, ws[:1] + bs[:1] + ws[1:2] + bs[1:2] + ws[2:] + bs[2:]):
+        torch.testing.assert_close(p.detach(), ref, rtol=0, atol=1e-13)
+    assert (model[0].weight - ws[0]).abs().max() > 1e-4
+
+
 # -- errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [dict(variant="pc"), dict(T=-1), dict(T=2.5), dict(gamma_top=-0.1),
                                     dict(gamma_bot=2.0), dict(clamp=1.5), dict(alpha=0.0), dict(prox_eps=-1.0),

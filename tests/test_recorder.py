@@ -56,7 +56,8 @@ def test_attach_twice_is_idempotent():
     model = mlp()
     net = tfa.FPropagation(model)
     net.attach()
-    assert sum(len(m._forward_hooks) for m in model.modules()) == len(net._handles) == 6
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == len(net._handles) == 6 + 3  # one forward hook per leaf, one input check per Linear
 
 
 def test_paused_records_nothing():

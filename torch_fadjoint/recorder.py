@@ -96,7 +96,10 @@ class FPropagation(nn.Module):
         model: the user's module (not copied). Its executed order must be a chain of ``nn.Linear``
             layers and supported elementwise modules (see ``tfa.derivatives.DERIVATIVES``).
         keep_pre_activations: also keep Y^k for every layer (rules that need Y: LFP, equilibrium quirk).
-        process_group: reserved for data-parallel gradient averaging (``tfa.distributed``).
+        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``) for data-parallel
+            training: parameters are broadcast from its first rank now, and every sweep averages each
+            layer's gradients over its ranks with one asynchronous all-reduce per tensor, layer L first
+            (``tfa.distributed``); ``.grad`` is averaged when ``adjoint`` or a ``tfa.optim`` step reads it.
 
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     >>> with FPropagation(model) as net:
@@ -151,6 +154,7 @@ class FPropagation(nn.Module):
             own_params = [n for n, p in module._parameters.items() if p is not None]
             if type(module) is nn.Linear:
                 hook = self._make_linear_hook(name)
+                self._handles.append(module.register_forward_pre_hook(self._make_linear_check(name)))
             elif next(module.children(), None) is not None:
                 if not own_params:
                     continue  # a container: its leaves are hooked
@@ -248,16 +252,33 @@ class FPropagation(nn.Module):
             )
         return x_in
 
+    def _make_linear_check(self, name: str):
+        """A pre-hook: the input's shape, dtype and device must fit the Linear (before torch's matmul
+        fails with a message that names no layer)."""
+        def check_input(module, inputs):
+            if not self._recording or len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+                return None  # the forward hook reports these (not a chain)
+            x_prev, weight = inputs[0], module.weight
+            if x_prev.dim() != 2 or x_prev.shape[1] != module.in_features:
+                flatten = "; put an nn.Flatten before it" if x_prev.dim() > 2 else ""
+                raise ValueError(
+                    f"{_describe(name, module)}: expected a (batch, {module.in_features}) input, "
+                    f"got shape {tuple(x_prev.shape)}{flatten}"
+                )
+            if x_prev.dtype != weight.dtype or x_prev.device != weight.device:
+                raise ValueError(
+                    f"{_describe(name, module)}: expected a {weight.dtype} input on {weight.device} (its "
+                    f"weight's), got {x_prev.dtype} on {x_prev.device}"
+                )
+            return None
+
+        return check_input
+
     def _make_linear_hook(self, name: str):
         def on_linear(module, inputs, output):
             if not self._recording:
                 return None
             x_prev = self._check_chain(name, module, inputs)
-            if x_prev.dim() != 2:
-                raise ValueError(
-                    f"{_describe(name, module)}: expected a (batch, {module.in_features}) input, "
-                    f"got shape {tuple(x_prev.shape)}; put an nn.Flatten before it"
-                )
             if self._layers:
                 self._layers[-1].x = _detach(x_prev)
             layer = LayerRecord(k=len(self._layers) + 1, name=name, module=module, x_prev=_detach(x_prev))
@@ -274,7 +295,10 @@ class FPropagation(nn.Module):
             if not self._recording:
                 return None
             y = self._check_chain(name, module, inputs)
-            new_output, saved = derivative.hook_output(module, y, output)
+            try:
+                new_output, saved = derivative.hook_output(module, y, output)
+            except (TypeError, ValueError) as exc:  # a table entry refusing this use: name the module
+                raise type(exc)(f"{_describe(name, module)}: {exc}") from None
             if self._layers:
                 layer = self._layers[-1]
                 if new_output is y and derivative.saves != "none":

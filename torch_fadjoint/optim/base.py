@@ -28,7 +28,7 @@ from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule, backward_sweep
 
 __all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "sweep_grads", "accumulate_grads",
-           "check_out_adj", "check_finite", "BASES"]
+           "check_out_adj", "check_finite", "check_finite_output", "param_names", "BASES"]
 
 
 # -- the functional SGD core -------------------------------------------------------------------
@@ -122,23 +122,52 @@ def check_out_adj(net: FPropagation, out_adj: Tensor) -> None:
         )
 
 
-def check_finite(tensors: list[Tensor], what: str) -> None:
+def check_finite(tensors: list[Tensor], what: str, names=None, reducer=None) -> None:
     """Raise RuntimeError if any tensor holds NaN/Inf (one host sync for the whole list).
+
+    names: where each tensor comes from (a list, or a callable building it, called only on failure),
+    e.g. the parameter's qualified name ``"2.weight"``; the error names the first non-finite one.
+    reducer: a ``tfa.distributed.GradientAverager``; the flags are then OR-ed over the ranks (one small
+    all-reduce) so that every rank raises the same error (a check failing on one rank alone would leave
+    the others waiting in the next collective). Gradients already averaged over the ranks need no reducer.
 
     Fast path: one ``sum`` per tensor (a single read, no temporary; on CPU ~50x cheaper than
     ``isfinite().all()``, which builds two full-size bool tensors). A NaN or ±Inf entry always makes
     the sum non-finite (NaN propagates, Inf + finite = Inf, Inf − Inf = NaN). The converse fails only
     when finite entries overflow the sum, so a non-finite sum triggers the exact elementwise check,
     which decides: no false alarm, and the slow pass runs only on the way to an error (or an overflow).
+    With a reducer both passes are agreed over the ranks, so every rank takes the same path.
     """
     if not tensors:
         return
-    if bool(torch.stack([t.sum().float() for t in tensors]).isfinite().all()):  # mixed dtypes: as float32
+    fast = torch.stack([t.sum().float() for t in tensors]).isfinite()  # mixed dtypes: as float32
+    if reducer is not None:
+        fast = reducer.all_ranks(fast)
+    if bool(fast.all()):
         return
     flags = torch.stack([t.isfinite().all() for t in tensors])
+    if reducer is not None:
+        flags = reducer.all_ranks(flags)
     if not bool(flags.all()):
         first = int((~flags).nonzero()[0, 0])
-        raise RuntimeError(f"{what}: non-finite values in entry {first}; nothing was changed")
+        if callable(names):
+            names = names()
+        where = names[first] if names is not None else f"entry {first}"
+        raise RuntimeError(f"{what}: non-finite values in {where}; nothing was changed")
+
+
+def param_names(net: FPropagation, params) -> list[str]:
+    """The qualified names (``"2.weight"``) of ``params`` in the wrapped model, for error messages."""
+    names = {id(p): n for n, p in net.model.named_parameters()}
+    return [names.get(id(p), "an unnamed parameter") for p in params]
+
+
+def check_finite_output(net: FPropagation, signal: Tensor, what: str = "out_adj", reducer=None) -> None:
+    """The recorded X^L and the top signal (X*^L, or LFP's reward R^L) must be finite (one host sync)."""
+    last = f"{net.layers[-1].name} (Linear)"
+    check_finite([net.output, signal], "step", reducer=reducer, names=lambda: [
+        f"X^L, the recorded output of {last} (NaN/Inf in the input or the weights?)",
+        f"{what} (the signal at the output of {last})"])
 
 
 def check_trainable(layers: list[LayerRecord], rule_name: str) -> None:
@@ -167,8 +196,8 @@ def sweep_grads(net: FPropagation, layers: list[LayerRecord], signal: Tensor, ru
     backward_sweep(layers, signal, rule, collect, release=not retain_records, reducer=net.reducer)
     if not retain_records:
         net.clear()
-    if validate:
-        check_finite(list(grads.values()), what)
+    if validate:  # after the average: every rank sees the same values and raises alike
+        check_finite(list(grads.values()), what, names=lambda: param_names(net, grads))
     return grads
 
 
@@ -223,7 +252,7 @@ class RuleOptimizer(Optimizer):
             loss = None
         check_out_adj(self.net, out_adj)
         if self.validate:
-            check_finite([out_adj], "out_adj")
+            check_finite_output(self.net, out_adj, reducer=self.net.reducer)
         return loss, out_adj
 
     @torch.no_grad()

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule
-from .base import BASES, DelegatingRuleOptimizer, check_finite, check_out_adj, check_trainable, sweep_grads
+from .base import (BASES, DelegatingRuleOptimizer, check_finite, check_out_adj, check_trainable, param_names,
+                   sweep_grads)
 
 __all__ = ["Consequentialism", "ConsequentialismRule", "consequentialism_grads", "MODES", "BASES"]
 
@@ -50,13 +51,15 @@ def _check_hyper(mode: str, delta, delta_rel: float) -> None:
 class ConsequentialismRule(Rule):
     """The F-adjoint sweep (§1.2) with the §4 parameter feedback; only ``param_feedback`` differs.
 
-    ``failures`` collects each layer's Cholesky ``info`` (0 = success) for a deferred check.
+    ``failures`` collects each layer's Cholesky ``info`` (0 = success) for a deferred check, and
+    ``failure_layers`` the qualified names of those layers (for the error message).
     """
 
     def __init__(self, mode: str = "consequentialism", delta: float | None = None, delta_rel: float = 1e-3):
         _check_hyper(mode, delta, delta_rel)
         self.mode, self.delta, self.delta_rel = mode, delta, delta_rel
         self.failures: list[Tensor] = []
+        self.failure_layers: list[str] = []
 
     def param_feedback(self, layer: LayerRecord, y_adj: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.mode == "lms":
@@ -74,6 +77,7 @@ class ConsequentialismRule(Rule):
             gram.diagonal().add_(delta)
             factor, info = torch.linalg.cholesky_ex(gram)
             self.failures.append(info)
+            self.failure_layers.append(layer.name)
             coef = torch.cholesky_solve(y_adj, factor)                             # K⁻¹ Δ  (B, n_k)
         coef = coef * batch
         grad_w = coef.t().mm(x_prev)                                               # B Δᵀ K⁻¹ X
@@ -106,9 +110,15 @@ def consequentialism_grads(net: FPropagation, out_adj: Tensor, mode: str = "cons
     grads = sweep_grads(net, layers, out_adj, rule, what=f"{mode} gradients", validate=False,
                         retain_records=retain_records)
     if validate:  # a failed factorisation first: it is the cause of any non-finite result
-        if rule.failures and bool(torch.stack(rule.failures).ne(0).any()):
-            raise RuntimeError(f"{mode}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?); nothing was changed")
-        check_finite(list(grads.values()), f"{mode} gradients")
+        if rule.failures:
+            factored = torch.stack(rule.failures).eq(0)
+            if net.reducer is not None:  # K is per rank: every rank must refuse alike
+                factored = net.reducer.all_ranks(factored)
+            if not bool(factored.all()):
+                name = rule.failure_layers[int((~factored).nonzero()[0, 0])]
+                raise RuntimeError(f"{name} (Linear): {mode}'s K = X̃X̃ᵀ + δI is not positive definite "
+                                   "(δ too small?); nothing was changed")
+        check_finite(list(grads.values()), f"{mode} gradients", names=lambda: param_names(net, grads))
     return grads
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule, backward_sweep
-from .base import RuleOptimizer, check_finite, check_out_adj, check_trainable, sweep_grads
+from .base import RuleOptimizer, check_finite, check_out_adj, check_trainable, param_names, sweep_grads
 
 __all__ = ["EquilibriumFAdjoint", "EquilibriumRule", "equilibrium_grads", "relaxation_factor"]
 
@@ -206,14 +206,17 @@ class EquilibriumFAdjoint(RuleOptimizer):
         check_trainable(layers, "the equilibrium F-adjoint")
         _check_shapes(layers)
         all_grads: list[Tensor] = []
+        all_params: list[Tensor] = []
         undo: list[tuple] = []  # (param, old value, old .grad, old momentum buffer) of layers already updated
 
         def update_now(layer: LayerRecord, grad_w: Tensor, grad_b: Tensor | None) -> None:
             pairs = [(layer.module.weight, grad_w)] + ([(layer.module.bias, grad_b)] if grad_b is not None else [])
             all_grads.extend(g for _, g in pairs)
+            all_params.extend(p for p, _ in pairs)
             if self.validate:
                 if layer.k == 1:  # every g is known now: check before the last in-place write
-                    check_finite(all_grads, "equilibrium F-adjoint gradients")
+                    check_finite(all_grads, "equilibrium F-adjoint gradients",
+                                 names=lambda: param_names(self.net, all_params))
                 else:
                     for param, _ in pairs:
                         buf = self.state[param].get("momentum_buffer") if param in self.state else None

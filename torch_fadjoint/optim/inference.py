@@ -37,7 +37,10 @@ it (``base="sgd"`` with the default lr = 1 is the authors' plain step; ``base="a
 
 Choices, as ALGORITHMS.md §5 names them: batch means where the code mixes means and sums; IL-prox's
 N is a batch MEAN (the code's is a batch sum: equal at batch 1), so α means the same at every batch
-size; ρ is not applied to the input x (the code applies it; identical for x ≥ 0).
+size; ρ is not applied to the input x (the code applies it; identical for x ≥ 0). Where §5's text
+leaves room we follow the authors' code (the source of truth): IL re-clamps x̂^L = n onehot +
+(1 − n) softmax(a^L) in every iteration with a^L from before it (the same as clamping once for n = 1),
+and IL-prox's "+1" in N is the bias input, so a layer without bias has none.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from torch import Tensor, nn
 from .. import nn as tfa_nn
 from ..losses import _check_logits
 from ..recorder import FPropagation, LayerRecord
-from .base import DelegatingRuleOptimizer, check_finite
+from .base import DelegatingRuleOptimizer, check_finite, param_names
 
 __all__ = ["InferenceLearning", "inference_grads", "VARIANTS"]
 
@@ -134,6 +137,8 @@ def _il(chain: list[_Layer], x: Tensor, states: list[Tensor], onehot: Tensor, T:
         for k in range(1, L):  # state x̂^k, fed by layer k + 1 (chain index k)
             feedback = errs[k] if k == L - 1 else errs[k] * chain[k].drho(pre[k])
             xs[k] = xs[k] - gamma_top * errs[k - 1] + gamma_bot * feedback.mm(chain[k].weight)
+        if clamp != 1.0:  # PC.py re-clamps every iteration, from the logits before the update
+            xs[L] = clamp * onehot + (1 - clamp) * torch.softmax(pre[L - 1], dim=1)
     pre, errs = errors(final=True)
     return [(errs[k] * chain[k].drho(pre[k]) if k < L - 1 else errs[k], xs[k]) for k in range(L)]
 
@@ -150,6 +155,9 @@ def _il_prox(chain: list[_Layer], x: Tensor, states: list[Tensor], onehot: Tenso
     def sq_norm(v: Tensor) -> Tensor:
         return v.pow(2).sum(1).mean()
 
+    def ones(k: int) -> float:  # the "+1" of N is the bias input of layer k (proxPC.py adds it with the bias)
+        return 1.0 if chain[k].bias is not None else 0.0
+
     def output_target(p_top: Tensor, norm: Tensor) -> Tensor:
         return (torch.softmax(p_top, dim=1) + alpha * norm * onehot) / (1 + alpha * norm)
 
@@ -162,10 +170,10 @@ def _il_prox(chain: list[_Layer], x: Tensor, states: list[Tensor], onehot: Tenso
             hs[k] = (hs[k] - gamma_top * errs[k - 1]
                      + gamma_bot * errs[k].mm(chain[k].weight) * chain[k - 1].drho(hs[k]))
         ins = inputs()
-        hs[L] = output_target(preds[L - 1], sq_norm(ins[L - 1]) + 1 + prox_eps)
+        hs[L] = output_target(preds[L - 1], sq_norm(ins[L - 1]) + ones(L - 1) + prox_eps)
         preds = [chain[k].linear(ins[k]) for k in range(L)]
     errs = [hs[k + 1] - preds[k] for k in range(L - 1)] + [hs[L] - torch.softmax(preds[L - 1], dim=1)]
-    return [(errs[k] / (sq_norm(ins[k]) + 1 + prox_eps), ins[k]) for k in range(L)]
+    return [(errs[k] / (sq_norm(ins[k]) + ones(k) + prox_eps), ins[k]) for k in range(L)]
 
 
 @torch.no_grad()
@@ -209,7 +217,7 @@ def inference_grads(net: FPropagation, target: Tensor, variant: str = "il", *, T
         net.reducer.launch(list(grads.values()))
         net.reducer.wait()
     if validate:
-        check_finite(list(grads.values()), f"{variant} gradients")
+        check_finite(list(grads.values()), f"{variant} gradients", names=lambda: param_names(net, grads))
     return grads
 
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..losses import _check_logits
 from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule
-from .base import RuleOptimizer, accumulate_grads, sweep_grads
+from .base import RuleOptimizer, accumulate_grads, check_finite_output, sweep_grads
 
 __all__ = ["LFP", "LFPRule", "lfp_grads", "lfp_backward", "lfp_reward", "clip_grads_", "REWARDS"]
 
@@ -289,6 +289,8 @@ class LFP(RuleOptimizer):
             loss = F.cross_entropy(output, target.long())
         else:
             loss = None
+        if self.validate and isinstance(reward, Tensor):
+            check_finite_output(self.net, reward, "reward", reducer=self.net.reducer)
         grads = lfp_grads(self.net, reward=reward, eps=self.rule.eps, batch_reduction=self.rule.batch_reduction,
                           norm_backward=self.rule.norm_backward or False, validate=self.validate)
         mine = {p for group in self.param_groups for p in group["params"]}
