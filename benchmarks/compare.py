@@ -79,7 +79,7 @@ def main(argv=None) -> Path:
     variants = {name: spec for name, spec in cfg["variants"].items() if not cfg["only"] or name in cfg["only"]}
     if not variants:
         raise SystemExit("error: no [variants.*] in the config (or none matches --only)")
-    jobs = sum(len(_grid(s)) * bool(s.get("grid")) + len(cfg["seeds"]) for s in variants.values()) * len(cfg["datasets"])
+    jobs = sum(len(_grid(s)) * bool(s.get("grid")) + len(s.get("seeds", cfg["seeds"])) for s in variants.values()) * len(cfg["datasets"])
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
     summary = {"config": cfg, "environment": environment(device), "datasets": {}}
     for dataset in cfg["datasets"]:
@@ -98,8 +98,8 @@ def main(argv=None) -> Path:
             best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"] \
                 if selection else {}
             runs = []
-            for seed in cfg["seeds"]:
-                vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": cfg["epochs"]}
+            for seed in spec.get("seeds", cfg["seeds"]):  # a variant may set its own seeds / epochs (ablations)
+                vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
                 runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
                                         cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1)))
@@ -143,8 +143,10 @@ def write_report(summary: dict, out: Path) -> Path:
             reach = next((e + 1 for e, acc in enumerate(curve) if acc >= threshold), None)
             seconds = statistics.fmean(h["seconds"] for hist in res["histories"] for h in hist)
             ratio = f"{seconds / sgd_time:.2f}×" if sgd_time else "–"
+            n_note = "" if len(finals) == len(cfg["seeds"]) and len(curve) == cfg["epochs"] else \
+                f" ({len(finals)} seed{'s' * (len(finals) > 1)}, {len(curve)} epochs)"
             grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
-            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f} | {best_epoch} | "
+            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f}{n_note} | {best_epoch} | "
                          f"{reach or '–'} | {seconds:.2f} | {ratio} |")
         lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
                   f"![selection]({dataset}_selection.png)", ""]
