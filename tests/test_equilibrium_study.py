@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common, compare, train
+from benchmarks import common, train
 from benchmarks.rules import build_trainer, half_sse
 
 DT = torch.float64
@@ -155,16 +155,15 @@ def test_train_runs_the_equilibrium_configs(data_root, tmp_path):
         assert {r["variant"] for r in results} == names
 
 
-def test_compare_per_variant_seeds_and_epochs(data_root, tmp_path):
-    """A [variants.X] table may set its own `seeds` / `epochs` (ablations on fewer seeds); REPORT says so."""
-    config = tmp_path / "c.toml"
-    config.write_text('datasets = ["mnist"]\nwidths = [784, 16, 10]\nseeds = [0, 1]\nepochs = 2\nvalidation = 0\n'
-                      'train_subset = 256\n[variants.a]\nrule = "fadjoint"\n'
-                      '[variants.b]\nrule = "fadjoint"\nseeds = [0]\nepochs = 1\n')
-    report = compare.main(["--config", str(config), "--data-root", str(data_root), "--out", str(tmp_path / "o"),
-                           "--progress", "false"])
-    runs = sorted(p.name for p in (tmp_path / "o" / "runs").iterdir())
-    assert runs == ["mnist_a_final_default_seed0.json", "mnist_a_final_default_seed1.json",
-                    "mnist_b_final_default_seed0.json"]
-    text = report.read_text()
-    assert "(1 seed, 1 epochs)" in text and "| a |" in text
+def test_pairs_reports_paired_differences(tmp_path):
+    """benchmarks.pairs: b − a per seed at the last epoch, max |Δ| over epochs, loss ratio."""
+    import json
+
+    from benchmarks import pairs
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for variant, accs, loss in (("a", [0.5, 0.8], 2.0), ("b", [0.6, 0.7], 1.0)):
+        history = [{"epoch": e + 1, "test_acc": acc, "train_loss": loss} for e, acc in enumerate(accs)]
+        (runs / f"mnist_{variant}_final_default_seed0.json").write_text(json.dumps({"history": history}))
+    text = pairs.main(["--out", str(tmp_path), "--pairs", "a:b"]).read_text()
+    assert "| mnist | a → b | [0] | -0.1000 | 0.1000 | 0.500 |" in text
