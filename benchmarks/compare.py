@@ -64,6 +64,16 @@ def _run_cached(path: Path, resume: bool, make):
     return result
 
 
+def _diverged_or(make):
+    """A selection run that stops on a non-finite update (the rule's own check) counts as diverged, not as an error."""
+    try:
+        return make()
+    except RuntimeError as exc:
+        if "non-finite" not in str(exc):
+            raise
+        return {"history": [], "diverged": str(exc)}
+
+
 def _tag(values: dict) -> str:
     return "_".join(f"{k}{v}" for k, v in sorted(values.items())) or "default"
 
@@ -92,8 +102,10 @@ def main(argv=None) -> Path:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
                 result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],
-                                     lambda: run(vcfg, rule, 0, splits, device, position=1))
-                selection.append({"values": values, "val_acc": result["history"][-1].get("val_acc", float("nan"))})
+                                     lambda: _diverged_or(lambda: run(vcfg, rule, 0, splits, device, position=1)))
+                val_acc = result["history"][-1].get("val_acc", float("nan")) if result["history"] else float("nan")
+                selection.append({"values": values, "val_acc": val_acc, **({"diverged": result["diverged"]}
+                                                                          if "diverged" in result else {})})
                 overall.update()
             best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"] \
                 if selection else {}

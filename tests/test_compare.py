@@ -39,3 +39,17 @@ def test_compare_per_variant_seeds_and_epochs(data_root, tmp_path):
                     "mnist_b_final_default_seed0.json"]
     text = report.read_text()
     assert "(1 seed, 1 epochs)" in text and "| a |" in text
+
+
+def test_selection_run_that_diverges_is_recorded_not_raised():
+    """A grid point whose rule refuses a non-finite update counts as diverged (never chosen); other errors raise."""
+    import pytest
+
+    def boom(msg):
+        def make():
+            raise RuntimeError(msg)
+        return make
+
+    assert compare._diverged_or(boom("grads: non-finite values in entry 4"))["history"] == []
+    with pytest.raises(RuntimeError, match="other"):
+        compare._diverged_or(boom("other"))
