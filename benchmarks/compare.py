@@ -64,6 +64,16 @@ def _run_cached(path: Path, resume: bool, make):
     return result
 
 
+def _diverged_or(make):
+    """A selection run that stops on a non-finite update (the rule's own check) counts as diverged, not as an error."""
+    try:
+        return make()
+    except RuntimeError as exc:
+        if "non-finite" not in str(exc):
+            raise
+        return {"history": [], "diverged": str(exc)}
+
+
 def _tag(values: dict) -> str:
     return "_".join(f"{k}{v}" for k, v in sorted(values.items())) or "default"
 
@@ -80,7 +90,7 @@ def main(argv=None) -> Path:
     if not variants:
         raise SystemExit("error: no [variants.*] in the config (or none matches --only)")
     selections = {name: (1 if cfg["quick"] else len(_grid(s))) * bool(s.get("grid")) for name, s in variants.items()}
-    jobs = sum(selections[name] + len(cfg["seeds"]) for name in variants) * len(cfg["datasets"])
+    jobs = sum(selections[name] + len(s.get("seeds", cfg["seeds"])) for name, s in variants.items()) * len(cfg["datasets"])
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
     summary = {"config": cfg, "environment": environment(device), "datasets": {}}
     for dataset in cfg["datasets"]:
@@ -94,14 +104,16 @@ def main(argv=None) -> Path:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
                 result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],
-                                     lambda: run(vcfg, rule, 0, splits, device, position=1))
-                selection.append({"values": values, "val_acc": result["history"][-1].get("val_acc", float("nan"))})
+                                     lambda: _diverged_or(lambda: run(vcfg, rule, 0, splits, device, position=1)))
+                val_acc = result["history"][-1].get("val_acc", float("nan")) if result["history"] else float("nan")
+                selection.append({"values": values, "val_acc": val_acc, **({"diverged": result["diverged"]}
+                                                                          if "diverged" in result else {})})
                 overall.update()
             best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"] \
                 if selection else {}
             runs = []
-            for seed in cfg["seeds"]:
-                vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": cfg["epochs"]}
+            for seed in spec.get("seeds", cfg["seeds"]):  # a variant may set its own seeds / epochs (ablations)
+                vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
                 runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
                                         cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1)))
@@ -145,8 +157,10 @@ def write_report(summary: dict, out: Path) -> Path:
             reach = next((e + 1 for e, acc in enumerate(curve) if acc >= threshold), None)
             seconds = statistics.fmean(h["seconds"] for hist in res["histories"] for h in hist)
             ratio = f"{seconds / sgd_time:.2f}×" if sgd_time else "–"
+            n_note = "" if len(finals) == len(cfg["seeds"]) and len(curve) == cfg["epochs"] else \
+                f" ({len(finals)} seed{'s' * (len(finals) > 1)}, {len(curve)} epochs)"
             grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
-            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f} | {best_epoch} | "
+            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f}{n_note} | {best_epoch} | "
                          f"{reach or '–'} | {seconds:.2f} | {ratio} |")
         lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
                   f"![selection]({dataset}_selection.png)", ""]

@@ -20,7 +20,37 @@ import torch_fadjoint as tfa
 __all__ = ["RULES", "register_rule", "build_trainer", "AutogradSGD", "RuleTrainer"]
 
 
+def half_sse(x_out, target, reduction: str = "sum", validate: bool = True):
+    """½ Σ‖X^L − T‖² and X*^L = X^L − T (÷ B with reduction="mean"): the reference code's loss (ALGORITHMS.md §2.4).
+
+    x_out: (B, n_L); target: (B,) class indices (T = onehot) or a float (B, n_L). With reduction "sum"
+    and lr α this is exactly the reference's update (its X*^L = X^L − y, summed over the batch, no 1/B);
+    torch's mse(reduction="sum") at lr α/2 gives the same F-adjoint step but NOT the same equilibrium
+    step: the relaxation starts from X^L, which does not scale with X*^L, and the quirk's σ'(D) depends
+    on D's scale.
+
+    >>> half_sse(torch.tensor([[0.5, 0.5]]), torch.tensor([0]))
+    (tensor(0.2500), tensor([[-0.5000,  0.5000]]))
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    onehot = F.one_hot(target.long(), x_out.shape[1]).to(x_out.dtype) if not target.is_floating_point() else target
+    out_adj = x_out - onehot
+    scale = 1.0 / x_out.shape[0] if reduction == "mean" else 1.0
+    loss = 0.5 * scale * (out_adj * out_adj).sum()
+    return loss, out_adj * scale if scale != 1.0 else out_adj
+
+
+def _rule_loss(cfg: dict):
+    """The loss for a tfa optimizer: a library loss name, or this module's ``half_sse``."""
+    name = cfg.get("loss", "cross_entropy")
+    return half_sse if name == "half_sse" else name
+
+
 def _autograd_loss(name: str, out, target, reduction: str):
+    if name == "half_sse":
+        onehot = F.one_hot(target, out.shape[1]).to(out.dtype) if not target.is_floating_point() else target
+        return 0.5 * F.mse_loss(out, onehot, reduction="sum") / (out.shape[0] if reduction == "mean" else 1)
     if name == "cross_entropy":
         return F.cross_entropy(out, target, reduction=reduction)
     if name == "mse":
@@ -93,7 +123,7 @@ def _distributed() -> bool:
 def _sgd_kwargs(cfg: dict) -> dict:
     return dict(lr=cfg["lr"], momentum=cfg.get("momentum", 0.0), weight_decay=cfg.get("weight_decay", 0.0),
                 nesterov=cfg.get("nesterov", False), foreach=cfg.get("foreach"),
-                validate=cfg.get("validate", True), loss=cfg.get("loss", "cross_entropy"),
+                validate=cfg.get("validate", True), loss=_rule_loss(cfg),
                 loss_kwargs={"reduction": cfg.get("reduction", "mean")})
 
 
@@ -132,7 +162,7 @@ def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
             base_kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
         return RuleTrainer(model, lambda net: tfa.optim.Consequentialism(
             net, lr=cfg["lr"], mode=mode, base=base, delta_rel=cfg.get("delta_rel", 1e-3),
-            loss=cfg.get("loss", "cross_entropy"), loss_kwargs={"reduction": cfg.get("reduction", "mean")},
+            loss=_rule_loss(cfg), loss_kwargs={"reduction": cfg.get("reduction", "mean")},
             validate=cfg.get("validate", True), **base_kwargs))
     return factory
 

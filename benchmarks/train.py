@@ -48,6 +48,7 @@ DEFAULTS = {
     "rules": ["fadjoint", "sgd"],
     "rule": "",  # --rule NAME: shorthand for --rules NAME
     "variants": {},  # [variants.NAME] tables (rule = ..., overrides): run instead of `rules` when present
+    "select_epochs": 0, "thresholds": [0.97, 0.85],  # benchmarks.compare's keys, ignored here (shared configs)
     "lr": 0.1,
     "momentum": 0.0,
     "weight_decay": 0.0,
@@ -241,6 +242,8 @@ def _train_dataset(cfg: dict, device: torch.device) -> list[dict]:
     for seed in cfg["seeds"]:
         reference = None
         for name, rule, rcfg in _runs(cfg):
+            if seed not in rcfg["seeds"]:
+                continue  # a variant with its own `seeds` (benchmarks.compare's convention)
             result = run(rcfg, rule, seed, splits, device, name=name)
             result["variant"] = name
             losses = result.pop("step_losses")
