@@ -39,6 +39,7 @@ DEFAULTS = {
     "resume": False,
     "out": "benchmarks/results/compare",
     "thresholds": [0.97, 0.85],
+    "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
 }
 QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "validation": 1000}
 
@@ -118,7 +119,7 @@ def main(argv=None) -> Path:
                 runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
                                         cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1)))
                 overall.update()
-            per_dataset[name] = {"rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
+            per_dataset[name] = {"name": name, "rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
                                  "histories": [r["history"] for r in runs]}
     overall.close()
     write_json(out / "summary.json", summary)
@@ -131,9 +132,29 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _load_speed(cfg: dict) -> dict:
+    """{rule: ratios} of the benchmarks.speed cell with this protocol's MLP and batch ({} if none)."""
+    path = Path(cfg.get("speed_results") or "")
+    if not path.is_file():
+        return {}
+    for cell in json.loads(path.read_text())["results"]:
+        if cell["widths"] == cfg["widths"] and cell["batch"] == cfg["batch_size"]:
+            return cell["rules"]
+    return {}
+
+
+def _speed_cell(speed: dict, res: dict, cfg: dict) -> str:
+    entry = speed.get(res["rule"])
+    variant = cfg["variants"].get(res.get("name", ""), {})
+    if entry is None or variant.get("activation", "relu") != "relu":
+        return "– | –"
+    return f"{entry.get('time_ratio', float('nan')):.2f}× | {entry.get('kept_ratio', float('nan')):.2f}×"
+
+
 def write_report(summary: dict, out: Path) -> Path:
     """REPORT.md and the plots, from the summary alone."""
     cfg, env = summary["config"], summary["environment"]
+    speed = _load_speed(cfg)
     lines = ["# All rules against autograd SGD", "",
              f"Command: `{cfg['command']}`  ",
              f"Machine: {env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads.  ",
@@ -147,7 +168,8 @@ def write_report(summary: dict, out: Path) -> Path:
             sgd_time = statistics.fmean(h["seconds"] for hist in rules["sgd"]["histories"] for h in hist)
         lines += [f"## {dataset}", "",
                   f"| variant | rule | grid | chosen | test acc (mean ± std) | best epoch | epochs to {threshold:.0%} | "
-                  "s / epoch | time vs sgd |", "|---|---|---|---|---|---|---|---|---|"]
+                  "s / epoch | time vs sgd | step time vs sgd † | kept for backward vs sgd † |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, res in rules.items():
             finals = [hist[-1]["test_acc"] for hist in res["histories"]]
             mean, std = _mean_std(finals)
@@ -161,10 +183,13 @@ def write_report(summary: dict, out: Path) -> Path:
                 f" ({len(finals)} seed{'s' * (len(finals) > 1)}, {len(curve)} epochs)"
             grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
             lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f}{n_note} | {best_epoch} | "
-                         f"{reach or '–'} | {seconds:.2f} | {ratio} |")
+                         f"{reach or '–'} | {seconds:.2f} | {ratio} | {_speed_cell(speed, res, cfg)} |")
         lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
                   f"![selection]({dataset}_selection.png)", ""]
-    lines += ["Step-time and memory ratios measured in isolation: see `benchmarks/results/SPEED.md`.", ""]
+    lines += ["s / epoch is the wall time of each training run; the runs shared a 2-core machine with other "
+              "jobs, so `time vs sgd` carries their load. † Interleaved ratios to autograd SGD from "
+              f"`{cfg['speed_results']}` (benchmarks.speed) at the same MLP and batch, with the variant's "
+              "activation (ReLU there; – where not measured).", ""]
     report = write_markdown(out, "REPORT.md", lines)
     _plots(summary, out)
     return report
