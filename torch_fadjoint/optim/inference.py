@@ -103,6 +103,13 @@ def _chain(layers: list[LayerRecord]) -> list[_Layer]:
     return chain
 
 
+def _gammas(variant: str, gamma_top: float | None, gamma_bot: float | None) -> tuple[float, float]:
+    """The authors' γ's where not given: γ_top = 0.015; γ_bot = 0.02 (il) | 0.015 (il_prox)."""
+    top = 0.015 if gamma_top is None else gamma_top
+    bot = (0.02 if variant == "il" else 0.015) if gamma_bot is None else gamma_bot
+    return top, bot
+
+
 def _check(variant, T, gamma_top, gamma_bot, clamp, alpha, prox_eps) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -192,8 +199,7 @@ def inference_grads(net: FPropagation, target: Tensor, variant: str = "il", *, T
     >>> [tuple(g.shape) for g in grads.values()]
     [(5, 3), (5,), (2, 5), (2,)]
     """
-    gamma_top = 0.015 if gamma_top is None else gamma_top
-    gamma_bot = (0.02 if variant == "il" else 0.015) if gamma_bot is None else gamma_bot
+    gamma_top, gamma_bot = _gammas(variant, gamma_top, gamma_bot)
     _check(variant, T, gamma_top, gamma_bot, clamp, alpha, prox_eps)
     layers = net.recorded_layers()
     chain = _chain(layers)
@@ -256,8 +262,7 @@ class InferenceLearning(DelegatingRuleOptimizer):
                  gamma_top: float | None = None, gamma_bot: float | None = None, clamp: float = 1.0,
                  alpha: float = 5.0, prox_eps: float = 0.25, base="sgd", validate: bool = True, params=None,
                  **base_kwargs):
-        gamma_top = 0.015 if gamma_top is None else gamma_top
-        gamma_bot = (0.02 if variant == "il" else 0.015) if gamma_bot is None else gamma_bot
+        gamma_top, gamma_bot = _gammas(variant, gamma_top, gamma_bot)
         _check(variant, T, gamma_top, gamma_bot, clamp, alpha, prox_eps)
         lr = (0.05 if variant == "il" else 1.0) if lr is None else lr
         self.variant, self.T, self.gamma_top, self.gamma_bot = variant, T, gamma_top, gamma_bot
@@ -272,10 +277,8 @@ class InferenceLearning(DelegatingRuleOptimizer):
         if target is None:
             raise ValueError("step() needs the targets (B,) class indices")
         output = self.net.output
-        _check_logits(output, target, f"{self.variant} target", self.validate)
-        loss = F.cross_entropy(output, target.long())
         grads = inference_grads(self.net, target, self.variant, T=self.T, gamma_top=self.gamma_top,
                                 gamma_bot=self.gamma_bot, clamp=self.clamp, alpha=self.alpha,
-                                prox_eps=self.prox_eps, validate=self.validate)
+                                prox_eps=self.prox_eps, validate=self.validate)  # checks the targets
         self._apply_base(grads)
-        return loss
+        return F.cross_entropy(output, target.long())
