@@ -168,14 +168,15 @@ def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
 
 
 def _inference(variant: str, base: str = "sgd") -> Callable[[nn.Module, dict], RuleTrainer]:
-    """§5: il (base SGD at ``lr``), il_prox (its own step: SGD lr 1), il_prox_adam (Adam at ``lr``).
+    """§5: il (base SGD at ``lr``), il_prox (its own step: SGD lr 1), il_prox_adam (Adam at ``lr``);
+    ``momentum`` goes to the SGD base of both (il_prox with momentum: the rules3ep ``mom09`` run).
 
     ``gamma_top`` / ``gamma_bot`` < 0 mean the authors' defaults.
     """
     def factory(model: nn.Module, cfg: dict) -> RuleTrainer:
         gammas = {k: cfg[k] for k in ("gamma_top", "gamma_bot") if cfg.get(k, -1.0) >= 0}
         lr = 1.0 if (variant == "il_prox" and base == "sgd") else cfg["lr"]
-        base_kwargs = {"momentum": cfg.get("momentum", 0.0)} if base == "sgd" and variant == "il" else {}
+        base_kwargs = {"momentum": cfg.get("momentum", 0.0)} if base == "sgd" else {}
         return RuleTrainer(model, lambda net: tfa.optim.InferenceLearning(
             net, lr=lr, variant=variant, T=cfg.get("T", 25), clamp=cfg.get("clamp", 1.0),
             alpha=cfg.get("alpha", 5.0), prox_eps=cfg.get("prox_eps", 0.25), base=base,
