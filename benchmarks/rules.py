@@ -187,6 +187,8 @@ def _inference(variant: str, base: str = "sgd") -> Callable[[nn.Module, dict], R
 RULES: dict[str, Callable[[nn.Module, dict], object]] = {
     "sgd": AutogradSGD,
     "fadjoint": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(net, **_sgd_kwargs(cfg))),
+    "fadjoint_fused": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
+        net, **_sgd_kwargs(cfg), fuse_update=True)),
     "equilibrium": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
         net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg))),
     "equilibrium_ref": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(

@@ -134,7 +134,10 @@ def bytes_kept(trainer, model: torch.nn.Module, x: torch.Tensor, target: torch.T
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage created inside the mode and alive at once."""
+    """Peak bytes of tensor storage created inside the mode and alive at once.
+
+    An op output whose storage is new counts until its last tensor dies; one that aliases an input's
+    storage made before the mode (``W.t()``, ``W.add_(…)``, ``buf.addmm_(…)``) is not an allocation."""
 
     def __init__(self):
         super().__init__()
@@ -148,10 +151,13 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(tensor) for tensor in _tensors([args, kwargs or {}])}
         for tensor in _tensors(out if isinstance(out, (list, tuple)) else [out]):
             key = _storage_key(tensor)
             nbytes = tensor.untyped_storage().nbytes()
             if key not in self._refs:
+                if key in inputs:  # a view of, or an in-place write into, memory older than the step
+                    continue
                 self._refs[key] = 0
                 self.live += nbytes
                 self.peak = max(self.peak, self.live)

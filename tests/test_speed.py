@@ -40,6 +40,21 @@ def test_peak_bytes_sees_a_known_allocation():
     assert speed.peak_step_bytes(Alloc(), torch.zeros(1), torch.zeros(1))["peak_bytes"] == 16000
 
 
+def test_peak_bytes_ignores_views_and_in_place_writes_of_older_memory():
+    weight = torch.zeros(1000, dtype=torch.float64)
+
+    class InPlace:
+        def step(self, x, t):
+            view = weight.view(10, 100).t()
+            view.add_(1.0)
+            weight.mul_(2.0)
+            fresh = weight * 2.0  # the only allocation: 8 000 bytes
+            fresh.add_(1.0)
+            del view, fresh
+
+    assert speed.peak_step_bytes(InPlace(), torch.zeros(1), torch.zeros(1))["peak_bytes"] == 8000
+
+
 def test_quick_harness_writes_every_rule_with_finite_ratios(tmp_path):
     payload = speed.main(["--quick", "--progress", "false", "--out", str(tmp_path), "--threads", "1",
                           "--rules", "sgd,fadjoint,equilibrium,lfp,il_prox", "--repeats", "2"])
@@ -58,7 +73,7 @@ def test_quick_harness_writes_every_rule_with_finite_ratios(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rule", ["fadjoint", "equilibrium", "lfp", "sgd"])
+@pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "equilibrium", "lfp", "sgd"])
 def test_cuda_graph_step_equals_eager(rule):
     device = torch.device("cuda")
     x = torch.randn(32, 20, device=device)
@@ -76,7 +91,7 @@ def _compiled_equals_eager(device, rule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["fadjoint", "sgd"])
+@pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "sgd"])
 def test_compiled_step_equals_eager_on_cpu(rule):
     """torch.compile of the whole step (forward with the recorder's hooks, adjoint, SGD update) on CPU:
     same parameters as the eager step after 3 steps (inductor reorders float32 sums: tolerance 1e-6).
@@ -86,7 +101,7 @@ def test_compiled_step_equals_eager_on_cpu(rule):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rule", ["fadjoint", "sgd"])
+@pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "sgd"])
 def test_compiled_step_equals_eager_on_cuda(rule):
     torch._dynamo.reset()
     assert _compiled_equals_eager(torch.device("cuda"), rule) <= 1e-5

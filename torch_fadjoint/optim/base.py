@@ -27,8 +27,8 @@ from ..losses import LOSSES, get_loss
 from ..recorder import FPropagation, LayerRecord
 from ..sweep import Rule, backward_sweep
 
-__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "sweep_grads", "accumulate_grads",
-           "check_out_adj", "check_finite", "check_finite_output", "param_names", "BASES"]
+__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "fused_sgd_weight_update", "sweep_grads",
+           "accumulate_grads", "check_out_adj", "check_finite", "check_finite_output", "param_names", "BASES"]
 
 
 # -- the functional SGD core -------------------------------------------------------------------
@@ -106,6 +106,44 @@ def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, we
                     bufs.append(momentum_buffers[i])
             device_grads = torch._foreach_add(device_grads, bufs, alpha=momentum) if nesterov else bufs
         torch._foreach_add_(device_params, device_grads, alpha=-lr)
+
+
+def fused_sgd_weight_update(
+    weights: list[Tensor],
+    factors: list[tuple[Tensor, Tensor]],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """SGD on each W from the factors (Y*, X) of its gradient G = Y*ᵀ X, with G never materialised.
+
+    The GEMM that makes G writes straight into the tensor the update reads (s = −1 if maximize else 1)::
+
+        μ = 0:  W ← (1 − lr λ) W − lr s Y*ᵀX                   one addmm_ into W
+        μ > 0:  b ← s Y*ᵀX + λ W  (first step)  |  μ b + (1 − dampening)(s Y*ᵀX + λ W)   addmm_ into b
+                W ← W − lr b
+
+    The same update as ``sgd_update`` (no Nesterov) to rounding, not bit for bit: the GEMM rounds
+    ``α Y*ᵀX + β C`` once where SGD rounds G, then the update. It saves writing G and reading it back
+    (on CPU, 784-1024-1024-10 at batch 128: benchmarks/results/speed_target_fused).
+    """
+    sign = -1.0 if maximize else 1.0
+    for i, (weight, (y_adj, x_prev)) in enumerate(zip(weights, factors)):
+        if momentum == 0:
+            weight.addmm_(y_adj.t(), x_prev, beta=1.0 - lr * weight_decay, alpha=-lr * sign)
+        elif momentum_buffers[i] is None:
+            momentum_buffers[i] = torch.addmm(weight, y_adj.t(), x_prev, beta=weight_decay, alpha=sign)
+        else:
+            momentum_buffers[i].addmm_(y_adj.t(), x_prev, beta=momentum, alpha=(1 - dampening) * sign)
+            if weight_decay != 0:
+                momentum_buffers[i].add_(weight, alpha=(1 - dampening) * weight_decay)
+    if momentum != 0:
+        sgd_update(weights, momentum_buffers, [None] * len(weights), lr=lr, foreach=foreach)
 
 
 # -- checks shared by every rule ---------------------------------------------------------------
@@ -282,7 +320,7 @@ class RuleOptimizer(Optimizer):
                 param.grad = grads[param]
                 params.append(param)
                 group_grads.append(grads[param])
-                bufs.append(self.state[param].get("momentum_buffer"))
+                bufs.append(self.state.get(param, {}).get("momentum_buffer"))
             if not params:
                 continue
             sgd_update(params, group_grads, bufs, lr=group["lr"], momentum=group["momentum"],

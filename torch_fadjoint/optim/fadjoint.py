@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from ..recorder import FPropagation
-from ..sweep import Rule
-from .base import RuleOptimizer, check_out_adj, check_trainable, sweep_grads
+from ..sweep import Rule, backward_sweep
+from .base import (RuleOptimizer, check_finite, check_out_adj, check_trainable, fused_sgd_weight_update,
+                   sgd_update, sweep_grads)
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -36,7 +37,15 @@ class _FAdjointRule(Rule):
         return x_adj
 
 
+class _FactoredRule(_FAdjointRule):
+    """The same sweep, but ∂J/∂W^k is left as its factors (Y*^k, X^{k-1}) for the fused update."""
+
+    def param_feedback(self, layer, y_adj):
+        return y_adj, (y_adj.sum(0) if layer.module.bias is not None else None)
+
+
 _FADJOINT = _FAdjointRule()
+_FACTORED = _FactoredRule()
 
 
 @torch.no_grad()
@@ -74,6 +83,14 @@ class FAdjoint(RuleOptimizer):
     ``step`` writes g into ``.grad`` (replacing what was there) and updates; it equals
     ``opt.zero_grad(); loss.backward(); torch.optim.SGD.step()`` to rounding.
 
+    ``fuse_update=True`` folds each weight's update into the GEMM that would make its gradient
+    (``fused_sgd_weight_update``: ``W.addmm_(Y*ᵀ, X, alpha=−lr)``, or ``addmm_`` into the momentum
+    buffer): ∂J/∂W is never materialised and ``.grad`` is not written. The updates are applied after
+    the sweep (X*^{k-1} reads the old W^k), so the sweep's factors Y*^k and X^{k-1} live until then.
+    With ``validate`` each product is bounded before any write (B·max|Y*^k|·max|X^{k-1}| must be
+    finite: NaN/Inf factors, or a product that could overflow, change nothing). Equal to the unfused
+    step to rounding, not bit for bit. Not with Nesterov or a process group.
+
     >>> from torch import nn
     >>> net = FPropagation(nn.Sequential(nn.Linear(4, 3)))
     >>> opt = FAdjoint(net, lr=0.1, momentum=0.9)
@@ -84,10 +101,75 @@ class FAdjoint(RuleOptimizer):
     def __init__(self, net: FPropagation, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, loss="cross_entropy", loss_kwargs: dict | None = None,
-                 validate: bool = True, params=None):
+                 validate: bool = True, fuse_update: bool = False, params=None):
         defaults = self._sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach)
         super().__init__(net, params, defaults, loss=loss, loss_kwargs=loss_kwargs, validate=validate)
+        self.fuse_update = fuse_update
+        if fuse_update:
+            self._check_fusable()
 
     def _rule_step(self, out_adj: Tensor) -> None:
+        if self.fuse_update:
+            self._fused_step(out_adj)
+            return
         grads = fadjoint_grads(self.net, out_adj, validate=self.validate)
         self._apply_sgd(grads)
+
+    def _check_fusable(self) -> None:
+        if self.net.reducer is not None:
+            raise ValueError("fuse_update=True: not with a process_group (each rank's gradient must be "
+                             "averaged before the update); use fuse_update=False")
+        if any(group["nesterov"] for group in self.param_groups):
+            raise ValueError("fuse_update=True: Nesterov momentum needs the gradient itself; "
+                             "use nesterov=False or fuse_update=False")
+
+    def _fused_step(self, out_adj: Tensor) -> None:
+        """The sweep hands over (Y*^k, X^{k-1}, ∂J/∂b^k); ``_fused_layer_update`` forms Y*ᵀX in place.
+
+        With ``validate`` every layer's factors are kept until all are checked (one host sync), then
+        applied; without it layer k+1 is updated as soon as the sweep has read W^{k+1} (X*^k made), so
+        at most one layer's factors wait (a lower peak than the unfused step at any batch size).
+        """
+        self._check_fusable()
+        layers = self.net.recorded_layers()
+        check_trainable(layers, "the F-adjoint")
+        group_of = {param: group for group in self.param_groups for param in group["params"]}
+        pending: list[tuple] = []
+
+        def collect(layer, y_adj, grad_b):
+            if pending and not self.validate:  # X*^{k} = Y*^{k+1} W^{k+1} is made: W^{k+1} may change
+                self._fused_layer_update(group_of, *pending.pop())
+            pending.append((layer, y_adj, layer.x_prev, grad_b))
+
+        backward_sweep(layers, out_adj, _FACTORED, collect)
+        self.net.clear()
+        if self.validate:  # before any write: every update's bound and every bias gradient
+            checked = [(_product_bound(y_adj, x_prev), f"{layer.name}.weight (fused: B·max|Y*^k|·max|X^(k-1)| "
+                        "bounds its update)") for layer, y_adj, x_prev, _ in pending]
+            checked += [(grad_b, f"{layer.name}.bias") for layer, _, _, grad_b in pending if grad_b is not None]
+            check_finite([t for t, _ in checked], "F-adjoint step", names=[name for _, name in checked])
+        for item in pending:
+            self._fused_layer_update(group_of, *item)
+
+    def _fused_layer_update(self, group_of, layer, y_adj, x_prev, grad_b) -> None:
+        for param, update in ((layer.module.weight, (y_adj, x_prev)), (layer.module.bias, grad_b)):
+            group = group_of.get(param)
+            if group is None or update is None:  # not optimized by this optimizer, or no bias
+                continue
+            bufs = [self.state.get(param, {}).get("momentum_buffer")]
+            hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                         weight_decay=group["weight_decay"], maximize=group["maximize"], foreach=False)
+            if param is layer.module.weight:
+                fused_sgd_weight_update([param], [update], bufs, **hyper)
+            else:
+                sgd_update([param], [update], bufs, **hyper)
+            if group["momentum"] != 0:
+                self.state[param]["momentum_buffer"] = bufs[0]
+
+
+def _product_bound(y_adj: Tensor, x_prev: Tensor) -> Tensor:
+    """B · max|Y*| · max|X|, a bound on every entry of Y*ᵀX: finite iff both factors are finite and the
+    product cannot overflow (conservative by at most a factor B); two ``aminmax`` reads, no temporaries."""
+    y_min, y_max = torch.aminmax(y_adj)
+    x_min, x_max = torch.aminmax(x_prev)
+    return torch.maximum(y_min.abs(), y_max.abs()) * torch.maximum(x_min.abs(), x_max.abs()) * y_adj.shape[0]
