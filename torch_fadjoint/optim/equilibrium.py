@@ -219,7 +219,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
                                  names=lambda: param_names(self.net, all_params))
                 else:
                     for param, _ in pairs:
-                        buf = self.state.get(param, {}).get("momentum_buffer") if param in self.state else None
+                        buf = self.state.get(param, {}).get("momentum_buffer")
                         undo.append((param, param.clone(), param.grad,
                                      None if buf is None else buf.clone(), param in self.state))
             self._apply_sgd(dict(pairs))  # each parameter with its own group's hyper-parameters (§1.4)

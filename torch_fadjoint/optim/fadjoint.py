@@ -85,8 +85,9 @@ class FAdjoint(RuleOptimizer):
 
     ``fuse_update=True`` folds each weight's update into the GEMM that would make its gradient
     (``fused_sgd_weight_update``: ``W.addmm_(Y*ᵀ, X, alpha=−lr)``, or ``addmm_`` into the momentum
-    buffer): ∂J/∂W is never materialised and ``.grad`` is not written. The updates are applied after
-    the sweep (X*^{k-1} reads the old W^k), so the sweep's factors Y*^k and X^{k-1} live until then.
+    buffer): ∂J/∂W is never materialised and ``.grad`` is not written. W^k changes only after the
+    sweep has read it for X*^{k-1}; the factors Y*^k and X^{k-1} wait until then (with ``validate``,
+    until every layer's are checked).
     With ``validate`` each product is bounded before any write (B·max|Y*^k|·max|X^{k-1}| must be
     finite: NaN/Inf factors, or a product that could overflow, change nothing). Equal to the unfused
     step to rounding, not bit for bit. Not with Nesterov or a process group.
