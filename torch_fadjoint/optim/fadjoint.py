@@ -129,7 +129,7 @@ class FAdjoint(RuleOptimizer):
 
         With ``validate`` every layer's factors are kept until all are checked (one host sync), then
         applied; without it layer k+1 is updated as soon as the sweep has read W^{k+1} (X*^k made), so
-        at most one layer's factors wait (a lower peak than the unfused step at any batch size).
+        at most one layer's factors wait (peak 0.20–0.75× autograd's at 784-1024-1024-10, batch 128–1024).
         """
         self._check_fusable()
         layers = self.net.recorded_layers()
@@ -174,8 +174,9 @@ def _param_name(layer, attr: str) -> str:
 
 
 def _product_bound(y_adj: Tensor, x_prev: Tensor) -> Tensor:
-    """B · max|Y*| · max|X|, a bound on every entry of Y*ᵀX: finite iff both factors are finite and the
-    product cannot overflow (conservative by at most a factor B); two ``aminmax`` reads, no temporaries."""
+    """B · max|Y*| · max|X| in the factors' dtype, a bound on every entry of Y*ᵀX: finite when both factors
+    are finite and no entry can overflow (it may refuse a product that would just fit, only when the bound
+    itself leaves the dtype's range); two ``aminmax`` reads, no temporaries."""
     y_min, y_max = torch.aminmax(y_adj)
     x_min, x_max = torch.aminmax(x_prev)
     return torch.maximum(y_min.abs(), y_max.abs()) * torch.maximum(x_min.abs(), x_max.abs()) * y_adj.shape[0]
