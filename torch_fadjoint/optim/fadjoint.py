@@ -17,7 +17,7 @@ from torch import Tensor
 from ..recorder import FPropagation
 from ..sweep import Rule, backward_sweep
 from .base import (RuleOptimizer, check_finite, check_out_adj, check_trainable, fused_sgd_weight_update,
-                   sgd_update, sweep_grads)
+                   param_names, sgd_update, sweep_grads)
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -145,10 +145,12 @@ class FAdjoint(RuleOptimizer):
         backward_sweep(layers, out_adj, _FACTORED, collect)
         self.net.clear()
         if self.validate:  # before any write: every update's bound and every bias gradient
-            checked = [(_product_bound(y_adj, x_prev), f"{_param_name(layer, 'weight')} (fused: "
-                        "B·max|Y*^k|·max|X^{k-1}| bounds its update)") for layer, y_adj, x_prev, _ in pending]
-            checked += [(grad_b, _param_name(layer, "bias")) for layer, _, _, grad_b in pending if grad_b is not None]
-            check_finite([t for t, _ in checked], "F-adjoint step", names=[name for _, name in checked])
+            biased = [(layer, grad_b) for layer, _, _, grad_b in pending if grad_b is not None]
+            tensors = [_product_bound(y_adj, x_prev) for _, y_adj, x_prev, _ in pending] + [g for _, g in biased]
+            params = [layer.module.weight for layer, *_ in pending] + [layer.module.bias for layer, _ in biased]
+            check_finite(tensors, "F-adjoint step", names=lambda: [
+                name + (" (fused: B·max|Y*^k|·max|X^{k-1}| bounds its update)" if i < len(pending) else "")
+                for i, name in enumerate(param_names(self.net, params))])
         for item in pending:
             self._fused_layer_update(group_of, *item)
 
@@ -166,11 +168,6 @@ class FAdjoint(RuleOptimizer):
                 sgd_update([param], [update], bufs, **hyper)
             if group["momentum"] != 0:
                 self.state[param]["momentum_buffer"] = bufs[0]
-
-
-def _param_name(layer, attr: str) -> str:
-    """``"2.weight"``: the parameter's qualified name in the wrapped model (``"weight"`` for a bare Linear)."""
-    return f"{layer.name}.{attr}" if layer.name else attr
 
 
 def _product_bound(y_adj: Tensor, x_prev: Tensor) -> Tensor:
