@@ -1,4 +1,8 @@
-"""torch_fadjoint: train feed-forward networks without autograd (see ALGORITHMS.md §1–§5).
+"""torch_fadjoint: train PyTorch networks without autograd (ALGORITHMS.md §1–§6).
+
+The flow, top to bottom: the recorder (``FPropagation``) → the tables (``layers``: parametric layers,
+``maps``: parameter-free maps) → the one backward sweep (``sweep``: the F-adjoint) → the rules and
+their thin optimizers (``optim``).
 
 >>> import torch, torch_fadjoint as tfa
 >>> from torch import nn
@@ -7,13 +11,14 @@
 >>> loss, out_adj = tfa.losses.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1]))
 >>> net.adjoint(out_adj)  # fills p.grad as loss.backward() would
 """
-from . import derivatives, distributed, losses, nn, optim
-from .derivatives import Derivative, register_derivative
-from .recorder import ActivationRecord, FPropagation, LayerRecord
+from . import data, distributed, layers, losses, maps, nn, optim, sweep
+from .layers import Layer, LayerRecord, register_layer
+from .maps import Derivative, Map, MapRecord, register_derivative, register_map
+from .recorder import FPropagation
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "FPropagation", "LayerRecord", "ActivationRecord", "Derivative", "register_derivative",
-    "derivatives", "losses", "nn", "optim", "__version__",
+    "FPropagation", "LayerRecord", "MapRecord", "Layer", "Map", "Derivative", "register_layer", "register_map",
+    "register_derivative", "data", "distributed", "layers", "losses", "maps", "nn", "optim", "sweep", "__version__",
 ]

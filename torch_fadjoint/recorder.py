@@ -1,83 +1,47 @@
-"""F-propagation: record, through forward hooks, what each layer received and produced (ALGORITHMS.md §1.1).
+"""F-propagation: record what each layer received and produced (ALGORITHMS.md §1.1, §6.1, §6.7).
 
-``FPropagation(model)`` wraps the user's model (not a copy) and registers one forward hook per leaf
-module, keeping every handle (zennit's ``Hook.register``/``remove`` pattern). While ``net(x)`` runs,
-the hooks record, for each layer k (an ``nn.Linear`` and the elementwise modules after it):
+``FPropagation(model)`` wraps the user's model (not a copy; its ``forward`` runs as written) and keeps
+one handle per hook it registers (zennit's ``Hook.register``/``remove``, STYLE P4). While ``net(x)``
+runs it records, for each parametric layer k (an entry of :mod:`torch_fadjoint.layers`) and the
+parameter-free maps after it (:mod:`torch_fadjoint.maps`), a :class:`~torch_fadjoint.layers.LayerRecord`:
 
-    x_prev  X^{k-1}  (B, n_{k-1})   what the Linear received
-    y       Y^k      (B, n_k)       its output, kept only when a rule asks (``keep_pre_activations``)
-                                     or an activation's derivative needs it (GELU, SiLU, Softplus)
-    x       X^k      (B, n_k)       the layer's output: the next layer's x_prev, or the model's output
-    activations                     one record per module after the Linear: what σ' needs (§1.1)
+    x_prev  X^{k-1}   what the layer received        y  Y^k (kept when a rule or a map needs it)
+    x       X^k       the next layer's input, or the model's output
+    maps    one record per map: what its backward needs (a mask, X, the pool's input, a shape)
 
-Records are detached tensors that share storage with the forward's own tensors; X^k is kept once
-even though it is both the ReLU's record and the next Linear's input. They are freed by the sweep.
+Functional forwards between modules (``F.relu(x)``, ``F.max_pool2d(x, 2)``, ``torch.flatten(x, 1)``,
+``x.view(x.size(0), -1)``, ``F.dropout(x, p, training=self.training)``, ``F.log_softmax(x, dim=1)``) are
+seen by a ``TorchFunctionMode`` active during ``net(x)`` (STYLE P10) and go through the same table as
+the modules. Models whose containers are all ``nn.Sequential`` (whose forward only calls its children)
+run without the mode. Records are detached tensors that share storage with the forward's own.
 
-The executed modules must form a chain: each hooked module receives exactly the tensor the previous
-one returned, and the model returns the last one's output. A functional op or a skip connection
-between layers, a module that runs twice (a parameter used twice), an unsupported module, a module
-holding its own parameters, or a model changed after wrapping is reported at the forward, with
-the module's qualified name.
+Exact or refused (§6.7): the executed modules and functionals must form a chain — every layer and map
+receives exactly what the one before it returned, and the model returns the last one's output.
+Refused, naming the module or op: any other op on the chain (arithmetic, an in-place op, a skip
+connection, ``torch.cat``, indexing); a module with no table entry, or holding parameters without a
+parametric-layer entry; a forward hook or pre-hook registered on a module before wrapping
+(hook-based ``weight_norm``/``spectral_norm``, a user's hook that changes an output); a model changed
+after wrapping; an in-place map that overwrites the input its own derivative needs. Every record keeps
+the version counter it was taken at, and the sweep refuses a record (or a parameter it reads) that
+was modified in place after the forward. Tied parameters (one parameter in two layers, or a module
+run twice) accumulate both contributions, as autograd does; frozen parameters get no feedback.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-from .derivatives import Derivative, derivative_for, supported_modules
+from .layers import Layer, LayerRecord, layer_for, supported_layers
+from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
+from .sweep import fadjoint_grads, accumulate_grads
 
-__all__ = ["FPropagation", "LayerRecord", "ActivationRecord"]
-
-
-@dataclass
-class ActivationRecord:
-    """One module after a Linear: its qualified name, the module, its table entry and what it saved."""
-
-    name: str
-    module: nn.Module
-    derivative: Derivative
-    saved: object
-
-
-@dataclass
-class LayerRecord:
-    """Layer k of the chain (ALGORITHMS.md §1.1): an ``nn.Linear`` and the modules after it."""
-
-    k: int
-    name: str
-    module: nn.Linear
-    x_prev: Tensor
-    y: Tensor | None = None
-    x: Tensor | None = None
-    activations: list[ActivationRecord] = field(default_factory=list)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.module.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.module.bias
-
-    @property
-    def params(self) -> list[Tensor]:
-        return [p for p in (self.module.weight, self.module.bias) if p is not None]
-
-    def release(self) -> None:
-        """Drop every recorded tensor of this layer (called as the backward sweep passes it)."""
-        self.x_prev = self.y = self.x = None
-        self.activations = []
-
-    def release_outputs(self) -> None:
-        """Drop Y^k, X^k and the activation records but keep X^{k-1}: the sweep calls this as soon as
-        step 1 of layer k is done (∂W^k and step 2 read only X^{k-1}), so X^k is freed before this
-        layer's two GEMMs allocate ∂W^k and X*^{k-1}: the point where autograd frees it too."""
-        self.y = self.x = None
-        self.activations = []
+__all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
 
 def _detach(tensor: Tensor) -> Tensor:
@@ -89,17 +53,47 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"{name or '<model>'} ({type(module).__name__})"
 
 
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    qualname = getattr(func, "__qualname__", name)
+    if qualname.startswith("Tensor.") or qualname.startswith("_TensorBase."):
+        return "Tensor." + name
+    module = getattr(func, "__module__", "") or ""
+    if module.startswith("torch.nn.functional"):
+        return "F." + name
+    return "torch." + name
+
+
+class _ChainMode(TorchFunctionMode):
+    """Sees every torch function called in the user's forward; the recorder decides (STYLE P10)."""
+
+    def __init__(self, net: "FPropagation"):
+        super().__init__()
+        self.net = net
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        net = self.net
+        if net._depth or net._last is None or not net._recording:
+            return func(*args, **kwargs)
+        return net._on_function(func, args, kwargs)
+
+
 class FPropagation(nn.Module):
-    """Wrap ``model`` and record its F-propagation (ALGORITHMS.md §1.1); ``net(x) == model(x)``.
+    """Wrap ``model`` and record its F-propagation (ALGORITHMS.md §1.1, §6.1); ``net(x) == model(x)``.
 
     Args:
-        model: the user's module (not copied). Its executed order must be a chain of ``nn.Linear``
-            layers and supported elementwise modules (see ``tfa.derivatives.DERIVATIVES``).
-        keep_pre_activations: also keep Y^k for every layer (rules that need Y: LFP, equilibrium quirk).
-        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``) for data-parallel
-            training: parameters are broadcast from its first rank now, and every sweep averages each
-            layer's gradients over its ranks with one asynchronous all-reduce per tensor, layer L first
-            (``tfa.distributed``); ``.grad`` is averaged when ``adjoint`` or a ``tfa.optim`` step reads it.
+        model: the user's module (not copied). Its executed layers and maps must form a chain of
+            entries of ``tfa.layers.LAYERS`` and ``tfa.maps.MAPS`` (modules or functionals).
+        keep_pre_activations: also keep Y^k of every layer and the input and output of every map
+            (rules that need them: LFP, the equilibrium quirk).
+        process_group: a ``torch.distributed`` group for data-parallel training: parameters and buffers
+            are broadcast from its first rank now, and every sweep averages each layer's feedback over
+            its ranks (``tfa.distributed``). BatchNorm then uses each rank's local batch statistics
+            (as DDP without SyncBatchNorm).
+
+    ``state_dict()`` / ``load_state_dict()`` are the wrapped model's (its own keys), so a checkpoint
+    saved through the recorder loads into the bare model and back.
 
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     >>> with FPropagation(model) as net:
@@ -107,13 +101,13 @@ class FPropagation(nn.Module):
     ...     [layer.name for layer in net.layers]
     ['0', '2']
 
-    ``net.adjoint(out_adj)`` runs the F-adjoint sweep (ALGORITHMS.md §1.2) and accumulates into
-    ``.grad``; see :mod:`torch_fadjoint.optim.fadjoint`.
+    ``net.adjoint(out_adj)`` runs the F-adjoint sweep (ALGORITHMS.md §1.2, §6.2) and accumulates into
+    ``.grad`` exactly as ``loss.backward()`` would.
     """
 
-    # Per-forward state is written several times per step: plain attributes, not nn.Module.__setattr__
-    # (which checks parameters / buffers / submodules on every write; ~17 writes per step).
-    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_seen", "_recording", "_paused", "_attached"})
+    # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
+    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch",
+                              "_recording", "_paused", "_attached", "_depth", "_transparent"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -126,7 +120,7 @@ class FPropagation(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.reducer = None  # set for data-parallel training: grads averaged over process_group
+        self.reducer = None
         if process_group is not None:
             from .distributed import GradientAverager, broadcast_parameters
 
@@ -134,43 +128,76 @@ class FPropagation(nn.Module):
             broadcast_parameters(model, process_group)
         self.keep_pre_activations = keep_pre_activations
         self._handles: list = []
-        self._layers: list[LayerRecord] = []
-        self._recording = False
-        self._last: Tensor | None = None
-        self._seen: set[str] = set()
-        self._output: Tensor | None = None
+        self._standins: dict = {}
         self._fingerprint: tuple = ()
+        self._needs_mode = False
+        self._recording = False
         self._paused = False
-        self._attached = False  # a bool, not ``bool(self._handles)``: torch.compile cannot trace hook handles
+        self._attached = False
+        self.clear()
         self.attach(model)
 
     # -- hooks ---------------------------------------------------------------------------------
     def attach(self, model: nn.Module | None = None) -> "FPropagation":
-        """(Re)register the hooks on ``model`` (default: the wrapped one); removes old ones first."""
+        """(Re)register the hooks on ``model`` (default: the wrapped one); removes old ones first.
+
+        Raises TypeError naming the module when a module cannot be recorded whatever it is given: a
+        foreign forward hook, an unsupported layer configuration, a parameter-holding map.
+        """
         self.remove()
         if model is not None:
             self.model = model
-        for name, module in self.model.named_modules():
-            own_params = [n for n, p in module._parameters.items() if p is not None]
-            if type(module) is nn.Linear:
-                hook = self._make_linear_hook(name)
-                self._handles.append(module.register_forward_pre_hook(self._make_linear_check(name)))
-            elif next(module.children(), None) is not None:
-                if not own_params:
-                    continue  # a container: its leaves are hooked
-                hook = self._make_refusal(
-                    name, module, f"holds parameters {own_params} directly; only nn.Linear may hold parameters"
-                )
-            elif derivative_for(module) is not None:
-                hook = self._make_activation_hook(name, derivative_for(module))
-            else:
-                hook = self._make_refusal(
-                    name, module, f"is not supported; register_derivative() it or use one of: {supported_modules()}"
-                )
-            self._handles.append(module.register_forward_hook(hook))
+        plans = [self._plan(name, module) for name, module in self.model.named_modules()]  # check all first
+        for plan in plans:
+            self._handles.extend(plan())
+        self._needs_mode = any(
+            (next(m.children(), None) is not None and type(m) is not nn.Sequential) or isinstance(m, TRANSPARENT)
+            for m in self.model.modules())
         self._fingerprint = self._make_fingerprint()
         self._attached = True
         return self
+
+    def _plan(self, name: str, module: nn.Module):
+        """Check ``module`` and return a function that registers its hooks (nothing is registered on error)."""
+        foreign = [h for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values()]
+        if foreign:
+            hook = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
+            if hook.startswith("FPropagation."):
+                raise TypeError(f"{_describe(name, module)}: the model is already wrapped by another FPropagation; "
+                                "call its remove() first")
+            raise TypeError(f"{_describe(name, module)}: has a forward hook registered before wrapping ({hook}), which "
+                            "may change what the module computes behind the recorder (hook-based weight_norm or "
+                            "spectral_norm?); remove it, or register it after wrapping")
+        own = [n for n, p in module._parameters.items() if p is not None]
+        layer, entry = layer_for(module), map_for(module)
+        if layer is not None:
+            why = layer.check(module)
+            if why:
+                raise TypeError(f"{_describe(name, module)}: {why}")
+            return lambda: [module.register_forward_pre_hook(self._layer_pre_hook(name, layer)),
+                            module.register_forward_hook(self._layer_hook(name, layer))]
+        if entry is not None and own:
+            raise TypeError(f"{_describe(name, module)}: holds parameters {own} but is registered as a parameter-free "
+                            "map, which cannot train them; use tfa.layers.register_layer()")
+        if isinstance(module, TRANSPARENT):
+            return lambda: [module.register_forward_pre_hook(self._transparent_pre_hook(name)),
+                            module.register_forward_hook(self._transparent_hook(name))]
+        if entry is not None:
+            try:
+                entry.check(module)
+            except ValueError as exc:
+                raise ValueError(f"{_describe(name, module)}: {exc}") from None
+            return lambda: [module.register_forward_pre_hook(self._map_pre_hook(name)),
+                            module.register_forward_hook(self._map_hook(name, entry))]
+        if next(module.children(), None) is not None and not own:
+            return lambda: []  # a container: its leaves are hooked, its own forward runs under the mode
+        if own:
+            why = (f"holds parameters {own} and has no parametric-layer entry; register_layer() it or use one of: "
+                   f"{', '.join(supported_layers())}")
+        else:
+            why = (f"is not supported; register_map() it or use one of: "
+                   f"{', '.join(supported_layers() + supported_maps())}")
+        return lambda: [module.register_forward_pre_hook(self._refusal(name, why))]
 
     def remove(self) -> None:
         """Remove every hook and drop every record."""
@@ -182,10 +209,15 @@ class FPropagation(nn.Module):
 
     def clear(self) -> None:
         """Drop the records of the last forward."""
-        self._layers = []
+        self._layers: list[LayerRecord] = []
         self._output = None
         self._last = None
-        self._seen = set()
+        self._last_version = 0
+        self._last_from = ""
+        self._calls: dict[int, int] = {}
+        self._watch: list[tuple[Tensor, int, str]] = []
+        self._depth = 0
+        self._transparent = None
 
     def __enter__(self) -> "FPropagation":
         return self
@@ -202,23 +234,29 @@ class FPropagation(nn.Module):
         finally:
             self._paused = previous
 
+    def state_dict(self, *args, **kwargs):
+        """The wrapped model's ``state_dict`` (its own keys: a checkpoint loads into the bare model)."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        """Load into the wrapped model (keys as ``model.state_dict()``)."""
+        return self.model.load_state_dict(state_dict, strict=strict, **kwargs)
+
     def _make_fingerprint(self) -> tuple:
-        """What ``attach`` saw: every module with its children and parameters, and each parameter's
+        """What ``attach`` saw: every module with its children, parameters and hooks, and each parameter's
         shape, dtype and device (``model.to(...)`` changes those in place)."""
-        modules = tuple((m, tuple(m._modules.items()), tuple(m._parameters.items()))
+        modules = tuple((m, tuple(m._modules.items()), tuple(m._parameters.items()),
+                         tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
                         for _, m in self.model.named_modules())
-        params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps in modules for _, p in ps if p is not None)
+        params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps, _, _ in modules for _, p in ps if p is not None)
         return modules, params
 
     def _changed(self) -> bool:
-        """True if the model is not what ``attach`` saw; checked at every forward without walking the
-        tree (``named_modules`` recursion + tuples were a third of the recorder's Python time): for each
-        module seen at attach, its children and parameters must be the same objects under the same
-        names, and each parameter keeps its shape, dtype and device. A module added anywhere changes
-        its parent's ``_modules``, so this sees what a full walk sees."""
+        """True if the model is not what ``attach`` saw (checked at every forward without walking the tree)."""
         modules, params = self._fingerprint
-        for module, children, own in modules:
-            if len(module._modules) != len(children) or len(module._parameters) != len(own):
+        for module, children, own, pre_hooks, hooks in modules:
+            if (len(module._modules) != len(children) or len(module._parameters) != len(own)
+                    or tuple(module._forward_pre_hooks) != pre_hooks or tuple(module._forward_hooks) != hooks):
                 return True
             for (name, child), (name2, child2) in zip(children, module._modules.items()):
                 if name != name2 or child is not child2:
@@ -228,94 +266,185 @@ class FPropagation(nn.Module):
                     return True
         return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
 
-    def _make_refusal(self, name: str, module: nn.Module, why: str):
-        def refuse(mod, inputs, output):
-            if self._recording:
-                raise TypeError(f"{_describe(name, mod)} {why}")
+    # -- the chain -----------------------------------------------------------------------------
+    def _watch_tensor(self, tensor, what: str) -> None:
+        if isinstance(tensor, Tensor):
+            self._watch.append((tensor, tensor._version, what))
 
-        return refuse
-
-    def _check_chain(self, name: str, module: nn.Module, inputs: tuple) -> Tensor:
+    def _consume(self, what: str, inputs: tuple) -> Tensor | None:
+        """The chain tensor a module or op receives (None before the first layer); refuses a non-chain."""
         if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-            raise ValueError(f"{_describe(name, module)}: expected one tensor input, got {len(inputs)} inputs")
-        if name in self._seen:
-            raise ValueError(
-                f"{_describe(name, module)} ran twice in one forward; a module (and its parameters) "
-                "may appear only once in the chain"
-            )
-        self._seen.add(name)
+            raise ValueError(f"{what}: expected one tensor input, got {len(inputs)} inputs")
         x_in = inputs[0]
-        if self._layers and x_in is not self._last:
-            raise ValueError(
-                f"{_describe(name, module)} received a tensor that the previous module did not return: "
-                "a functional op or a skip connection between layers is not a chain"
-            )
+        if not self._layers:
+            return x_in
+        if x_in is not self._last:
+            raise ValueError(f"{what} received a tensor that {self._last_from} did not return: an op or a skip "
+                             "connection between layers is not a chain")
+        if x_in._version != self._last_version:
+            raise ValueError(f"{what}: its input, the output of {self._last_from}, was modified in place before it")
         return x_in
 
-    def _make_linear_check(self, name: str):
-        """A pre-hook: the input's shape, dtype and device must fit the Linear (before torch's matmul
-        fails with a message that names no layer)."""
-        def check_input(module, inputs):
-            if not self._recording or len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-                return None  # the forward hook reports these (not a chain)
-            x_prev, weight = inputs[0], module.weight
-            if x_prev.dim() != 2 or x_prev.shape[1] != module.in_features:
-                flatten = "; put an nn.Flatten before it" if x_prev.dim() > 2 else ""
-                raise ValueError(
-                    f"{_describe(name, module)}: expected a (batch, {module.in_features}) input, "
-                    f"got shape {tuple(x_prev.shape)}{flatten}"
-                )
-            if x_prev.dtype != weight.dtype or x_prev.device != weight.device:
-                raise ValueError(
-                    f"{_describe(name, module)}: expected a {weight.dtype} input on {weight.device} (its "
-                    f"weight's), got {x_prev.dtype} on {x_prev.device}"
-                )
-            return None
+    def _advance(self, output: Tensor, source: str) -> None:
+        self._last, self._last_version, self._last_from = output, output._version, source
 
+    def _refusal(self, name: str, why: str):
+        def refuse(module, inputs):
+            if self._recording:
+                self._depth += 1
+                raise TypeError(f"{_describe(name, module)} {why}")
+        return refuse
+
+    def _layer_pre_hook(self, name: str, layer: Layer):
+        def check_input(module, inputs):
+            if not self._recording:
+                return None
+            self._depth += 1  # the module's own ops are not the chain's (reset by forward() on error)
+            what = _describe(name, module)
+            x_prev = self._consume(what, inputs)
+            why = layer.check_input(module, x_prev)
+            if why:
+                raise ValueError(f"{what}: {why}")
+            return None
         return check_input
 
-    def _make_linear_hook(self, name: str):
-        def on_linear(module, inputs, output):
+    def _layer_hook(self, name: str, layer: Layer):
+        def on_layer(module, inputs, output):
             if not self._recording:
                 return None
-            x_prev = self._check_chain(name, module, inputs)
-            if self._layers:
-                self._layers[-1].x = _detach(x_prev)
-            layer = LayerRecord(k=len(self._layers) + 1, name=name, module=module, x_prev=_detach(x_prev))
-            if self.keep_pre_activations:
-                layer.y = _detach(output)
-            self._layers.append(layer)
-            self._last = output
-            return None
-
-        return on_linear
-
-    def _make_activation_hook(self, name: str, derivative: Derivative):
-        def on_activation(module, inputs, output):
-            if not self._recording:
-                return None
-            y = self._check_chain(name, module, inputs)
             try:
-                new_output, saved = derivative.hook_output(module, y, output)
-            except (TypeError, ValueError) as exc:  # a table entry refusing this use: name the module
-                raise type(exc)(f"{_describe(name, module)}: {exc}") from None
-            if self._layers:
-                layer = self._layers[-1]
-                if new_output is y and derivative.saves != "none":
-                    if layer.y is not None or derivative.saves == "input":
-                        raise ValueError(
-                            f"{_describe(name, module)}: an in-place activation overwrites Y^k, "
-                            "which this rule or derivative needs; use inplace=False"
-                        )
-                if isinstance(saved, Tensor):
-                    saved = _detach(saved)
-                if derivative.saves == "input" and layer.y is None and not layer.activations:
-                    layer.y = saved  # the same tensor: Y^k is kept once
-                layer.activations.append(ActivationRecord(name, module, derivative, saved))
-            self._last = new_output
-            return None if new_output is output else new_output
+                if not isinstance(output, Tensor):
+                    raise ValueError(f"{_describe(name, module)}: expected a tensor output, got {type(output).__name__}")
+                x_prev = _detach(inputs[0])
+                call = self._calls[id(module)] = self._calls.get(id(module), 0) + 1
+                rec = LayerRecord(k=len(self._layers) + 1, name=name, module=module, entry=layer, x_prev=x_prev,
+                                  saved=layer.record(module, x_prev, output), call=call)
+                if self._layers:
+                    self._layers[-1].x = x_prev
+                if self.keep_pre_activations:
+                    rec.y = _detach(output)
+                    self._watch_tensor(rec.y, f"Y^{rec.k}, the output of {rec.describe}")
+                self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
+                for param_name in layer.param_names:
+                    self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}")
+                if not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
+                    for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
+                        self._watch_tensor(getattr(module, buffer_name, None), f"{name}.{buffer_name}")
+                self._layers.append(rec)
+                self._advance(output, rec.describe)
+            finally:
+                self._depth -= 1
+            return None
+        return on_layer
 
-        return on_activation
+    def _map_pre_hook(self, name: str):
+        def check_input(module, inputs):
+            if not self._recording:
+                return None
+            self._depth += 1
+            self._consume(_describe(name, module), inputs)
+            return None
+        return check_input
+
+    def _map_hook(self, name: str, entry: Map):
+        def on_map(module, inputs, output):
+            if not self._recording:
+                return None
+            try:
+                return self._record_map(_describe(name, module), name, module, entry, inputs[0],
+                                        lambda: output, module_output=output)
+            finally:
+                self._depth -= 1
+        return on_map
+
+    def _record_map(self, what: str, name: str, module: nn.Module, entry: Map, y: Tensor, call, module_output=None):
+        """Run (or take) the map's output, record it into the current layer; returns a replaced output or None."""
+        try:
+            if module_output is not None:
+                x, saved = entry.hook_output(module, y, module_output)
+            else:
+                x, saved = entry.run(module, y, call)
+        except (TypeError, ValueError) as exc:  # a table entry refusing this use: name the module or op
+            raise type(exc)(f"{what}: {exc}") from None
+        if not self._layers:  # before the first layer: input preprocessing, nothing to record
+            return None if x is module_output else x
+        layer = self._layers[-1]
+        if x is y and entry.saves == "input":
+            raise ValueError(f"{what}: an in-place map overwrites its own input, which its derivative needs; "
+                             "use inplace=False")
+        if isinstance(saved, Tensor):
+            saved = _detach(saved)
+            self._watch_tensor(saved, f"the record of {what}")
+        rec = MapRecord(name, module, entry, saved)
+        if self.keep_pre_activations:
+            rec.y, rec.x = _detach(y), _detach(x)
+            self._watch_tensor(rec.y, f"the input of {what}")
+        if entry.saves == "input" and layer.y is None and not layer.maps:
+            layer.y = saved  # the same tensor: Y^k is kept once
+        layer.maps.append(rec)
+        self._advance(x, what)
+        return None if x is module_output else x
+
+    def _transparent_pre_hook(self, name: str):
+        def enter(module, inputs):
+            if self._recording:
+                self._consume(_describe(name, module), inputs)
+                self._transparent = (name, module)
+        return enter
+
+    def _transparent_hook(self, name: str):
+        def leave(module, inputs, output):
+            if self._recording:
+                self._transparent = None
+                if self._layers and output is not self._last:
+                    raise ValueError(f"{_describe(name, module)}: its output is not what its functional returned")
+        return leave
+
+    def _on_function(self, func, args: tuple, kwargs: dict):
+        """A torch function called on the chain tensor between modules: a map of the table, or refused."""
+        last = self._last
+        leaves, _ = tree_flatten((args, kwargs))
+        if not any(leaf is last for leaf in leaves):
+            return func(*args, **kwargs)  # not on the chain: a later use of its result is refused there
+        op = _op_name(func)
+        where = (_describe(*self._transparent) if self._transparent is not None
+                 else f"{op} after {self._last_from}")
+        builder = FUNCTIONALS.get(func)
+        others = [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf is not last]
+        if (builder is None and func not in VIEWS) or others or args[0] is not last:
+            result = func(*args, **kwargs)
+            if not any(isinstance(leaf, Tensor) for leaf in tree_flatten(result)[0]):
+                return result  # metadata: x.size(0), x.shape, x.dim()
+            raise ValueError(f"{op} on the output of {self._last_from} is not a map of the chain (arithmetic, an "
+                             f"in-place op, indexing, a skip connection or torch.cat are refused); supported: "
+                             f"the modules and functionals of tfa.maps")
+        if last._version != self._last_version:
+            raise ValueError(f"{where}: its input, the output of {self._last_from}, was modified in place before it")
+        if func in VIEWS:
+            x = func(*args, **kwargs)
+            module = Reshape(x.shape[1:])
+            self._record_map(where, op, module, MAPS[Reshape], last, lambda: x)
+            return x
+        module = self._transparent[1] if self._transparent is not None else self._standin(func, builder, args, kwargs)
+        entry = map_for(module)
+        try:
+            entry.check(module)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        replaced = self._record_map(where, op, module, entry, last, lambda: func(*args, **kwargs))
+        return self._last if replaced is None else replaced
+
+    def _standin(self, func, builder, args, kwargs) -> nn.Module:
+        """The module equivalent to a functional call (cached per call signature)."""
+        try:
+            key = (func, args[1:], tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:
+            return builder(*args, **kwargs)
+        module = self._standins.get(key)
+        if module is None:
+            module = self._standins[key] = builder(*args, **kwargs)
+        return module
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -324,30 +453,35 @@ class FPropagation(nn.Module):
         if not self._attached:
             raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
         if self._changed():
-            raise RuntimeError(
-                "FPropagation: the model's modules or parameters changed after wrapping; call net.attach()"
-            )
+            raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
+                               "call net.attach()")
+        if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+            raise RuntimeError("FPropagation: a global module forward hook is registered "
+                               "(nn.modules.module.register_module_forward_hook); it may change outputs unseen")
         self.clear()
         self._recording = True
         try:
-            output = self.model(*args, **kwargs)
+            with _ChainMode(self) if self._needs_mode else contextlib.nullcontext():
+                output = self.model(*args, **kwargs)
+            self._finish(output)
         except BaseException:
             self.clear()
             raise
         finally:
             self._recording = False
-        if not self._layers:
-            self.clear()
-            raise ValueError("FPropagation: no nn.Linear ran in the forward; nothing to record")
-        if output is not self._last:
-            last = self._layers[-1]
-            self.clear()
-            raise ValueError(
-                f"FPropagation: the model's output is not what its last module returned (a functional op "
-                f"after {last.name}?); end the model with a module"
-            )
-        self._output = self._layers[-1].x = _detach(output)
         return output
+
+    def _finish(self, output) -> None:
+        if not self._layers:
+            raise ValueError(f"FPropagation: no parametric layer ran in the forward; nothing to record "
+                             f"(layers: {', '.join(supported_layers())})")
+        if output is not self._last:
+            raise ValueError(f"FPropagation: the model's output is not what {self._last_from} returned (an op after "
+                             "it that is not a map of the table?)")
+        if output._version != self._last_version:
+            raise ValueError(f"FPropagation: the model's output, from {self._last_from}, was modified in place")
+        self._output = self._layers[-1].x = _detach(output)
+        self._watch_tensor(self._output, "the model's output X^L")
 
     # -- records -------------------------------------------------------------------------------
     @property
@@ -357,34 +491,35 @@ class FPropagation(nn.Module):
 
     @property
     def records(self) -> dict[str, LayerRecord]:
-        """The records of the last forward keyed by the Linear's qualified name."""
-        return {layer.name: layer for layer in self._layers}
+        """The records of the last forward keyed by the layer's qualified name (``name#2`` for a second call)."""
+        return {(layer.name if layer.call == 1 else f"{layer.name}#{layer.call}"): layer for layer in self._layers}
 
     @property
     def output(self) -> Tensor:
         """X^L of the last recorded forward."""
         if self._output is None:
-            raise RuntimeError(
-                "FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)"
-            )
+            raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
         return self._output
 
     def recorded_layers(self) -> list[LayerRecord]:
-        """The layers of the last forward; a RuntimeError if there is none."""
+        """The layers of the last forward after checking that no record went stale; RuntimeError otherwise."""
         self.output  # noqa: B018 - raises when nothing is recorded
+        for tensor, version, what in self._watch:
+            if tensor._version != version:
+                self.clear()
+                raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
+                                   "records cleared, nothing was changed (run the forward again)")
         return self._layers
 
     def adjoint(self, out_adj: Tensor, *, validate: bool = True, retain_records: bool = False) -> None:
         """Run the F-adjoint sweep from X*^L = ``out_adj`` and accumulate ∂J/∂θ into ``.grad``.
 
-        out_adj: (B, n_L), the output's shape, dtype and device (ALGORITHMS.md §1.2–1.3).
-        Equal to ``loss.backward()`` (to rounding), without autograd; see ``optim.fadjoint``.
+        out_adj: the output's shape, dtype and device (ALGORITHMS.md §1.2, §6.2). Equal to
+        ``loss.backward()`` (to rounding; bit for bit where autograd's kernels are used), without
+        autograd. Frozen parameters (``requires_grad=False``) get no ``.grad``. Nothing is written
+        when it raises.
         """
-        from .optim.fadjoint import fadjoint_grads
-        from .optim.base import accumulate_grads
-
-        grads = fadjoint_grads(self, out_adj, validate=validate, retain_records=retain_records)
-        accumulate_grads(grads)
+        accumulate_grads(fadjoint_grads(self, out_adj, validate=validate, retain_records=retain_records))
 
     def extra_repr(self) -> str:
         return f"hooks={len(self._handles)}, keep_pre_activations={self.keep_pre_activations}"

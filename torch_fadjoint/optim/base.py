@@ -1,10 +1,13 @@
-"""The shared optimizer base and the SGD update every rule applies (ALGORITHMS.md §1.4).
+"""The shared optimizer base and the SGD update every rule applies (ALGORITHMS.md §1.4, §6.7).
 
-``RuleOptimizer`` is a ``torch.optim.Optimizer`` bound to an :class:`~torch_fadjoint.FPropagation`
-recorder: hyper-parameters live in ``param_groups`` (so schedulers, ``state_dict`` and ``zero_grad``
-work unchanged), momentum buffers in ``self.state[p]["momentum_buffer"]`` as in ``torch.optim.SGD``.
-``step(target)`` computes the loss and X*^L from the recorded output, asks the subclass for the
-update, and returns the loss tensor.
+``RuleOptimizer`` is a ``torch.optim.Optimizer`` bound to an :class:`~torch_fadjoint.FPropagation`:
+hyper-parameters live in ``param_groups`` (schedulers, ``state_dict`` and ``zero_grad`` work unchanged),
+per-parameter buffers in ``self.state[p]``. One step contract for every rule::
+
+    loss = opt.step(closure=None, *, target=None, out_adj=None)
+
+``closure`` (positional, as torch's) runs the forward; ``target`` gives the loss (and X*^L, or LFP's
+reward), or ``out_adj`` gives the rule's top signal directly (then the loss returned is None).
 
 The update is torch.optim.SGD's (STYLE P1: a thin class over a functional core)::
 
@@ -12,11 +15,22 @@ The update is torch.optim.SGD's (STYLE P1: a thin class over a functional core):
     b ← g (first step) | μ b + (1 − dampening) g;   g ← g + μ b (Nesterov) | b
     θ ← θ − lr g
 
-``sgd_update`` picks ``_single_tensor_sgd`` (a Python loop) or ``_foreach_sgd`` (``torch._foreach_*``
-per (device, dtype) group); the two agree, which a test checks.
+What ``validate=True`` (the default) guarantees, and ``validate=False`` gives up (it makes no host
+synchronisation, for CUDA graphs): the targets are checked; a non-finite top signal, feedback or
+UPDATE is refused before anything is written — for SGD by a bound on every new value,
+max|θ| + lr·bound(direction) from max|g|, max|b| and the hyper-parameters (NaN/Inf anywhere, in a
+loaded momentum buffer too, or an overflow, is refused; it may refuse an update that would just fit,
+only when the bound itself leaves the dtype's range); for a delegated torch optimizer (Adam, …) by
+checking the new values and state and restoring the old ones. Hyper-parameters are checked (finite,
+in range) at construction and at every step (values set later in ``param_groups`` included), with or
+without ``validate``. Exceptions inside a rule leave parameters, ``.grad`` and state as they were and
+the records either intact or cleared, with or without ``validate``.
 """
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from collections import defaultdict
 
 import torch
@@ -24,32 +38,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..losses import LOSSES, get_loss
-from ..recorder import FPropagation, LayerRecord
-from ..sweep import Rule, backward_sweep
+from ..recorder import FPropagation
+from ..sweep import check_finite, check_out_adj, param_names
 
-__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "fused_sgd_weight_update", "sweep_grads",
-           "accumulate_grads", "check_out_adj", "check_finite", "check_finite_output", "param_names", "BASES"]
+__all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "sgd_bounds", "fused_sgd_weight_update",
+           "check_hyper", "BASES"]
 
 
 # -- the functional SGD core -------------------------------------------------------------------
-def sgd_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-    foreach: bool | None = None,
-) -> None:
+def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
+               momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+               maximize: bool = False, foreach: bool | None = None) -> None:
     """θ ← θ − lr · SGD-direction(g), in place; fills ``momentum_buffers`` on the first step.
 
-    params, grads: matching lists of tensors; momentum_buffers: a list of the same length whose
-    ``None`` entries are replaced by new buffers (the caller stores them in the optimizer state).
-    Grads are never modified in place.
+    params, grads: matching lists; momentum_buffers: the same length, ``None`` entries are replaced by
+    new buffers (the caller stores them). Grads are never modified in place.
     """
     if foreach is None:
         foreach = bool(params) and all(p.device.type != "cpu" for p in params)
@@ -58,8 +61,7 @@ def sgd_update(
          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
 
 
-def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-                       nesterov, maximize):
+def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
@@ -74,16 +76,15 @@ def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampeni
         param.add_(grad, alpha=-lr)
 
 
-def _group_by_device_dtype(*tensor_lists):
-    """Indices grouped by (device, dtype) of the first list: torch's own helper is private."""
+def _group_by_device_dtype(tensors):
+    """Indices grouped by (device, dtype): torch's own helper is private."""
     groups = defaultdict(list)
-    for i, tensor in enumerate(tensor_lists[0]):
+    for i, tensor in enumerate(tensors):
         groups[(tensor.device, tensor.dtype)].append(i)
     return groups.values()
 
 
-def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
-                 nesterov, maximize):
+def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     for indices in _group_by_device_dtype(params):
         device_params = [params[i] for i in indices]
         device_grads = [grads[i] for i in indices]
@@ -108,18 +109,36 @@ def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, we
         torch._foreach_add_(device_params, device_grads, alpha=-lr)
 
 
-def fused_sgd_weight_update(
-    weights: list[Tensor],
-    factors: list[tuple[Tensor, Tensor]],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    foreach: bool | None = None,
-) -> None:
+def _amax(tensor: Tensor) -> Tensor:
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(low.abs(), high.abs())
+
+
+def sgd_bounds(params: list[Tensor], grad_bounds: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
+               momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+               **_) -> list[Tensor]:
+    """A bound on every new value |θ'| of :func:`sgd_update`, per parameter (0-dim, θ's dtype; no host sync).
+
+    grad_bounds: max|g| per parameter (or a bound on it). Finite iff θ, g and the buffer are finite and
+    no new value (nor the direction, nor the new buffer) can overflow::
+
+        |g'| ≤ G + λP;  |b'| ≤ μB + |1 − dampening| |g'|;  |d| ≤ |g'| + μ|b'| (Nesterov) | |b'|;  |θ'| ≤ P + lr|d|
+    """
+    bounds = []
+    for param, grad_bound, buf in zip(params, grad_bounds, momentum_buffers):
+        peak = _amax(param)
+        direction = grad_bound + weight_decay * peak if weight_decay else grad_bound
+        if momentum:
+            new_buf = direction if buf is None else momentum * _amax(buf) + abs(1 - dampening) * direction
+            direction = direction + momentum * new_buf if nesterov else new_buf
+        bounds.append(peak + lr * direction)
+    return bounds
+
+
+def fused_sgd_weight_update(weights: list[Tensor], factors: list[tuple[Tensor, Tensor]],
+                            momentum_buffers: list[Tensor | None], *, lr: float, momentum: float = 0.0,
+                            dampening: float = 0.0, weight_decay: float = 0.0, maximize: bool = False,
+                            foreach: bool | None = None, **_) -> None:
     """SGD on each W from the factors (Y*, X) of its gradient G = Y*ᵀ X, with G never materialised.
 
     The GEMM that makes G writes straight into the tensor the update reads (s = −1 if maximize else 1)::
@@ -129,8 +148,7 @@ def fused_sgd_weight_update(
                 W ← W − lr b
 
     The same update as ``sgd_update`` (no Nesterov) to rounding, not bit for bit: the GEMM rounds
-    ``α Y*ᵀX + β C`` once where SGD rounds G, then the update. It saves writing G and reading it back
-    (on CPU, 784-1024-1024-10 at batch 128: 0.93× autograd's step, benchmarks/results/speed_target).
+    ``α Y*ᵀX + β C`` once where SGD rounds G, then the update.
     """
     sign = -1.0 if maximize else 1.0
     for i, (weight, (y_adj, x_prev)) in enumerate(zip(weights, factors)):
@@ -146,202 +164,243 @@ def fused_sgd_weight_update(
         sgd_update(weights, momentum_buffers, [None] * len(weights), lr=lr, foreach=foreach)
 
 
-# -- checks shared by every rule ---------------------------------------------------------------
-def check_out_adj(net: FPropagation, out_adj: Tensor) -> None:
-    """X*^L must have the recorded output's shape, dtype and device."""
-    output = net.output
-    if not isinstance(out_adj, Tensor):
-        raise ValueError(f"out_adj: expected a tensor, got {type(out_adj).__name__}")
-    if out_adj.shape != output.shape or out_adj.dtype != output.dtype or out_adj.device != output.device:
-        last = net.layers[-1].name
-        raise ValueError(
-            f"out_adj: expected shape {tuple(output.shape)}, {output.dtype} on {output.device} "
-            f"(the output of {last}), got {tuple(out_adj.shape)}, {out_adj.dtype} on {out_adj.device}"
-        )
+# -- hyper-parameters ------------------------------------------------------------------------------
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_finite(tensors: list[Tensor], what: str, names=None, reducer=None) -> None:
-    """Raise RuntimeError if any tensor holds NaN/Inf (one host sync for the whole list).
-
-    names: where each tensor comes from (a list, or a callable building it, called only on failure),
-    e.g. the parameter's qualified name ``"2.weight"``; the error names the first non-finite one.
-    reducer: a ``tfa.distributed.GradientAverager``; the flags are then OR-ed over the ranks (one small
-    all-reduce) so that every rank raises the same error (a check failing on one rank alone would leave
-    the others waiting in the next collective). Gradients already averaged over the ranks need no reducer.
-
-    Fast path: one ``sum`` per tensor (a single read, no temporary; on CPU ~50x cheaper than
-    ``isfinite().all()``, which builds two full-size bool tensors). A NaN or ±Inf entry always makes
-    the sum non-finite (NaN propagates, Inf + finite = Inf, Inf − Inf = NaN). The converse fails only
-    when finite entries overflow the sum, so a non-finite sum triggers the exact elementwise check,
-    which decides: no false alarm, and the slow pass runs only on the way to an error (or an overflow).
-    With a reducer both passes are agreed over the ranks, so every rank takes the same path.
-    """
-    if not tensors:
-        return
-    fast = torch.stack([t.sum().float() for t in tensors]).isfinite()  # mixed dtypes: as float32
-    if reducer is not None:
-        fast = reducer.all_ranks(fast)
-    if bool(fast.all()):
-        return
-    flags = torch.stack([t.isfinite().all() for t in tensors])
-    if reducer is not None:
-        flags = reducer.all_ranks(flags)
-    if not bool(flags.all()):
-        first = int((~flags).nonzero()[0, 0])
-        if callable(names):
-            names = names()
-        where = names[first] if names is not None else f"entry {first}"
-        raise RuntimeError(f"{what}: non-finite values in {where}; nothing was changed")
+def check_hyper(name: str, value, low: float = 0.0, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False, where: str = "") -> float:
+    """A finite real number in the range, as a float (numpy scalars accepted); ValueError naming it otherwise."""
+    ok = _real(value) and math.isfinite(float(value))
+    if ok:
+        value = float(value)
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{where}{name} must be a finite number in {interval}, got {value!r}")
+    return value
 
 
-def param_names(net: FPropagation, params) -> list[str]:
-    """The qualified names (``"2.weight"``) of ``params`` in the wrapped model, for error messages."""
-    names = {id(p): n for n, p in net.model.named_parameters()}
-    return [names.get(id(p), "an unnamed parameter") for p in params]
+_SGD_RANGES = {"lr": (0.0, math.inf), "momentum": (0.0, math.inf), "dampening": (-math.inf, math.inf),
+               "weight_decay": (0.0, math.inf)}
 
 
-def check_finite_output(net: FPropagation, signal: Tensor, what: str = "out_adj", reducer=None) -> None:
-    """The recorded X^L and the top signal (X*^L, or LFP's reward R^L) must be finite (one host sync)."""
-    last = f"{net.layers[-1].name} (Linear)"
-    check_finite([net.output, signal], "step", reducer=reducer, names=lambda: [
-        f"X^L, the recorded output of {last} (NaN/Inf in the input or the weights?)",
-        f"{what} (the signal at the output of {last})"])
-
-
-def check_trainable(layers: list[LayerRecord], rule_name: str) -> None:
-    """Refuse modules whose derivative is 0 almost everywhere (tfa.nn.Step) before any sweep."""
-    for layer in layers:
-        for act in layer.activations:
-            if not act.derivative.differentiable:
-                raise TypeError(
-                    f"{act.name} ({type(act.module).__name__}): derivative is 0 almost everywhere, "
-                    f"{rule_name} cannot train through it; use tfa.optim.LFP"
-                )
-
-
-def sweep_grads(net: FPropagation, layers: list[LayerRecord], signal: Tensor, rule: Rule, *, what: str,
-                validate: bool = True, retain_records: bool = False) -> dict[Tensor, Tensor]:
-    """Run ``rule`` down the shared sweep and collect {parameter: feedback} (averaged over ranks when the
-    recorder has a process group); frees the records unless ``retain_records``; with ``validate`` a
-    non-finite result raises RuntimeError naming ``what``. Nothing is written."""
-    grads: dict[Tensor, Tensor] = {}
-
-    def collect(layer, grad_w, grad_b):
-        grads[layer.module.weight] = grad_w
-        if grad_b is not None:
-            grads[layer.module.bias] = grad_b
-
-    backward_sweep(layers, signal, rule, collect, release=not retain_records, reducer=net.reducer)
-    if not retain_records:
-        net.clear()
-    if validate:  # after the average: every rank sees the same values and raises alike
-        check_finite(list(grads.values()), what, names=lambda: param_names(net, grads))
-    return grads
-
-
-def accumulate_grads(grads: dict[Tensor, Tensor]) -> None:
-    """p.grad += g (or p.grad = g when None), as ``loss.backward()`` accumulates."""
-    for param, grad in grads.items():
-        if param.grad is None:
-            param.grad = grad
-        else:
-            param.grad.add_(grad)
+def _check_validate(validate) -> bool:
+    if validate is not True and validate is not False:
+        raise ValueError(f"validate must be True or False, got {validate!r}")
+    return validate
 
 
 # -- the optimizer base ------------------------------------------------------------------------
 class RuleOptimizer(Optimizer):
     """Base of every ``tfa.optim`` optimizer: an Optimizer bound to an ``FPropagation`` recorder.
 
-    Subclasses implement ``_rule_step(out_adj)``; ``step`` does the rest (loss, checks, grad mode).
+    Subclasses set ``signal`` ("out_adj" or "reward"), implement ``_top_signal(target)`` when it is not
+    the loss's X*^L, and ``_rule_step(signal)``, which computes everything first and writes last.
 
     Args:
         net: the ``FPropagation`` wrapping the model.
         params: parameters or parameter groups (default: ``net.parameters()``).
         defaults: the hyper-parameters of every group.
         loss: ``"cross_entropy"``, ``"nll"``, ``"mse"`` or a callable ``(output, target) -> (loss, out_adj)``.
-        loss_kwargs: extra arguments for the loss (e.g. ``{"label_smoothing": 0.1}``).
-        validate: check targets and refuse a non-finite update before any parameter is written
-            (one host sync per step); pass False to capture the step in a CUDA graph.
+        loss_kwargs: extra arguments for the loss (checked against its signature now).
+        validate: see the module docstring (True | False).
     """
+
+    state_keys: frozenset = frozenset({"momentum_buffer"})
+    signal = "out_adj"
 
     def __init__(self, net: FPropagation, params, defaults: dict, loss="cross_entropy",
                  loss_kwargs: dict | None = None, validate: bool = True):
         if not isinstance(net, FPropagation):
             raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
-        if not 0.0 <= defaults.get("lr", 0.0):
-            raise ValueError(f"Invalid learning rate: {defaults['lr']}")
         self.net = net
         self.loss = loss
         self._loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
-        self.validate = validate
+        self._check_loss_kwargs()
+        self.validate = _check_validate(validate)
         super().__init__(net.parameters() if params is None else params, defaults)
+        self._check_groups()
 
-    def _loss_and_adjoint(self, target, out_adj) -> tuple[Tensor | None, Tensor]:
+    def _check_loss_kwargs(self) -> None:
+        try:
+            signature = inspect.signature(self._loss_fn)
+        except (TypeError, ValueError):
+            return
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return
+        unknown = sorted(set(self.loss_kwargs) - set(signature.parameters) - {"validate"})
+        if unknown:
+            name = getattr(self._loss_fn, "__name__", "the loss")
+            raise ValueError(f"loss_kwargs: {name} takes no argument(s) {unknown}")
+
+    def _check_groups(self) -> None:
+        """Every group's hyper-parameters are finite and in range (called at construction and each step)."""
+        for i, group in enumerate(self.param_groups):
+            where = f"param_groups[{i}]: " if len(self.param_groups) > 1 else ""
+            for key, (low, high) in self._ranges().items():
+                if key in group:
+                    check_hyper(key, group[key], low, high, where=where)
+
+    def _ranges(self) -> dict:
+        return _SGD_RANGES
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, *, target=None, out_adj: Tensor | None = None):
+        """One training step from the recorded forward; returns the loss tensor (None with ``out_adj``).
+
+        closure: optional callable running the forward (``lambda: net(x)``) first (torch's contract).
+        target: the loss's target (e.g. (B,) class indices); or ``out_adj``: the rule's top signal
+        (X*^L; for LFP the reward R^L) in the output's shape.
+        """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"step(): the positional argument is a closure (torch.optim's contract), got "
+                            f"{type(closure).__name__}; pass targets as step(target=t)")
+        self._check_groups()
+        if closure is not None:
+            closure()
+        loss, signal = self._signal(target, out_adj)
+        self._rule_step(signal)
+        return loss
+
+    def _signal(self, target, out_adj) -> tuple[Tensor | None, Tensor]:
         output = self.net.output
         if out_adj is None:
             if target is None:
-                raise ValueError("step() needs a target (or a precomputed out_adj=)")
-            kwargs = dict(self.loss_kwargs)
-            if self._loss_fn in LOSSES.values():
-                kwargs["validate"] = self.validate
-            loss, out_adj = self._loss_fn(output, target, **kwargs)
+                raise ValueError("step() needs target= (or the top signal as out_adj=)")
+            target = _as_target(target)
+            loss, signal = self._top_signal(output, target)
         else:
-            loss = None
-        check_out_adj(self.net, out_adj)
+            loss, signal = None, out_adj
+        check_out_adj(self.net, signal, self.signal)
         if self.validate:
-            check_finite_output(self.net, out_adj, reducer=self.net.reducer)
-        return loss, out_adj
+            describe = self.net.layers[-1].describe
+            check_finite([output, signal], "step", reducer=self.net.reducer, names=[
+                f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)",
+                f"{self.signal} (the signal at the output of {describe})"])
+        return loss, signal
 
-    @torch.no_grad()
-    def step(self, target: Tensor | None = None, closure=None, *, out_adj: Tensor | None = None):
-        """One training step from the last recorded forward; returns the loss tensor (None with ``out_adj``).
+    def _top_signal(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        kwargs = dict(self.loss_kwargs)
+        if self._loss_fn in LOSSES.values():
+            kwargs["validate"] = self.validate
+        result = self._loss_fn(output, target, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor)):
+            name = getattr(self._loss_fn, "__name__", "the loss")
+            raise TypeError(f"loss {name}: expected a callable returning (loss, out_adj), got {type(result).__name__}")
+        return result
 
-        target: the loss's target (e.g. (B,) class indices); or pass ``out_adj`` = X*^L directly.
-        closure: optional callable that runs the forward (``lambda: net(x)``) before the step.
-        """
-        if closure is not None:
-            closure()
-        loss, out_adj = self._loss_and_adjoint(target, out_adj)
-        self._rule_step(out_adj)
-        return loss
-
-    def _rule_step(self, out_adj: Tensor) -> None:
+    def _rule_step(self, signal: Tensor) -> None:
         raise NotImplementedError
 
-    # -- helpers for subclasses ------------------------------------------------------------------
-    def _apply_sgd(self, grads: dict[Tensor, Tensor], params_subset=None) -> None:
-        """Write ``grads`` to ``.grad`` and apply each group's SGD update to the params that have one."""
+    # -- helpers for subclasses --------------------------------------------------------------------
+    def _group_of(self) -> dict:
+        return {param: group for group in self.param_groups for param in group["params"]}
+
+    def _sgd_plan(self, grads: dict[Tensor, Tensor], grad_bounds: dict | None = None, check: bool | None = None) -> list:
+        """Per group: (group, params, grads, buffers) of the parameters this step updates; with ``validate``
+        every new value is bounded first (one host sync) and nothing is written on failure."""
+        plan = []
         for group in self.param_groups:
-            params, group_grads, bufs = [], [], []
-            for param in group["params"]:
-                if param not in grads or (params_subset is not None and param not in params_subset):
-                    continue
-                param.grad = grads[param]
-                params.append(param)
-                group_grads.append(grads[param])
-                bufs.append(self.state.get(param, {}).get("momentum_buffer"))
-            if not params:
-                continue
-            sgd_update(params, group_grads, bufs, lr=group["lr"], momentum=group["momentum"],
-                       dampening=group["dampening"], weight_decay=group["weight_decay"],
-                       nesterov=group["nesterov"], maximize=group["maximize"], foreach=group["foreach"])
+            params = [p for p in group["params"] if p in grads]
+            if params:
+                bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+                plan.append((group, params, [grads[p] for p in params], bufs))
+        if self.validate if check is None else check:
+            self._check_sgd_bounds(plan, grad_bounds)
+        return plan
+
+    def _check_sgd_bounds(self, plan, grad_bounds: dict | None) -> None:
+        bounds, params_all = [], []
+        for group, params, group_grads, bufs in plan:
+            gbounds = [grad_bounds[p] if grad_bounds and p in grad_bounds else _amax(g) for p, g in zip(params, group_grads)]
+            bounds += sgd_bounds(params, gbounds, bufs, **self._hyper(group))
+            params_all += params
+        if bounds:
+            check_finite(bounds, f"{type(self).__name__} step", names=lambda: [
+                f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
+                for name in param_names(self.net, params_all)])
+
+    @staticmethod
+    def _hyper(group) -> dict:
+        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
+
+    def _write_sgd(self, plan) -> None:
+        """Write ``.grad`` and apply each group's SGD update (the last phase of a step)."""
+        for group, params, group_grads, bufs in plan:
+            for param, grad in zip(params, group_grads):
+                param.grad = grad
+            sgd_update(params, group_grads, bufs, **self._hyper(group), foreach=group["foreach"])
             if group["momentum"] != 0:
                 for param, buf in zip(params, bufs):
                     self.state[param]["momentum_buffer"] = buf
 
+    def _apply_sgd(self, grads: dict[Tensor, Tensor]) -> None:
+        self._write_sgd(self._sgd_plan(grads))
+
     @staticmethod
     def _sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach) -> dict:
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        lr = check_hyper("lr", lr)
+        momentum = check_hyper("momentum", momentum)
+        weight_decay = check_hyper("weight_decay", weight_decay)
+        dampening = check_hyper("dampening", dampening, -math.inf)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                    nesterov=nesterov, maximize=maximize, foreach=foreach)
+                    nesterov=bool(nesterov), maximize=bool(maximize), foreach=foreach)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict`` after checking, before anything changes, that the groups carry this
+        rule's hyper-parameters and every state tensor has its parameter's shape (ValueError naming it)."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {len(groups)} parameter groups, expected "
+                             f"{len(self.param_groups)}")
+        params = [p for group in self.param_groups for p in group["params"]]
+        names = param_names(self.net, params)
+        for i, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            mine_keys, their_keys = set(mine) - {"params"}, set(theirs) - {"params"}
+            if mine_keys != their_keys:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{i}] has keys "
+                                 f"{sorted(their_keys ^ mine_keys)} that do not match this rule's (another rule's "
+                                 "state_dict?)")
+            if len(mine["params"]) != len(theirs["params"]):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{i}] has "
+                                 f"{len(theirs['params'])} parameters, expected {len(mine['params'])}")
+        index = {pid: j for j, pid in enumerate(pid for group in groups for pid in group["params"])}
+        for pid, entry in state.items():
+            j = index.get(pid)
+            if j is None:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: state for parameter id {pid}, which no group "
+                                 "holds")
+            for key, value in entry.items():
+                if key not in self.state_keys:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {names[j]}: unexpected state {key!r} "
+                                     f"(expected {sorted(self.state_keys)}; another rule's state_dict?)")
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[j].shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {names[j]}: {key} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(params[j].shape)} (another architecture?)")
+        super().load_state_dict(state_dict)
+
+
+def _as_target(target):
+    """Tensors pass; numpy arrays and lists of numbers become tensors; anything else is a one-line error."""
+    if isinstance(target, Tensor):
+        return target
+    if type(target).__module__ == "numpy" or isinstance(target, (list, tuple)):
+        try:
+            return torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"target: expected a tensor (or a list / numpy array of numbers), got "
+                             f"{type(target).__name__}: {exc}") from None
+    raise ValueError(f"target: expected a tensor, got {type(target).__name__}")
 
 
 BASES: dict[str, type[Optimizer]] = {
@@ -350,21 +409,28 @@ BASES: dict[str, type[Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,
 }
+_BASE_STATE_KEYS = {
+    torch.optim.SGD: {"momentum_buffer"},
+    torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    torch.optim.RMSprop: {"step", "square_avg", "momentum_buffer", "grad_avg"},
+}
 
 
 class DelegatingRuleOptimizer(RuleOptimizer):
     """A rule whose update is any ``torch.optim`` optimizer's (``base``), fed the rule's ``.grad``.
 
-    The base optimizer (``self.inner``) shares this optimizer's ``param_groups`` list and ``state``
-    dict, so schedulers and ``add_param_group`` change the lr it uses, and ``state_dict()`` /
-    ``load_state_dict()`` carry its buffers (momentum, Adam moments). Subclasses compute
-    ``{param: grad}`` and call ``_apply_base(grads)``.
+    The base optimizer (``self.inner``) shares this optimizer's ``param_groups`` and ``state``, so
+    schedulers and ``add_param_group`` change the lr it uses and ``state_dict()`` carries its buffers.
+    Only the parameters this forward used are stepped: the others' ``.grad`` is hidden during the step
+    (a stale ``.grad`` from an earlier step never moves a parameter). With ``validate`` the new values
+    and state are checked after the base step and the old ones restored if any is not finite.
 
     base: "sgd" | "adam" | "adamw" | "rmsprop" | an ``Optimizer`` class; ``base_kwargs`` go to it.
     """
 
     def __init__(self, net: FPropagation, params, lr: float, base, base_kwargs: dict, loss="cross_entropy",
-                 loss_kwargs: dict | None = None, validate: bool = True):
+                 loss_kwargs: dict | None = None, validate: bool = True, rule_defaults: dict | None = None):
         if isinstance(base, str) and base.lower() in BASES:
             base_cls = BASES[base.lower()]
         elif isinstance(base, type) and issubclass(base, Optimizer):
@@ -373,26 +439,65 @@ class DelegatingRuleOptimizer(RuleOptimizer):
             raise ValueError(f"base must be one of {sorted(BASES)} or an Optimizer class, got {base!r}")
         if not isinstance(net, FPropagation):
             raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
+        lr = check_hyper("lr", lr)
         params = list(net.parameters() if params is None else params)
         self.inner = base_cls(params, lr=lr, **base_kwargs)  # validates its own hyper-parameters
-        # the inner optimizer's groups (dicts with all of its keys) become ours, then both share them
-        super().__init__(net, self.inner.param_groups, dict(self.inner.defaults), loss=loss,
+        for group in self.inner.param_groups:
+            for key, value in (rule_defaults or {}).items():
+                group.setdefault(key, value)
+        self.state_keys = frozenset(_BASE_STATE_KEYS.get(base_cls, set()) or {"*"})
+        super().__init__(net, self.inner.param_groups, {**self.inner.defaults, **(rule_defaults or {})}, loss=loss,
                          loss_kwargs=loss_kwargs, validate=validate)
         self._link_inner()
+
+    def _ranges(self) -> dict:
+        return {"lr": (0.0, math.inf)}
 
     def _link_inner(self) -> None:
         self.inner.param_groups = self.param_groups
         self.inner.state = self.state
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)  # load_state_dict replaces param_groups and state: re-share them
+        super().__setstate__(state)
         if "inner" in self.__dict__:
             self._link_inner()
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "*" in self.state_keys:  # an Optimizer class we know nothing about: torch's own checks only
+            Optimizer.load_state_dict(self, state_dict)
+        else:
+            super().load_state_dict(state_dict)
+
     def _apply_base(self, grads: dict[Tensor, Tensor]) -> None:
-        """Write ``grads`` into ``.grad`` of this optimizer's parameters, then step the base optimizer."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param in grads:
-                    param.grad = grads[param]
-        self.inner.step()
+        """Step the base optimizer on exactly the parameters in ``grads`` (all-or-nothing with validate)."""
+        mine = [p for group in self.param_groups for p in group["params"]]
+        used = [p for p in mine if p in grads]
+        hidden = {p: p.grad for p in mine if p not in grads and p.grad is not None}
+        saved = None
+        if self.validate:
+            saved = [(p, p.clone(), p.grad, {k: v.clone() if isinstance(v, Tensor) else v
+                                             for k, v in self.state.get(p, {}).items()}, p in self.state)
+                     for p in used]
+        try:
+            for p in hidden:
+                p.grad = None
+            for p in used:
+                p.grad = grads[p]
+            self.inner.step()
+            if self.validate:
+                new = used + [v for p in used for v in self.state.get(p, {}).values()
+                              if isinstance(v, Tensor) and v.is_floating_point()]
+                check_finite(new, f"{type(self).__name__} step", names=lambda: [
+                    f"the new value of {n}" for n in param_names(self.net, used)] + ["the optimizer state"] * len(new))
+        except BaseException:
+            for p, value, grad, state, had in saved or []:
+                p.copy_(value)
+                p.grad = grad
+                if had:
+                    self.state[p] = state
+                else:
+                    self.state.pop(p, None)
+            raise
+        finally:
+            for p, grad in hidden.items():
+                p.grad = grad

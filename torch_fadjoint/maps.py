@@ -1,0 +1,517 @@
+"""The table of parameter-free maps: activations, pooling, views, Dropout, LogSoftmax (ALGORITHMS.md §1.1, §6.1).
+
+One small class per map on a shared base (BackPACK's per-module derivatives, STYLE P7), looked up by
+the module's exact type (a subclass may change ``forward``, STYLE P8) — or, for a functional forward
+between modules (``F.relu(x)``, ``x.view(x.size(0), -1)``, ``F.max_pool2d(x, 2)``), by the function,
+which :data:`FUNCTIONALS` turns into the equivalent module (``nn.ReLU()``, a reshape, ``nn.MaxPool2d(2)``):
+modules and functionals go through the same entries. Each entry says what the recorder keeps for it
+(``record``: the cheapest sufficient quantity of the §1.1 table) and how an adjoint goes through it
+(``backward``: step 1 of §1.2, Y* = J^T X*; ``backward_`` may write into X*'s buffer).
+
+The backward kernels are autograd's own (``torch.ops.aten.*_backward``), so the F-adjoint reproduces
+``loss.backward()`` bit for bit where autograd uses the same kernel.
+
+=========================  ====================================  ===========================  =========
+map                        backward from the record              record                       LFP (§6.4)
+=========================  ====================================  ===========================  =========
+ReLU                       1[Y > 0]                              X (the next layer's input)   identity
+LeakyReLU(a), a > 0        1 if Y > 0 else a                     X                            identity
+Sigmoid / Tanh             X (1 − X) / 1 − X²                    X                            identity
+ELU(α), α ≥ 0              1 if Y > 0 else X + α                 X                            identity
+Softplus, SiLU, GELU       σ'(Y)                                 Y                            identity
+Identity, InputNoise       1                                     nothing                      identity
+Step (tfa.nn)              0 almost everywhere: not trainable    nothing                      identity
+Dropout, Dropout1d/2d      mask / (1 − p) (train mode)           the mask (drawn here)        backward
+Flatten, Unflatten, views  reshape                               the input shape              backward
+MaxPool1d/2d               to the arg-max (indices recomputed)   Y (the pool's input)         backward
+AvgPool1d/2d               avg_poolNd_backward                   the input shape              ε-rule
+AdaptiveAvgPool1d/2d       _adaptive_avg_poolNd_backward         the input shape              ε-rule
+LogSoftmax(dim=1 | −1)     Y* = X* − softmax(Y) Σ X*  (row-wise)  X                            refused
+=========================  ====================================  ===========================  =========
+
+Users extend the table with :func:`register_map` (alias ``register_derivative``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import nn as tfa_nn
+
+__all__ = ["Map", "Derivative", "MapRecord", "MAPS", "FUNCTIONALS", "VIEWS", "TRANSPARENT", "Reshape", "register_map",
+           "register_derivative", "map_for", "supported_maps"]
+
+_aten = torch.ops.aten
+
+
+class Map:
+    """Base of a map entry. ``saves``: ``"input"`` (Y), ``"output"`` (X), ``"none"``, or the entry's own.
+
+    ``elementwise``: X = σ(Y) entry by entry (the equilibrium and IL states need it; §2, §5);
+    ``differentiable``: False where σ' is 0 almost everywhere (Step); ``lfp``: how LFP passes a reward
+    through (``"identity"``, ``"backward"`` = the ordinary backward, ``"epsilon"`` = the ε-rule, §6.4,
+    ``None`` = refused); ``stochastic``: not a function of its input (Dropout in train mode).
+    """
+
+    saves = "output"
+    elementwise = True
+    differentiable = True
+    lfp: str | None = "identity"
+    stochastic = False
+
+    def check(self, module: nn.Module) -> None:
+        """Raise ValueError when this configuration of the module is not supported (checked at attach)."""
+
+    def record(self, module: nn.Module, y: Tensor, x: Tensor):
+        """What the recorder keeps, given the map's input ``y`` and output ``x``."""
+        if self.saves == "input":
+            return y
+        if self.saves == "output":
+            return x
+        return None
+
+    def hook_output(self, module: nn.Module, y: Tensor, x: Tensor):
+        """``(output, record)`` for a module that has run; an entry may replace the output."""
+        return x, self.record(module, y, x)
+
+    def run(self, module: nn.Module, y: Tensor, call):
+        """``(output, record)`` for a functional call; ``call()`` runs the user's function."""
+        return self.hook_output(module, y, call())
+
+    def backward(self, module: nn.Module, saved, x_adj: Tensor) -> Tensor:
+        """Y* = J^T X*, in Y's shape (step 1 of ALGORITHMS.md §1.2)."""
+        raise NotImplementedError
+
+    def backward_(self, module: nn.Module, saved, x_adj: Tensor) -> Tensor:
+        """Like :meth:`backward`, but may overwrite and return ``x_adj`` (the caller owns it)."""
+        return self.backward(module, saved, x_adj)
+
+    def forward(self, module: nn.Module, y: Tensor) -> Tensor:
+        """The map at a new point (inference learning's ρ, §5)."""
+        return module(y)
+
+    def vjp_at(self, module: nn.Module, y: Tensor, x_adj: Tensor) -> Tensor:
+        """J(y)^T x_adj at a new point y (inference learning through pooling, §6.6)."""
+        return self.backward(module, self.record(module, y, self.forward(module, y)), x_adj)
+
+    def df_at(self, module: nn.Module, y: Tensor) -> Tensor:
+        """σ'(y) at a new point (elementwise maps: §2.4's σ'(D), §5's ρ')."""
+        if not self.elementwise:
+            raise TypeError(f"{type(module).__name__} is not elementwise: it has no σ'(y) tensor")
+        return self.vjp_at(module, y, torch.ones_like(y))
+
+
+Derivative = Map  # the name of the §1.1 table's entries in earlier releases
+
+
+@dataclass
+class MapRecord:
+    """One map of layer k's chain: its name (qualified module name, or ``F.relu after conv1``), the module
+    (or the functional's stand-in), its entry, what it saved, and (``keep_io``) its input and output."""
+
+    name: str
+    module: nn.Module
+    entry: Map
+    saved: object
+    y: Tensor | None = None
+    x: Tensor | None = None
+
+
+class _Identity(Map):
+    saves = "none"
+
+    def backward(self, module, saved, x_adj):
+        return x_adj
+
+    def backward_(self, module, saved, x_adj):
+        return x_adj
+
+
+class _Noise(_Identity):
+    """InputNoise: derivative 1, but not a function of its input in training mode."""
+
+    stochastic = True
+
+
+class _ReLU(Map):
+    def backward(self, module, saved, x_adj):
+        return _aten.threshold_backward(x_adj, saved, 0)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.threshold_backward.grad_input(x_adj, saved, 0, grad_input=x_adj)
+
+
+class _LeakyReLU(Map):
+    # The sign of X equals the sign of Y for a positive slope; autograd records Y, we record X.
+    def check(self, module):
+        if not module.negative_slope > 0:
+            raise ValueError(f"LeakyReLU(negative_slope={module.negative_slope}): expected a positive slope "
+                             "(the record is X, whose sign must equal Y's)")
+
+    def backward(self, module, saved, x_adj):
+        return _aten.leaky_relu_backward(x_adj, saved, module.negative_slope, True)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.leaky_relu_backward.grad_input(x_adj, saved, module.negative_slope, True, grad_input=x_adj)
+
+
+class _Sigmoid(Map):
+    def backward(self, module, saved, x_adj):
+        return _aten.sigmoid_backward(x_adj, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.sigmoid_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
+
+class _Tanh(Map):
+    def backward(self, module, saved, x_adj):
+        return _aten.tanh_backward(x_adj, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.tanh_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
+
+class _ELU(Map):
+    def check(self, module):
+        if not module.alpha >= 0:
+            raise ValueError(f"ELU(alpha={module.alpha}): expected alpha >= 0 (the record is X, which must tell "
+                             "Y > 0 from Y <= 0)")
+
+    def backward(self, module, saved, x_adj):
+        return _aten.elu_backward(x_adj, module.alpha, 1.0, 1.0, True, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.elu_backward.grad_input(x_adj, module.alpha, 1.0, 1.0, True, saved, grad_input=x_adj)
+
+
+class _Softplus(Map):
+    saves = "input"
+
+    def backward(self, module, saved, x_adj):
+        return _aten.softplus_backward(x_adj, saved, module.beta, module.threshold)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.softplus_backward.grad_input(x_adj, saved, module.beta, module.threshold, grad_input=x_adj)
+
+
+class _SiLU(Map):
+    saves = "input"
+
+    def backward(self, module, saved, x_adj):
+        return _aten.silu_backward(x_adj, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.silu_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
+
+class _GELU(Map):
+    saves = "input"
+
+    def backward(self, module, saved, x_adj):
+        return _aten.gelu_backward(x_adj, saved, approximate=module.approximate)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.gelu_backward.grad_input(x_adj, saved, approximate=module.approximate, grad_input=x_adj)
+
+
+class _LogSoftmax(Map):
+    elementwise = False
+    lfp = None
+
+    def check(self, module):
+        if module.dim not in (-1, 1):
+            raise ValueError(f"LogSoftmax(dim={module.dim}): expected dim=1 (or -1) over (batch, classes)")
+
+    def record(self, module, y, x):
+        if x.dim() != 2:
+            raise ValueError(f"LogSoftmax: expected a (batch, classes) input, got shape {tuple(y.shape)}")
+        return x
+
+    def backward(self, module, saved, x_adj):
+        # autograd's kernel: Y* = X* − exp(X) Σ_j X*_j (ALGORITHMS.md §1.3)
+        return _aten._log_softmax_backward_data(x_adj, saved, 1, saved.dtype)
+
+
+class _Reshape(Map):
+    """Flatten, Unflatten and views that keep the batch dimension: the adjoint is reshaped back."""
+
+    saves = "shape"
+    elementwise = False
+    lfp = "backward"
+
+    def record(self, module, y, x):
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"expected a view that keeps the batch dimension 0, got {tuple(y.shape)} -> "
+                             f"{tuple(x.shape)}")
+        return y.shape
+
+    def backward(self, module, saved, x_adj):
+        return x_adj.reshape(saved)
+
+    backward_ = backward
+
+
+class Reshape(nn.Module):
+    """The stand-in of a functional view (``x.view(B, -1)``, ``torch.flatten(x, 1)``): keeps the batch size."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return y.reshape(y.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape=(B, {', '.join(map(str, self.shape))})"
+
+
+class _Dropout(Map):
+    """Dropout in train mode: the recorder draws the mask itself so that it can keep it.
+
+    The output is ``y · mask / (1 − p)`` (written into ``y`` with ``inplace=True``, as the module does);
+    the module's own draw never happens (the functional path) or is discarded (a module hook).
+    In eval mode (or p = 0) it is the identity and nothing is recorded.
+    """
+
+    saves = "mask"
+    lfp = "backward"
+    stochastic = True
+
+    def run(self, module, y, call):
+        if not module.training or module.p == 0:
+            return call(), None
+        shape = y.shape[:2] + (1,) * (y.dim() - 2) if self.channelwise else y.shape
+        if module.p == 1:
+            mask = y.new_zeros(shape)
+        else:
+            mask = y.new_empty(shape).bernoulli_(1 - module.p).div_(1 - module.p)
+        return (y.mul_(mask) if module.inplace else y * mask), mask
+
+    channelwise = False
+
+    def backward(self, module, saved, x_adj):
+        return x_adj if saved is None else x_adj * saved
+
+    def backward_(self, module, saved, x_adj):
+        return x_adj if saved is None else x_adj.mul_(saved)
+
+    def df_at(self, module, y):
+        raise TypeError("Dropout's derivative is its recorded mask; there is no σ'(y) at a new point")
+
+
+class _ChannelDropout(_Dropout):
+    channelwise = True
+
+    def check(self, module):
+        pass
+
+
+class _Step(Map):
+    saves = "none"
+    differentiable = False
+
+    def backward(self, module, saved, x_adj):
+        return torch.zeros_like(x_adj)
+
+
+def _spatial(module, name: str, n: int) -> list[int]:
+    value = getattr(module, name)
+    return list(value) if isinstance(value, (tuple, list)) else [value] * n
+
+
+class _MaxPool(Map):
+    """MaxPoolNd: the record is the pool's input (often the ReLU's record already); the indices are
+    recomputed at the sweep (the same deterministic kernel), so no index tensor is kept."""
+
+    saves = "input"
+    elementwise = False
+    lfp = "backward"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def check(self, module):
+        if module.return_indices:
+            raise ValueError("MaxPool with return_indices=True returns two tensors; not a map of the chain")
+
+    def _geometry(self, module):
+        kernel = _spatial(module, "kernel_size", self.n)
+        stride = _spatial(module, "stride", self.n) if module.stride is not None else kernel
+        return kernel, stride, _spatial(module, "padding", self.n), _spatial(module, "dilation", self.n)
+
+    def backward(self, module, saved, x_adj):
+        kernel, stride, padding, dilation = self._geometry(module)
+        y = saved
+        if self.n == 1:  # as torch's max_pool1d: the 2-d kernel on an inserted height of 1
+            y, x_adj = y.unsqueeze(-2), x_adj.unsqueeze(-2)
+            kernel, stride, padding, dilation = [1] + kernel, [1] + stride, [0] + padding, [1] + dilation
+        _, indices = _aten.max_pool2d_with_indices(y, kernel, stride, padding, dilation, module.ceil_mode)
+        y_adj = _aten.max_pool2d_with_indices_backward(x_adj, y, kernel, stride, padding, dilation,
+                                                       module.ceil_mode, indices)
+        return y_adj.squeeze(-2) if self.n == 1 else y_adj
+
+
+class _AvgPool(Map):
+    saves = "shape"
+    elementwise = False
+    lfp = "epsilon"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def record(self, module, y, x):
+        return y.shape, y.dtype, y.device
+
+    def backward(self, module, saved, x_adj):
+        shape, dtype, device = saved
+        kernel = _spatial(module, "kernel_size", self.n)
+        stride = _spatial(module, "stride", self.n) if module.stride else kernel
+        padding = _spatial(module, "padding", self.n)
+        if self.n == 1:
+            x_adj = x_adj.unsqueeze(-2)
+            shape = shape[:-1] + (1,) + shape[-1:]
+            kernel, stride, padding = [1] + kernel, [1] + stride, [0] + padding
+        y_like = x_adj.new_empty(()).expand(shape)  # the kernel reads only the input's sizes
+        divisor = None if self.n == 1 else module.divisor_override
+        y_adj = _aten.avg_pool2d_backward(x_adj, y_like, kernel, stride, padding, module.ceil_mode,
+                                          module.count_include_pad, divisor)
+        return y_adj.squeeze(-2) if self.n == 1 else y_adj
+
+
+class _AdaptiveAvgPool(Map):
+    saves = "shape"
+    elementwise = False
+    lfp = "epsilon"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def record(self, module, y, x):
+        return y.shape
+
+    def backward(self, module, saved, x_adj):
+        shape = saved
+        if self.n == 1:
+            x_adj = x_adj.unsqueeze(-2)
+            shape = shape[:-1] + (1,) + shape[-1:]
+        y_adj = _aten._adaptive_avg_pool2d_backward(x_adj, x_adj.new_empty(()).expand(shape))
+        return y_adj.squeeze(-2) if self.n == 1 else y_adj
+
+
+MAPS: dict[type, Map] = {
+    nn.Identity: _Identity(),
+    nn.ReLU: _ReLU(),
+    nn.LeakyReLU: _LeakyReLU(),
+    nn.Sigmoid: _Sigmoid(),
+    nn.Tanh: _Tanh(),
+    nn.ELU: _ELU(),
+    nn.Softplus: _Softplus(),
+    nn.SiLU: _SiLU(),
+    nn.GELU: _GELU(),
+    nn.LogSoftmax: _LogSoftmax(),
+    nn.Flatten: _Reshape(),
+    nn.Unflatten: _Reshape(),
+    Reshape: _Reshape(),
+    nn.Dropout: _Dropout(),
+    nn.Dropout1d: _ChannelDropout(),
+    nn.Dropout2d: _ChannelDropout(),
+    nn.MaxPool1d: _MaxPool(1),
+    nn.MaxPool2d: _MaxPool(2),
+    nn.AvgPool1d: _AvgPool(1),
+    nn.AvgPool2d: _AvgPool(2),
+    nn.AdaptiveAvgPool1d: _AdaptiveAvgPool(1),
+    nn.AdaptiveAvgPool2d: _AdaptiveAvgPool(2),
+    tfa_nn.InputNoise: _Noise(),
+    tfa_nn.Step: _Step(),
+}
+
+# Modules whose own forward the recorder lets run under its function mode, so that the functional inside
+# (F.dropout) is the one recorded: Dropout must draw its mask once, also with inplace=True (§6.7).
+TRANSPARENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+
+
+def _dropout(cls):
+    def make(input, p=0.5, training=True, inplace=False):
+        module = cls(p, inplace)
+        module.train(training)
+        return module
+    return make
+
+
+# Functional forwards → the equivalent module (its entry then does the rest). Each builder takes the
+# function's own arguments (the chain tensor is ``input``; other tensors are not allowed).
+FUNCTIONALS: dict = {
+    F.relu: lambda input, inplace=False: nn.ReLU(inplace),
+    torch.relu: lambda input: nn.ReLU(),
+    Tensor.relu: lambda input: nn.ReLU(),
+    F.relu_: lambda input: nn.ReLU(True),
+    torch.relu_: lambda input: nn.ReLU(True),
+    Tensor.relu_: lambda input: nn.ReLU(True),
+    F.leaky_relu: lambda input, negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope, inplace),
+    F.elu: lambda input, alpha=1.0, inplace=False: nn.ELU(alpha, inplace),
+    F.gelu: lambda input, approximate="none": nn.GELU(approximate),
+    F.silu: lambda input, inplace=False: nn.SiLU(inplace),
+    F.softplus: lambda input, beta=1.0, threshold=20.0: nn.Softplus(beta, threshold),
+    torch.sigmoid: lambda input: nn.Sigmoid(),
+    Tensor.sigmoid: lambda input: nn.Sigmoid(),
+    F.sigmoid: lambda input: nn.Sigmoid(),
+    torch.tanh: lambda input: nn.Tanh(),
+    Tensor.tanh: lambda input: nn.Tanh(),
+    F.tanh: lambda input: nn.Tanh(),
+    F.log_softmax: lambda input, dim=None, _stacklevel=3, dtype=None: nn.LogSoftmax(dim),
+    Tensor.log_softmax: lambda input, dim, dtype=None: nn.LogSoftmax(dim),
+    torch.log_softmax: lambda input, dim, dtype=None: nn.LogSoftmax(dim),
+    F.max_pool1d: lambda input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+    return_indices=False: nn.MaxPool1d(kernel_size, stride, padding, dilation, False, ceil_mode),
+    F.max_pool2d: lambda input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+    return_indices=False: nn.MaxPool2d(kernel_size, stride, padding, dilation, False, ceil_mode),
+    F.avg_pool1d: lambda input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True:
+    nn.AvgPool1d(kernel_size, stride, padding, ceil_mode, count_include_pad),
+    F.avg_pool2d: lambda input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None: nn.AvgPool2d(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override),
+    F.adaptive_avg_pool1d: lambda input, output_size: nn.AdaptiveAvgPool1d(output_size),
+    F.adaptive_avg_pool2d: lambda input, output_size: nn.AdaptiveAvgPool2d(output_size),
+    F.dropout: _dropout(nn.Dropout),
+    F.dropout1d: _dropout(nn.Dropout1d),
+    F.dropout2d: _dropout(nn.Dropout2d),
+}
+
+# Views that keep the batch dimension: recorded as a ``Reshape`` to the output's shape.
+VIEWS = frozenset({torch.flatten, Tensor.flatten, Tensor.view, Tensor.reshape, torch.reshape, Tensor.unflatten,
+                   torch.unflatten})
+
+
+def register_map(module_type: type, entry: Map, overwrite: bool = False) -> None:
+    """Add a parameter-free module type to the table (ALGORITHMS.md §1.1); refuses a silent overwrite.
+
+    >>> class Square(nn.Module):
+    ...     def forward(self, y): return y * y
+    >>> class SquareMap(Map):
+    ...     saves = "input"
+    ...     def backward(self, module, y, x_adj): return 2 * y * x_adj
+    >>> register_map(Square, SquareMap())
+    """
+    from .layers import LAYERS  # the two tables must not share a type
+
+    if not isinstance(entry, Map):
+        raise TypeError(f"expected a Map instance, got {type(entry).__name__}")
+    if module_type in LAYERS:
+        raise ValueError(f"{module_type.__name__} is a parametric layer (tfa.layers.LAYERS), not a map")
+    if module_type in MAPS and not overwrite:
+        raise ValueError(f"{module_type.__name__} already has a map entry; pass overwrite=True to replace it")
+    MAPS[module_type] = entry
+
+
+register_derivative = register_map
+
+
+def map_for(module: nn.Module) -> Map | None:
+    """The table entry for ``module``'s exact type, or None."""
+    return MAPS.get(type(module))
+
+
+def supported_maps() -> list[str]:
+    return sorted(t.__name__ for t in MAPS if t is not Reshape)

@@ -1,0 +1,146 @@
+"""The equilibrium F-adjoint: its relaxation on the shared sweep (ALGORITHMS.md §2.1–§2.4, §6.3).
+
+Each parametric layer's adjoint state Z^k lives in X^k's shape and is a leaky integrator driven by the
+layer above; after K forward-Euler steps of size τ (§2.2) it is, exactly,
+
+    Z^k(K) = drive + f (start − drive),   f = (1 − τ)^K   (e^{−t} in continuous time; 0 at equilibrium:
+                                                            steps=None or t=inf)
+
+so the fast path is one fused op per layer (``torch.lerp``); ``relaxation="euler"`` runs the explicit
+loop as the reference. Top-down, per layer (§2.2, §2.3, §6.3)::
+
+    k = L:   D = J_maps^T X*^L (Y^L's shape);  Ỹ^L = Z^L(K) toward D, started from X^L (or Y^L when X^L's
+             shape differs)    [reference_output_derivative=True: Ỹ^L ⊙ σ_L'(D), the reference quirk, §2.4]
+    k < L:   drive = J_X(A_{k+1})^T Ỹ^{k+1};   Ỹ^k = J_maps^T Z^k(K)   (Z ⊙ σ'(Y^k) for an elementwise σ)
+    feedback = J_θ(A_k)^T Ỹ^k  (the F-adjoint's verb)
+
+The start (``init``, §6.3): ``"forward"`` is the literal X^k of §2.2 (the reference reproduction, §2.4);
+``"zero"`` starts at 0; the default ``"scaled"`` is X^k / B, the forward state in the units of a
+batch-MEAN loss: the reference sums its gradients over the batch (its drive is O(1), like X^k), a
+mean loss divides the drive by B, and dividing the start alike makes the rule the reference's divided
+by B (and the same on every split of the batch over ranks). With ``"forward"`` and a mean loss the
+start swamps the drive (§6.3 measured 13× the first conv's gradient at batch 64).
+
+With f = 0, no quirk and ``sequential=False`` the step IS the F-adjoint step (bit for bit).
+The optimizer (the sequential local rule, §2.3) is ``tfa.optim.EquilibriumFAdjoint``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..layers import LayerRecord
+from ..sweep import Rule, check_out_adj, check_rule, sweep_grads
+
+__all__ = ["EquilibriumRule", "equilibrium_grads", "relaxation_factor", "INITS", "RELAXATIONS"]
+
+INITS = ("scaled", "forward", "zero")
+RELAXATIONS = ("closed_form", "euler")
+
+
+def relaxation_factor(tau: float = 0.1, steps: int | None = 100, t: float | None = None) -> float:
+    """f with Z(K) = drive + f (start − drive): (1 − τ)^K, e^{−t} if ``t`` is given, 0 at equilibrium.
+
+    >>> relaxation_factor(0.5, 2), relaxation_factor(t=0.0), relaxation_factor(steps=None)
+    (0.25, 1.0, 0.0)
+    """
+    check_relaxation(tau, steps, t)
+    if t is not None:
+        return 0.0 if math.isinf(t) else math.exp(-t)
+    if steps is None:
+        return 0.0
+    return (1.0 - tau) ** steps
+
+
+def check_relaxation(tau, steps, t, init: str = "scaled", relaxation: str = "closed_form") -> None:
+    """ValueError naming the argument: τ ∈ (0, 1], K an int ≥ 0 or None, t ≥ 0 or None, init, relaxation."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps must be an int >= 0 or None (equilibrium), got {steps!r}")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) >= 0.0):
+        raise ValueError(f"t must be a number >= 0 (inf: equilibrium) or None, got {t!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if relaxation not in RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
+    if relaxation == "euler" and (t is not None or steps is None):
+        raise ValueError("relaxation='euler' runs K = steps discrete steps: needs an int steps and t=None")
+
+
+class EquilibriumRule(Rule):
+    """The §2.2 relaxation plugged into the shared sweep (STYLE P6); only ``through_maps`` differs.
+
+    ``through_maps(layer k, signal, top)``: ``signal`` is X*^L (top) or the drive J_X^T Ỹ^{k+1};
+    returns Ỹ^k in Y^k's shape. ``through_layer`` and ``param_feedback`` are the F-adjoint's.
+    """
+
+    name = "the equilibrium F-adjoint"
+
+    def __init__(self, tau: float = 0.1, steps: int | None = 100, t: float | None = None, init: str = "scaled",
+                 reference_output_derivative: bool = False, relaxation: str = "closed_form"):
+        check_relaxation(tau, steps, t, init, relaxation)
+        self.tau, self.steps, self.t, self.init = tau, steps, t, init
+        self.reference_output_derivative = bool(reference_output_derivative)
+        self.relaxation = relaxation
+        self.factor = relaxation_factor(tau, steps, t)
+
+    def allowed_map(self, entry) -> bool:
+        return not self.reference_output_derivative or entry.elementwise  # σ'(D) needs an elementwise map
+
+    def relax(self, start: Tensor, drive: Tensor) -> Tensor:
+        """Z(K) from ``start`` (the forward state, before ``init``) under a constant drive (§2.2)."""
+        if self.init == "scaled":
+            start = start / start.shape[0]
+        if self.relaxation == "euler":
+            state = start.clone() if self.init != "zero" else torch.zeros_like(drive)
+            for _ in range(self.steps):
+                state = state - self.tau * (state - drive)
+            return state
+        if self.factor == 0.0:
+            return drive  # equilibrium: exactly the F-adjoint's signal
+        if self.init == "zero":
+            return drive * (1.0 - self.factor)
+        return torch.lerp(drive, start, self.factor)  # drive + f (start − drive), one fused op
+
+    def through_maps(self, layer: LayerRecord, signal: Tensor, top: bool) -> Tensor:
+        if not top:
+            return super().through_maps(layer, self.relax(layer.x, signal), top)
+        drive = super().through_maps(layer, signal, top)  # D = J_maps^T X*^L, in Y^L's shape
+        start = layer.x if layer.x.shape == drive.shape else layer.y
+        if start is None:
+            raise RuntimeError(f"{layer.describe}: X^L's shape {tuple(layer.x.shape)} is not Y^L's "
+                               f"{tuple(drive.shape)}; the top state starts from Y^L, which needs "
+                               "FPropagation(model, keep_pre_activations=True)")
+        y_tilde = self.relax(start, drive)
+        if self.reference_output_derivative:
+            for rec in reversed(layer.maps):  # the extra σ_L'(D) of the reference code (§2.4)
+                y_tilde = y_tilde * rec.entry.df_at(rec.module, drive)
+        return y_tilde
+
+
+@torch.no_grad()
+def equilibrium_grads(net, out_adj: Tensor, *, tau: float = 0.1, steps: int | None = 100, t: float | None = None,
+                      init: str = "scaled", reference_output_derivative: bool = False,
+                      relaxation: str = "closed_form", validate: bool = True,
+                      retain_records: bool = False) -> dict[Tensor, Tensor]:
+    """The non-sequential equilibrium feedback (§2.2, ``sequential=False``): {param: ∂}, nothing written.
+
+    out_adj: X*^L in the output's shape. Every drive uses the current weights, so any torch optimizer
+    can consume the result. With steps=None (or t=inf) and no quirk it equals ``fadjoint_grads``.
+
+    >>> from torch import nn
+    >>> from torch_fadjoint import FPropagation
+    >>> net = FPropagation(nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)))
+    >>> out = net(torch.ones(5, 3))
+    >>> [tuple(g.shape) for g in equilibrium_grads(net, torch.ones(5, 2)).values()]
+    [(2, 4), (2,), (4, 3), (4,)]
+    """
+    rule = EquilibriumRule(tau, steps, t, init, reference_output_derivative, relaxation)
+    layers = net.recorded_layers()
+    check_out_adj(net, out_adj)
+    check_rule(rule, layers)
+    return sweep_grads(net, layers, out_adj, rule, what="equilibrium F-adjoint gradients", validate=validate,
+                       retain_records=retain_records)
