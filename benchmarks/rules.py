@@ -93,7 +93,7 @@ class AutogradSGD:
 
 
 class RuleTrainer:
-    """A ``tfa.optim`` optimizer on an ``FPropagation`` of the model: forward, then ``opt.step(t)``."""
+    """A ``tfa.optim`` optimizer on an ``FPropagation`` of the model: forward, then ``opt.step(target=t)``."""
 
     uses_autograd = False
 
@@ -107,7 +107,7 @@ class RuleTrainer:
     @torch.no_grad()
     def step(self, x, target):
         self.net(x)
-        return self.opt.step(target)
+        return self.opt.step(target=target)
 
     def state_dict(self):
         return self.opt.state_dict()

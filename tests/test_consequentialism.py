@@ -27,7 +27,7 @@ def one_step_moves(mode, batch, bias=True):
     with torch.no_grad():
         y_old = net(x)
     _, out_adj = tfa.losses.mse(y_old, target)
-    opt.step(target)
+    opt.step(target=target)
     with torch.no_grad():
         y_new = model(x)
     return y_new - y_old, batch * out_adj
@@ -110,7 +110,7 @@ def test_composes_with_torch_optimizers(base, kwargs):
         for p in twin.parameters():
             p.grad = grads[p]
         ref.step()
-        opt.step(target)
+        opt.step(target=target)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
 
@@ -124,7 +124,7 @@ def test_state_dict_round_trip_with_adam_moments():
     for _ in range(2):
         with torch.no_grad():
             net(x)
-        opt.step(target)
+        opt.step(target=target)
     state = copy.deepcopy(opt.state_dict())
     assert {"exp_avg", "exp_avg_sq"} <= set(state["state"][0])
     clone = copy.deepcopy(model)
@@ -133,7 +133,7 @@ def test_state_dict_round_trip_with_adam_moments():
     for net_, opt_ in ((net, opt), (opt2.net, opt2)):
         with torch.no_grad():
             net_(x)
-        opt_.step(target)
+        opt_.step(target=target)
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)
 
@@ -146,7 +146,7 @@ def test_errors_leave_parameters_and_state_untouched():
     x, target = data(4)
     with torch.no_grad():
         net(x)
-    opt.step(target)
+    opt.step(target=target)
     before = [p.clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     with torch.no_grad():

@@ -40,7 +40,7 @@ def test_fadjoint_optimizer_on_cuda_matches_sgd_foreach():
     for _ in range(50):
         x, t = torch.randn(32, 20, device="cuda", dtype=torch.float64), torch.randint(0, 5, (32,), device="cuda")
         net(x)
-        opt.step(t)
+        opt.step(target=t)
         ref_opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(x), t).backward()
         ref_opt.step()

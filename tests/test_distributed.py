@@ -54,7 +54,7 @@ def train(model, rule, rank=0, world=1, group=None):
     opt = make_opt(rule, net)
     for x, t in data():
         net(shard(x, rank, world))
-        opt.step(shard(t, rank, world))
+        opt.step(target=shard(t, rank, world))
     return model
 
 
@@ -91,19 +91,19 @@ def _worker(rank, world, init_file, out_dir):
         net = tfa.FPropagation(model, process_group=group)
         opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
         net(shard(x, rank, world))
-        opt.step(shard(t, rank, world))
+        opt.step(target=shard(t, rank, world))
         before = params(model)
         x_bad = shard(x, rank, world).clone()
         if rank == 1:
             x_bad[3, 2] = float("nan")
         net(x_bad)
         try:
-            opt.step(shard(t, rank, world))
+            opt.step(target=shard(t, rank, world))
             out["nan_error"] = None
         except RuntimeError as exc:
             out["nan_error"] = str(exc)
         out["nan_untouched"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-        opt.step(shard(t, rank, world), closure=lambda: net(shard(x, rank, world)))  # the group still works
+        opt.step(target=shard(t, rank, world), closure=lambda: net(shard(x, rank, world)))  # the group still works
         out["after_nan"] = params(model)
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -222,7 +222,7 @@ def test_wait_each_completes_a_layer_before_its_update():
     lambda net, out_adj: tfa.optim.FAdjoint(net, lr=0.1).step(out_adj=out_adj),
     lambda net, out_adj: tfa.optim.EquilibriumFAdjoint(net, lr=0.1).step(out_adj=out_adj),
     lambda net, out_adj: tfa.optim.Consequentialism(net, lr=0.1).step(out_adj=out_adj),
-    lambda net, out_adj: tfa.optim.LFP(net, lr=0.1).step(reward=out_adj),
+    lambda net, out_adj: tfa.optim.LFP(net, lr=0.1).step(out_adj=out_adj),
 ], ids=["adjoint", "fadjoint", "equilibrium-sequential", "consequentialism", "lfp"])
 def test_every_rule_averages_every_layer_through_the_recorder(call):
     """Every path that writes .grad launches each layer's all-reduce and waits before returning."""

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_fadjoint as tfa
-from torch_fadjoint.optim.equilibrium import EquilibriumFAdjoint, equilibrium_grads, relaxation_factor
+from torch_fadjoint.optim.equilibrium import EquilibriumFAdjoint, equilibrium_grads
+from torch_fadjoint.rules.equilibrium import relaxation_factor
 
 DT = torch.float64
 
@@ -62,11 +63,12 @@ def hand_grads(model, x, out_adj, factor, init="forward", quirk=False):
 
 
 def run(model, data, **kwargs):
+    """The reference's literal start (init="forward", §2.4) unless a test says otherwise."""
     net = tfa.FPropagation(model)
-    opt = EquilibriumFAdjoint(net, **kwargs)
+    opt = EquilibriumFAdjoint(net, **{"init": "forward", **kwargs})
     for x, t in data:
         net(x)
-        opt.step(t)
+        opt.step(target=t)
     return model, opt
 
 
@@ -120,8 +122,8 @@ def test_continuous_time_is_exp_factor_and_limit_of_euler():
     x, t = batches(1)[0]
     net = tfa.FPropagation(model)
     adj = mse_adj(net(x), t)
-    got = equilibrium_grads(net, adj, t=1.5, retain_records=True)
-    euler = equilibrium_grads(net, adj, tau=1.5 / 20000, steps=20000, relaxation="euler")
+    got = equilibrium_grads(net, adj, t=1.5, init="forward", retain_records=True)
+    euler = equilibrium_grads(net, adj, tau=1.5 / 20000, steps=20000, init="forward", relaxation="euler")
     for p in got:
         torch.testing.assert_close(got[p], euler[p], rtol=1e-3, atol=1e-7)
 
@@ -138,7 +140,7 @@ def test_non_sequential_equilibrium_is_fadjoint_exactly(equilibrium):
     ref = tfa.optim.FAdjoint(net, loss="mse", **sgd)
     for x, t in data:
         net(x)
-        ref.step(t)
+        ref.step(target=t)
     for p, q in zip(got.parameters(), want.parameters()):
         assert torch.equal(p, q)
     for p, q in zip(got.parameters(), want.parameters()):
@@ -235,9 +237,9 @@ def test_state_dict_round_trip_mid_run(sequential):
     opt2.load_state_dict(state)
     for x, t in data[3:]:
         opt.net(x)
-        opt.step(t)
+        opt.step(target=t)
         net2(x)
-        opt2.step(t)
+        opt2.step(target=t)
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)
 
@@ -251,13 +253,13 @@ def test_lr_scheduler_and_param_groups():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for x, t in data:
         net(x)
-        opt.step(t)
+        opt.step(target=t)
         sched.step()
     ref = make_model()
     for i, (x, t) in enumerate(data):
         net2 = tfa.FPropagation(ref)
         net2(x)
-        EquilibriumFAdjoint(net2, lr=0.8 * 0.5 ** i).step(t)
+        EquilibriumFAdjoint(net2, lr=0.8 * 0.5 ** i).step(target=t)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
@@ -268,7 +270,7 @@ def test_lr_scheduler_and_param_groups():
                                              {"params": list(frozen[2].parameters()) + list(frozen[4].parameters())}],
                                lr=0.8)
     net3(data[0][0])
-    opt3.step(data[0][1])
+    opt3.step(target=data[0][1])
     assert torch.equal(frozen[0].weight, make_model()[0].weight)
     assert frozen[0].weight.grad is not None and frozen[0].weight.grad.abs().max() > 0
 
@@ -307,14 +309,14 @@ def test_no_forward_and_step_module_refused():
     net = tfa.FPropagation(make_model())
     opt = EquilibriumFAdjoint(net, lr=0.1)
     with pytest.raises(RuntimeError, match="no recorded forward"):
-        opt.step(torch.zeros(3, dtype=torch.long))
+        opt.step(target=torch.zeros(3, dtype=torch.long))
     model = nn.Sequential(nn.Linear(6, 5), tfa.nn.Step(), nn.Linear(5, 4)).to(DT)
     net = tfa.FPropagation(model)
     opt = EquilibriumFAdjoint(net, lr=0.1)
     net(torch.randn(3, 6, dtype=DT))
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="Step"):
-        opt.step(torch.tensor([0, 1, 2]))
+        opt.step(target=torch.tensor([0, 1, 2]))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
@@ -347,11 +349,11 @@ def test_overflow_in_bottom_layer_rolls_back_updated_upper_layers(steps_before):
     out = opt.net(x)
     assert out.isfinite().all()
     with pytest.raises(RuntimeError, match="non-finite"):
-        opt.step(t)
+        opt.step(target=t)
     assert_unchanged(model, opt, before)
     # the same step with validate=False does write (so the rollback above was real)
     opt.validate = False
     opt.net(x)
-    opt.step(t)
+    opt.step(target=t)
     assert not torch.equal(model[4].weight, before[0][4])
     assert not model[0].weight.isfinite().all()

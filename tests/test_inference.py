@@ -116,7 +116,7 @@ def test_il_prox_single_layer_batch1_moves_logits_to_the_proximal_target():
         p = model(x)
     net = recorded(model, x)
     opt = InferenceLearning(net, variant="il_prox", T=3, alpha=alpha, prox_eps=eps)
-    opt.step(t)
+    opt.step(target=t)
     with torch.no_grad():
         new = model(x)
     norm = (x ** 2).sum() + 1 + eps
@@ -161,7 +161,7 @@ def test_il_prox_adam_and_il_with_sgd_match_torch_optimizers_fed_the_same_grads(
             for p in twin.parameters():
                 p.grad = grads[p]
             ref.step()
-            opt.step(t)
+            opt.step(target=t)
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
 
@@ -175,7 +175,7 @@ def test_state_dict_round_trip_and_scheduler():
     for _ in range(2):
         with torch.no_grad():
             net(x)
-        opt.step(t)
+        opt.step(target=t)
         sched.step()
     assert opt.inner.param_groups[0]["lr"] == pytest.approx(0.0025)
     state = copy.deepcopy(opt.state_dict())
@@ -186,7 +186,7 @@ def test_state_dict_round_trip_and_scheduler():
     for net_, opt_ in ((net, opt), (opt2.net, opt2)):
         with torch.no_grad():
             net_(x)
-        opt_.step(t)
+        opt_.step(target=t)
     for p, q in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -304,7 +304,7 @@ def test_il_prox_matches_transcribed_prox_pc_py_batch1():
     opt = InferenceLearning(net, variant="il_prox", T=25, gamma_top=0.1, gamma_bot=0.2, alpha=5.0, prox_eps=0.25)
     with torch.no_grad():
         net(x)
-    opt.step(t)
+    opt.step(target=t)
     for p, ref, old in zip(model.parameters(), want, ws[:1] + bs[:1] + ws[1:2] + bs[1:2] + ws[2:] + bs[2:]):
         torch.testing.assert_close(p.detach(), ref, rtol=0, atol=1e-13)
     assert (model[0].weight - ws[0]).abs().max() > 1e-4
@@ -325,16 +325,16 @@ def test_errors_leave_everything_untouched():
     opt = InferenceLearning(net, variant="il", T=3)
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="no recorded forward|forward"):
-        opt.step(torch.tensor([0, 1]))
+        opt.step(target=torch.tensor([0, 1]))
     x, t = data(batch=4)
     with torch.no_grad():
         net(x)
     with pytest.raises(ValueError, match="target"):
-        opt.step(torch.tensor([0, 1, 2, 9]))  # class 9 of 4
+        opt.step(target=torch.tensor([0, 1, 2, 9]))  # class 9 of 4
     with torch.no_grad():
         net(torch.full_like(x, float("nan")))
     with pytest.raises(RuntimeError, match="non-finite"):
-        opt.step(t)
+        opt.step(target=t)
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q) and p.grad is None
     assert len(opt.state) == 0
@@ -363,7 +363,7 @@ def test_il_prox_learns_mnist_subset(data_root):
     for idx in torch.randperm(3000, generator=torch.Generator().manual_seed(0)).split(16):
         with torch.no_grad():
             net(train_x[idx])
-        opt.step(train_t[idx])
+        opt.step(target=train_t[idx])
     with torch.no_grad(), net.paused():
         acc = (model(splits["test"].x[:2000]).argmax(1) == splits["test"].t[:2000]).double().mean().item()
     assert acc > 0.5, acc

@@ -8,7 +8,8 @@ from torch import nn
 
 import torch_fadjoint as tfa
 from torch_fadjoint.optim.fadjoint import fadjoint_grads
-from torch_fadjoint.optim.lfp import LFP, lfp_backward, lfp_grads, lfp_reward
+from torch_fadjoint.optim.lfp import LFP, lfp_backward, lfp_grads
+from torch_fadjoint.rules.lfp import lfp_reward
 
 from . import oracles
 
@@ -146,7 +147,7 @@ def test_dropout_applies_recorded_mask():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4)).to(DT)
     x, t = data()
     net = record(model, x)
-    mask = net.layers[0].activations[1].saved.clone()
+    mask = net.layers[0].maps[1].saved.clone()
     got = lfp_grads(net, t)
     # reference: the same forward with the mask applied by a fixed elementwise multiply is the same chain,
     # so compute the two-layer LFP by hand
@@ -220,7 +221,7 @@ def test_optimizer_equals_lfp_grads_clip_and_torch_sgd(clip_norm):
     for x, t in batches:
         with torch.no_grad():
             net(x)
-        opt.step(t)
+        opt.step(target=t)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=0, atol=1e-13)
 
@@ -246,7 +247,7 @@ def test_step_returns_ce_and_sets_keep_pre_activations():
     x, t = data()
     with torch.no_grad():
         out = net(x).clone()
-    loss = opt.step(t)
+    loss = opt.step(target=t)
     torch.testing.assert_close(loss, F.cross_entropy(out, t), rtol=0, atol=1e-14)
 
 
@@ -258,7 +259,7 @@ def test_state_dict_round_trip():
     for x, t in batches[:2]:
         with torch.no_grad():
             net(x)
-        opt.step(t)
+        opt.step(target=t)
     model_b = copy.deepcopy(model)
     net_b = tfa.FPropagation(model_b)
     opt_b = LFP(net_b, lr=0.05, momentum=0.9)
@@ -267,7 +268,7 @@ def test_state_dict_round_trip():
         for x, t in batches[2:]:
             with torch.no_grad():
                 n_(x)
-            o_.step(t)
+            o_.step(target=t)
     for pa, pb in zip(model.parameters(), model_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=0, atol=0)
 
@@ -279,15 +280,15 @@ def test_errors_leave_everything_untouched():
     x, t = data()
     with torch.no_grad():
         net(x)
-    opt.step(t)  # creates momentum buffers and .grad
+    opt.step(target=t)  # creates momentum buffers and .grad
     before = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     bad = [
-        (ValueError, lambda: opt.step(torch.full_like(t, 7))),         # target out of range
-        (ValueError, lambda: opt.step(t[:3])),                         # wrong batch
-        (ValueError, lambda: opt.step(reward=torch.ones(10, 3, dtype=DT))),
-        (RuntimeError, lambda: opt.step(reward=torch.full((10, 4), float("nan"), dtype=DT))),
+        (ValueError, lambda: opt.step(target=torch.full_like(t, 7))),         # target out of range
+        (ValueError, lambda: opt.step(target=t[:3])),                         # wrong batch
+        (ValueError, lambda: opt.step(out_adj=torch.ones(10, 3, dtype=DT))),
+        (RuntimeError, lambda: opt.step(out_adj=torch.full((10, 4), float("nan"), dtype=DT))),
         (ValueError, lambda: opt.step()),
     ]
     for exc, call in bad:
@@ -300,7 +301,7 @@ def test_errors_leave_everything_untouched():
         assert str(opt.state_dict()) == str(state)
     with pytest.raises(RuntimeError, match="no recorded forward"):
         net.clear()
-        opt.step(t)
+        opt.step(target=t)
 
 
 def test_missing_pre_activations_and_bad_modules():
@@ -347,7 +348,7 @@ def test_step_mlp_learns_mnist_subset(data_root):
         for idx in torch.randperm(20000, generator=gen).split(128):
             with torch.no_grad():
                 net(train_x[idx])
-            opt.step(train_t[idx])
+            opt.step(target=train_t[idx])
     with torch.no_grad(), net.paused():
         acc = (model(test_x).argmax(1) == test_t).double().mean().item()
     assert acc > 0.4, acc

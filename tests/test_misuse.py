@@ -33,7 +33,7 @@ def trained(model=None):
     opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
     x, t = batch()
     net(x)
-    opt.step(t)
+    opt.step(target=t)
     return model, net, opt
 
 
@@ -143,7 +143,7 @@ def test_step_function_net_is_refused_by_the_fadjoint():
     opt = tfa.optim.FAdjoint(net, lr=0.1)
     before = snapshot(model, opt)
     net(batch()[0])
-    raises_one_line(TypeError, r"^1 \(Step\): derivative is 0 almost everywhere.*use tfa.optim.LFP", lambda: opt.step(batch()[1]))
+    raises_one_line(TypeError, r"^1 \(Step\): derivative is 0 almost everywhere.*use tfa.optim.LFP", lambda: opt.step(target=batch()[1]))
     assert_untouched(model, before, opt)
 
 
@@ -157,7 +157,7 @@ def test_non_elementwise_module_is_refused_by_rules_that_need_elementwise(make, 
     opt = make(net)
     before = snapshot(model, opt)
     net(batch()[0])
-    raises_one_line(TypeError, match, lambda: opt.step(batch()[1]))
+    raises_one_line(TypeError, match, lambda: opt.step(target=batch()[1]))
     assert_untouched(model, before, opt)
 
 
@@ -170,7 +170,7 @@ def test_optimizer_on_the_bare_model_is_refused():
 def test_step_without_a_recorded_forward():
     model, net, opt = trained()
     before = snapshot(model, opt)
-    raises_one_line(RuntimeError, r"no recorded forward; call net\(x\) first", lambda: opt.step(batch()[1]))
+    raises_one_line(RuntimeError, r"no recorded forward; call net\(x\) first", lambda: opt.step(target=batch()[1]))
     raises_one_line(RuntimeError, r"no recorded forward", lambda: net.adjoint(torch.zeros(4, 3, dtype=DT)))
     assert_untouched(model, before, opt)
 
@@ -289,7 +289,7 @@ def test_bad_targets(target, match):
     model, net, opt = trained()
     net(batch()[0])
     before = snapshot(model, opt)
-    raises_one_line(ValueError, match, lambda: opt.step(target))
+    raises_one_line(ValueError, match, lambda: opt.step(target=target))
     assert_untouched(model, before, opt)
 
 
@@ -307,7 +307,7 @@ def test_nan_in_the_input_is_refused_before_any_write():
     before = snapshot(model, opt)
     net(torch.full((4, 6), float("nan"), dtype=DT))
     raises_one_line(RuntimeError, r"non-finite values in X\^L, the recorded output of 2 \(Linear\)",
-                    lambda: opt.step(batch()[1]))
+                    lambda: opt.step(target=batch()[1]))
     assert_untouched(model, before, opt)
 
 
@@ -352,7 +352,7 @@ def _stepped(make):
     opt = make(net)
     x, t = batch()
     net(x)
-    opt.step(t)
+    opt.step(target=t)
     return model, net, opt
 
 
@@ -362,7 +362,7 @@ def test_every_optimizer_refuses_a_nan_input(name):
     before = snapshot(model, opt)
     net(torch.full((4, 6), float("nan"), dtype=DT))
     raises_one_line(RuntimeError, r"non-finite values in (X\^L, the recorded output of 2 \(Linear\)|0\.weight)",
-                    lambda: opt.step(batch()[1]))
+                    lambda: opt.step(target=batch()[1]))
     assert_untouched(model, before, opt)
 
 
@@ -375,7 +375,7 @@ def test_every_optimizer_refuses_an_overflowing_update(name):
     before = snapshot(model, opt)
     net(batch()[0])
     top = torch.full((4, 3), 1e308, dtype=DT)
-    step = (lambda: opt.step(reward=top)) if name == "lfp" else (lambda: opt.step(out_adj=top))
+    step = (lambda: opt.step(out_adj=top)) if name == "lfp" else (lambda: opt.step(out_adj=top))
     raises_one_line(RuntimeError, r"(gradients|step): non-finite values in 2\.weight( \(fused: [^)]*\))?; nothing "
                     "was changed", step)
     assert_untouched(model, before, opt)
@@ -386,7 +386,7 @@ def test_failed_factorisation_names_the_layer():
     before = snapshot(model, opt)
     net(batch()[0] * 1e300)  # finite logits through ReLU, but K = X̃X̃ᵀ overflows
     raises_one_line(RuntimeError, r"^2 \(Linear\): consequentialism's K = .* is not positive definite",
-                    lambda: opt.step(batch()[1]))
+                    lambda: opt.step(target=batch()[1]))
     assert_untouched(model, before, opt)
 
 
@@ -396,5 +396,5 @@ def test_validate_false_lets_a_non_finite_update_through():
     net = tfa.FPropagation(model)
     opt = tfa.optim.FAdjoint(net, lr=0.1, validate=False)
     net(torch.full((4, 6), float("nan"), dtype=DT))
-    opt.step(batch()[1])
+    opt.step(target=batch()[1])
     assert not all(bool(p.isfinite().all()) for p in model.parameters())

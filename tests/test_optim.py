@@ -49,7 +49,7 @@ def fadjoint_run(model, data, scheduler=None, **kwargs):
     for x, t in data:
         with torch.no_grad():
             net(x)
-        opt.step(t)
+        opt.step(target=t)
         if sched:
             sched.step()
     return model
@@ -94,11 +94,11 @@ def test_state_dict_round_trip_mid_run_continues_identically():
     opt = tfa.optim.FAdjoint(net, lr=0.05, momentum=0.9, nesterov=True)
     for x, t in data[:10]:
         net(x)
-        opt.step(t)
+        opt.step(target=t)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     for x, t in data[10:]:
         net(x)
-        opt.step(t)
+        opt.step(target=t)
     fresh = make_model()
     fresh.load_state_dict(saved_model)
     fresh_net = tfa.FPropagation(fresh)
@@ -107,7 +107,7 @@ def test_state_dict_round_trip_mid_run_continues_identically():
     assert len(fresh_opt.state) == 6
     for x, t in data[10:]:
         fresh_net(x)
-        fresh_opt.step(t)
+        fresh_opt.step(target=t)
     for p, q in zip(fresh.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -132,7 +132,7 @@ def test_param_groups_and_zero_grad():
     before = [p.clone() for p in model.parameters()]
     x, t = batches(1)[0]
     net(x)
-    loss = opt.step(t)
+    loss = opt.step(target=t)
     assert loss.shape == () and loss.requires_grad is False
     after = list(model.parameters())
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
@@ -147,7 +147,7 @@ def test_step_with_out_adj_and_closure():
     net, ref_net = tfa.FPropagation(model), tfa.FPropagation(ref)
     opt, ref_opt = tfa.optim.FAdjoint(net, lr=0.1), tfa.optim.FAdjoint(ref_net, lr=0.1)
     x, t = data[0]
-    assert opt.step(t, closure=lambda: net(x)) is not None
+    assert opt.step(target=t, closure=lambda: net(x)) is not None
     ref_net(x)
     _, out_adj = tfa.losses.cross_entropy(ref_net.output, t)
     assert ref_opt.step(out_adj=out_adj) is None
@@ -164,7 +164,7 @@ def test_mse_and_nll_losses_and_label_smoothing():
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
         for x, t in data:
             net(x)
-            opt.step(t)
+            opt.step(target=t)
             ref_opt.zero_grad()
             out = ref(x)
             value = F.mse_loss(out, F.one_hot(t, 4).double()) if loss == "mse" else F.cross_entropy(out, t, **kwargs)
@@ -237,7 +237,7 @@ def test_bad_input_is_a_clear_error_and_leaves_everything_untouched(case):
     net = tfa.FPropagation(model)
     opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
     net(data[0][0])
-    opt.step(data[0][1])  # momentum buffers exist
+    opt.step(target=data[0][1])  # momentum buffers exist
     snapshot = _snapshot(model, opt)
     x, kwargs, error, message = _bad_cases()[case]
     if x is not None:
@@ -264,7 +264,7 @@ def test_non_finite_gradient_is_refused_before_any_write():
 def test_check_finite_fast_path_has_no_false_alarm_and_misses_nothing():
     """The sum-based fast path: finite tensors whose sum overflows pass (exact fallback decides);
     a single NaN, +Inf or -Inf anywhere is caught and the entry named."""
-    from torch_fadjoint.optim.base import check_finite
+    from torch_fadjoint.sweep import check_finite
 
     big = torch.full((4, 4), 3e38, dtype=torch.float32)  # finite, but the sum overflows to inf
     check_finite([torch.ones(3), big, torch.ones(2, dtype=torch.float64)], "g")

@@ -26,8 +26,8 @@ def test_net_output_equals_model_output_and_records_have_the_right_shapes():
     def same_storage(a, b):
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
-    assert same_storage(layers[1].x_prev, layers[0].activations[0].saved)  # X^1 kept once (ReLU's record)
-    assert same_storage(layers[1].y, layers[1].activations[0].saved)  # GELU records Y^2, kept once
+    assert same_storage(layers[1].x_prev, layers[0].maps[0].saved)  # X^1 kept once (ReLU's record)
+    assert same_storage(layers[1].y, layers[1].maps[0].saved)  # GELU records Y^2, kept once
     assert layers[0].y is None  # ReLU needs no Y: not kept
     assert set(net.records) == {"1", "3.0", "4"}
     assert not any(t.requires_grad for layer in layers for t in (layer.x_prev, layer.x))
@@ -195,12 +195,12 @@ def test_eval_mode_dropout_records_nothing_and_train_mode_records_its_mask():
     net = tfa.FPropagation(model)
     with torch.no_grad():
         out = net(torch.randn(50, 3))
-    mask = net.layers[0].activations[0].saved
+    mask = net.layers[0].maps[0].saved
     assert set(mask.unique().tolist()) == {0.0, 2.0}
     model.eval()
     with torch.no_grad():
         out = net(torch.randn(50, 3))
-    assert net.layers[0].activations[0].saved is None
+    assert net.layers[0].maps[0].saved is None
     assert out.shape == (50, 2)
 
 

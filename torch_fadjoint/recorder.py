@@ -29,6 +29,7 @@ run twice) accumulate both contributions, as autograd does; frozen parameters ge
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
@@ -47,6 +48,18 @@ __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 def _detach(tensor: Tensor) -> Tensor:
     """The tensor itself when it carries no graph (the usual no_grad case), else a detached view."""
     return tensor.detach() if tensor.requires_grad else tensor
+
+
+def _ours(hook):
+    """Mark a hook as a recorder's: other recorders on the same model ignore it (it does nothing unless its
+    own recorder is recording)."""
+    hook._fadjoint = True
+    return hook
+
+
+def _foreign_hooks(module: nn.Module) -> list:
+    return [h for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values()
+            if not getattr(h, "_fadjoint", False)]
 
 
 def _describe(name: str, module: nn.Module) -> str:
@@ -159,12 +172,9 @@ class FPropagation(nn.Module):
 
     def _plan(self, name: str, module: nn.Module):
         """Check ``module`` and return a function that registers its hooks (nothing is registered on error)."""
-        foreign = [h for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values()]
+        foreign = _foreign_hooks(module)
         if foreign:
             hook = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
-            if hook.startswith("FPropagation."):
-                raise TypeError(f"{_describe(name, module)}: the model is already wrapped by another FPropagation; "
-                                "call its remove() first")
             raise TypeError(f"{_describe(name, module)}: has a forward hook registered before wrapping ({hook}), which "
                             "may change what the module computes behind the recorder (hook-based weight_norm or "
                             "spectral_norm?); remove it, or register it after wrapping")
@@ -245,18 +255,18 @@ class FPropagation(nn.Module):
     def _make_fingerprint(self) -> tuple:
         """What ``attach`` saw: every module with its children, parameters and hooks, and each parameter's
         shape, dtype and device (``model.to(...)`` changes those in place)."""
-        modules = tuple((m, tuple(m._modules.items()), tuple(m._parameters.items()),
-                         tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+        modules = tuple((m, tuple(m._modules.items()), tuple(m._parameters.items()), tuple(map(id, _foreign_hooks(m))))
                         for _, m in self.model.named_modules())
-        params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps, _, _ in modules for _, p in ps if p is not None)
+        params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps, _ in modules for _, p in ps if p is not None)
         return modules, params
 
     def _changed(self) -> bool:
         """True if the model is not what ``attach`` saw (checked at every forward without walking the tree)."""
         modules, params = self._fingerprint
-        for module, children, own, pre_hooks, hooks in modules:
-            if (len(module._modules) != len(children) or len(module._parameters) != len(own)
-                    or tuple(module._forward_pre_hooks) != pre_hooks or tuple(module._forward_hooks) != hooks):
+        for module, children, own, hooks in modules:
+            if len(module._modules) != len(children) or len(module._parameters) != len(own):
+                return True
+            if len(module._forward_pre_hooks) + len(module._forward_hooks) and tuple(map(id, _foreign_hooks(module))) != hooks:
                 return True
             for (name, child), (name2, child2) in zip(children, module._modules.items()):
                 if name != name2 or child is not child2:
@@ -268,8 +278,10 @@ class FPropagation(nn.Module):
 
     # -- the chain -----------------------------------------------------------------------------
     def _watch_tensor(self, tensor, what: str) -> None:
-        if isinstance(tensor, Tensor):
-            self._watch.append((tensor, tensor._version, what))
+        """Keep ``tensor``'s version (a weak reference: the sweep frees records as it goes). Inference tensors
+        (a forward under ``torch.inference_mode``) carry no version counter and are not watched."""
+        if isinstance(tensor, Tensor) and not tensor.is_inference():
+            self._watch.append((weakref.ref(tensor), tensor._version, what))
 
     def _consume(self, what: str, inputs: tuple) -> Tensor | None:
         """The chain tensor a module or op receives (None before the first layer); refuses a non-chain."""
@@ -281,19 +293,20 @@ class FPropagation(nn.Module):
         if x_in is not self._last:
             raise ValueError(f"{what} received a tensor that {self._last_from} did not return: an op or a skip "
                              "connection between layers is not a chain")
-        if x_in._version != self._last_version:
+        if self._last_version is not None and x_in._version != self._last_version:
             raise ValueError(f"{what}: its input, the output of {self._last_from}, was modified in place before it")
         return x_in
 
     def _advance(self, output: Tensor, source: str) -> None:
-        self._last, self._last_version, self._last_from = output, output._version, source
+        self._last, self._last_from = output, source
+        self._last_version = None if output.is_inference() else output._version
 
     def _refusal(self, name: str, why: str):
         def refuse(module, inputs):
             if self._recording:
                 self._depth += 1
                 raise TypeError(f"{_describe(name, module)} {why}")
-        return refuse
+        return _ours(refuse)
 
     def _layer_pre_hook(self, name: str, layer: Layer):
         def check_input(module, inputs):
@@ -306,7 +319,7 @@ class FPropagation(nn.Module):
             if why:
                 raise ValueError(f"{what}: {why}")
             return None
-        return check_input
+        return _ours(check_input)
 
     def _layer_hook(self, name: str, layer: Layer):
         def on_layer(module, inputs, output):
@@ -335,7 +348,7 @@ class FPropagation(nn.Module):
             finally:
                 self._depth -= 1
             return None
-        return on_layer
+        return _ours(on_layer)
 
     def _map_pre_hook(self, name: str):
         def check_input(module, inputs):
@@ -344,7 +357,7 @@ class FPropagation(nn.Module):
             self._depth += 1
             self._consume(_describe(name, module), inputs)
             return None
-        return check_input
+        return _ours(check_input)
 
     def _map_hook(self, name: str, entry: Map):
         def on_map(module, inputs, output):
@@ -355,7 +368,7 @@ class FPropagation(nn.Module):
                                         lambda: output, module_output=output)
             finally:
                 self._depth -= 1
-        return on_map
+        return _ours(on_map)
 
     def _record_map(self, what: str, name: str, module: nn.Module, entry: Map, y: Tensor, call, module_output=None):
         """Run (or take) the map's output, record it into the current layer; returns a replaced output or None."""
@@ -390,7 +403,7 @@ class FPropagation(nn.Module):
             if self._recording:
                 self._consume(_describe(name, module), inputs)
                 self._transparent = (name, module)
-        return enter
+        return _ours(enter)
 
     def _transparent_hook(self, name: str):
         def leave(module, inputs, output):
@@ -398,7 +411,7 @@ class FPropagation(nn.Module):
                 self._transparent = None
                 if self._layers and output is not self._last:
                     raise ValueError(f"{_describe(name, module)}: its output is not what its functional returned")
-        return leave
+        return _ours(leave)
 
     def _on_function(self, func, args: tuple, kwargs: dict):
         """A torch function called on the chain tensor between modules: a map of the table, or refused."""
@@ -418,7 +431,7 @@ class FPropagation(nn.Module):
             raise ValueError(f"{op} on the output of {self._last_from} is not a map of the chain (arithmetic, an "
                              f"in-place op, indexing, a skip connection or torch.cat are refused); supported: "
                              f"the modules and functionals of tfa.maps")
-        if last._version != self._last_version:
+        if self._last_version is not None and last._version != self._last_version:
             raise ValueError(f"{where}: its input, the output of {self._last_from}, was modified in place before it")
         if func in VIEWS:
             x = func(*args, **kwargs)
@@ -478,7 +491,7 @@ class FPropagation(nn.Module):
         if output is not self._last:
             raise ValueError(f"FPropagation: the model's output is not what {self._last_from} returned (an op after "
                              "it that is not a map of the table?)")
-        if output._version != self._last_version:
+        if self._last_version is not None and output._version != self._last_version:
             raise ValueError(f"FPropagation: the model's output, from {self._last_from}, was modified in place")
         self._output = self._layers[-1].x = _detach(output)
         self._watch_tensor(self._output, "the model's output X^L")
@@ -504,8 +517,9 @@ class FPropagation(nn.Module):
     def recorded_layers(self) -> list[LayerRecord]:
         """The layers of the last forward after checking that no record went stale; RuntimeError otherwise."""
         self.output  # noqa: B018 - raises when nothing is recorded
-        for tensor, version, what in self._watch:
-            if tensor._version != version:
+        for ref, version, what in self._watch:
+            tensor = ref()
+            if tensor is not None and tensor._version != version:
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
                                    "records cleared, nothing was changed (run the forward again)")

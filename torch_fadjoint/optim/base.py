@@ -329,10 +329,10 @@ class RuleOptimizer(Optimizer):
         return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
 
-    def _write_sgd(self, plan) -> None:
+    def _write_sgd(self, plan, write_grad: bool = True) -> None:
         """Write ``.grad`` and apply each group's SGD update (the last phase of a step)."""
         for group, params, group_grads, bufs in plan:
-            for param, grad in zip(params, group_grads):
+            for param, grad in zip(params, group_grads if write_grad else ()):
                 param.grad = grad
             sgd_update(params, group_grads, bufs, **self._hyper(group), foreach=group["foreach"])
             if group["momentum"] != 0:
@@ -366,11 +366,11 @@ class RuleOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         names = param_names(self.net, params)
         for i, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
-            mine_keys, their_keys = set(mine) - {"params"}, set(theirs) - {"params"}
-            if mine_keys != their_keys:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{i}] has keys "
-                                 f"{sorted(their_keys ^ mine_keys)} that do not match this rule's (another rule's "
-                                 "state_dict?)")
+            mine_keys, their_keys = set(self.defaults), set(theirs) - {"params"}
+            odd = (mine_keys - their_keys) | (their_keys - mine_keys - set(mine) - _SCHEDULER_KEYS)
+            if odd:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{i}] lacks or adds "
+                                 f"{sorted(odd)}: not this rule's hyper-parameters (another rule's state_dict?)")
             if len(mine["params"]) != len(theirs["params"]):
                 raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{i}] has "
                                  f"{len(theirs['params'])} parameters, expected {len(mine['params'])}")
@@ -388,6 +388,10 @@ class RuleOptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {names[j]}: {key} has shape "
                                      f"{tuple(value.shape)}, expected {tuple(params[j].shape)} (another architecture?)")
         super().load_state_dict(state_dict)
+
+
+# keys that torch's lr schedulers add to parameter groups
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "swa_lr"})
 
 
 def _as_target(target):

@@ -32,7 +32,10 @@ class _FactoredRule(FAdjointRule):
         weight = getattr(layer.module, "weight", None)
         if factors is None or not self.fusable(weight):
             return super().param_feedback(layer, y_adj)
-        feedback = {weight: _Factors(factors(layer, y_adj))}
+        y_adj2d, x_prev2d = factors(layer, y_adj)
+        if y_adj2d.numel() + x_prev2d.numel() >= weight.numel():  # the gradient is smaller: make it now
+            return super().param_feedback(layer, y_adj)
+        feedback = {weight: _Factors((y_adj2d, x_prev2d))}
         bias = layer.module.bias
         if bias is not None and bias.requires_grad:
             feedback[bias] = y_adj.reshape(-1, y_adj.shape[-1]).sum(0)
@@ -54,9 +57,10 @@ class FAdjoint(RuleOptimizer):
     to rounding.
 
     ``fuse_update=True`` folds each Linear weight's update into the GEMM that would make its gradient
-    (``fused_sgd_weight_update``): ∂J/∂W is never materialised and its ``.grad`` is not written. Other
-    layers (convolutions, normalisation) and tied weights fall back to the unfused update, in the same
-    step. Parameters change only after the whole sweep (an exception inside it leaves them as they were,
+    (``fused_sgd_weight_update``): ∂J/∂W is never materialised and ``.grad`` is not written. A weight
+    whose factors (Y*, X^{k-1}) hold more numbers than the weight itself (small layers, large batches)
+    has its gradient made at once instead, so the step never keeps more than the unfused one; other
+    layers (convolutions, normalisation) and tied weights use the unfused update, in the same step. Parameters change only after the whole sweep (an exception inside it leaves them as they were,
 with or without ``validate``); the factors wait until then. With ``validate`` every update is
     bounded before any write (B·max|Y*|·max|X| for a fused product); equal to the unfused step to
     rounding, not bit for bit. Not with Nesterov or a process group.
@@ -117,9 +121,6 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             self.net.clear()
             raise
         self.net.clear()
-        if self.validate:
-            check_finite(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self.net, grads))
-        plan = self._sgd_plan(grads)  # validate: bounds every materialised update
         if self.validate and fused:
             bounds, weights = [], []
             for weight, (y_adj, x_prev) in fused:
@@ -130,9 +131,12 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             check_finite(bounds, "F-adjoint step", names=lambda: [
                 f"the update of {name} (fused: B·max|Y*|·max|X| and its momentum buffer bound it)"
                 for name in param_names(self.net, weights)])
+        if self.validate:
+            check_finite(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self.net, grads))
+        plan = self._sgd_plan(grads)  # validate: bounds every materialised update
         for item in fused:
             self._fused_update(group_of, *item)
-        self._write_sgd(plan)
+        self._write_sgd(plan, write_grad=False)
 
     def _fused_update(self, group_of, weight, factors) -> None:
         group = group_of[weight]

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import torch_fadjoint as tfa
-from torch_fadjoint.derivatives import DERIVATIVES, Derivative, derivative_for, register_derivative
+from torch_fadjoint.maps import MAPS as DERIVATIVES, Derivative, map_for as derivative_for, register_derivative
 
 from .problems import ACTIVATIONS
 
