@@ -55,9 +55,9 @@ def _write_fake_idx_gz(raw, n_train=6, n_test=4):
         images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
         labels = torch.randint(0, 10, (n,), dtype=torch.uint8)
         header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
-        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.numpy().tobytes()))
+        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(images.flatten().tolist())))
         header = (2049).to_bytes(4, "big") + n.to_bytes(4, "big")
-        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.numpy().tobytes()))
+        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + bytes(labels.tolist())))
         made[prefix] = (images, labels)
     return made
 
