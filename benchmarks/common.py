@@ -124,10 +124,12 @@ def pyplot():
 
 
 def environment(device: torch.device) -> dict:
-    """Device name, torch version, threads: recorded with every result."""
+    """Device name, torch version, threads, the CPU kernels torch picked (``cpu_capability``: "AVX2",
+    "AVX512", …; ``ATEN_CPU_CAPABILITY`` changes it): recorded with every result."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def write_json(path: Path, payload: dict) -> None:
