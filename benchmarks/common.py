@@ -52,6 +52,8 @@ def parse_config(defaults: dict, description: str, argv=None) -> dict:
         if unknown:
             raise SystemExit(f"error: {known.config}: unknown keys {unknown}; known: {sorted(defaults)}")
         cfg.update(loaded)
+        if "out" in defaults and "out" not in loaded:  # results go to a git-ignored folder named after the config
+            cfg["out"] = str(Path("runs") / Path(known.config).stem)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="TOML file; every key below overrides it")
     for key, value in cfg.items():

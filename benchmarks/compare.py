@@ -37,7 +37,7 @@ DEFAULTS = {
     "only": [],
     "quick": False,
     "resume": False,
-    "out": "benchmarks/results/compare",
+    "out": "runs/compare",  # with --config FILE: runs/<FILE's name>
     "thresholds": [0.97, 0.85],
     "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
 }

@@ -67,7 +67,7 @@ DEFAULTS = {
     "validation": 0,
     "train_subset": 0,
     "download": True,
-    "out": "benchmarks/results/train",
+    "out": "runs/train",  # with --config FILE: runs/<FILE's name> (benchmarks/results/: --out only)
     "tag": "",
     "progress": True,
     "validate": True,
