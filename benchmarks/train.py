@@ -207,7 +207,8 @@ def load_checkpoint(path: Path, map_location=None) -> dict:
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - the hash matched, so the writer's torch cannot read it here
-        raise SystemExit(f"error: {path}: unreadable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        cause = " ".join(str(exc).split())
+        raise SystemExit(f"error: {path}: unreadable checkpoint ({type(exc).__name__}: {cause})") from None
 
 
 def check_resume_config(path: Path, saved: dict, cfg: dict) -> None:

@@ -99,7 +99,8 @@ def _download(folder: str, root: Path) -> None:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         cause = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-        raise DatasetNotFoundError(f"{folder} not found under {raw} and the download failed: {cause}") from None
+        message = f"{folder} not found under {raw.absolute()} and the download failed: {cause}"
+        raise DatasetNotFoundError(message) from None
 
 
 def prepare(name: str, root: str | os.PathLike | None = None, *, download: bool = True) -> Path:
@@ -118,7 +119,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, *, download: bool 
     if _has_all(raw, ".gz"):
         return _unpacked_copy(raw, folder)
     if not download:
-        raise DatasetNotFoundError(f"{folder} not found under {root} (set --data-root or FADJOINT_DATA)")
+        raise DatasetNotFoundError(f"{folder} not found under {root.absolute()} (set --data-root or FADJOINT_DATA)")
     _download(folder, root)
     return root
 
