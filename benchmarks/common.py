@@ -52,6 +52,8 @@ def parse_config(defaults: dict, description: str, argv=None) -> dict:
         if unknown:
             raise SystemExit(f"error: {known.config}: unknown keys {unknown}; known: {sorted(defaults)}")
         cfg.update(loaded)
+        if "out" in defaults and "out" not in loaded:  # results go to a git-ignored folder named after the config
+            cfg["out"] = str(Path("runs") / Path(known.config).stem)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="TOML file; every key below overrides it")
     for key, value in cfg.items():
@@ -124,10 +126,12 @@ def pyplot():
 
 
 def environment(device: torch.device) -> dict:
-    """Device name, torch version, threads: recorded with every result."""
+    """Device name, torch version, threads, the CPU kernels torch picked (``cpu_capability``: "AVX2",
+    "AVX512", …; ``ATEN_CPU_CAPABILITY`` changes it): recorded with every result."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -37,7 +37,7 @@ DEFAULTS = {
     "only": [],
     "quick": False,
     "resume": False,
-    "out": "benchmarks/results/compare",
+    "out": "runs/compare",  # with --config FILE: runs/<FILE's name>
     "thresholds": [0.97, 0.85],
     "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
 }
@@ -56,12 +56,12 @@ def _grid(spec: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
 
 
-def _run_cached(path: Path, resume: bool, make):
+def _run_cached(path: Path, resume: bool, make, env: dict):
     if resume and path.exists():
         return json.loads(path.read_text())
     result = make()
     result.pop("step_losses", None)
-    write_json(path, result)
+    write_json(path, {**result, "environment": env})
     return result
 
 
@@ -93,7 +93,8 @@ def main(argv=None) -> Path:
     selections = {name: (1 if cfg["quick"] else len(_grid(s))) * bool(s.get("grid")) for name, s in variants.items()}
     jobs = sum(selections[name] + len(s.get("seeds", cfg["seeds"])) for name, s in variants.items()) * len(cfg["datasets"])
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
-    summary = {"config": cfg, "environment": environment(device), "datasets": {}}
+    env = environment(device)
+    summary = {"config": cfg, "environment": env, "datasets": {}}
     for dataset in cfg["datasets"]:
         splits = load_splits({**cfg, "dataset": dataset}, device)
         per_dataset = summary["datasets"][dataset] = {}
@@ -105,7 +106,7 @@ def main(argv=None) -> Path:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
                 result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],
-                                     lambda: _diverged_or(lambda: run(vcfg, rule, 0, splits, device, position=1)))
+                                     lambda: _diverged_or(lambda: run(vcfg, rule, 0, splits, device, position=1)), env)
                 val_acc = result["history"][-1].get("val_acc", float("nan")) if result["history"] else float("nan")
                 selection.append({"values": values, "val_acc": val_acc, **({"diverged": result["diverged"]}
                                                                           if "diverged" in result else {})})
@@ -117,7 +118,7 @@ def main(argv=None) -> Path:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
                 runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
-                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1)))
+                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1), env))
                 overall.update()
             per_dataset[name] = {"name": name, "rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
                                  "histories": [r["history"] for r in runs]}
@@ -210,8 +211,9 @@ def _plots(summary: dict, out: Path) -> None:
                     secs = torch.tensor([[h["seconds"] for h in hist] for hist in res["histories"]]).mean(0)
                     xs = secs.cumsum(0).tolist()
                 mean, std = acc.mean(0), acc.std(0) if acc.shape[0] > 1 else torch.zeros(acc.shape[1])
-                ax.plot(xs, mean, label=name)
-                ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+                # lists of floats: an older torch's tensors do not convert under numpy 2
+                ax.plot(xs, mean.tolist(), label=name)
+                ax.fill_between(xs, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
             ax.set_xlabel("epoch" if kind == "accuracy" else "training seconds")
             ax.set_ylabel("test accuracy")
             ax.set_title(dataset)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .common import parse_config
 
-DEFAULTS = {"out": "benchmarks/results/equilibrium_reference", "pairs": ["backprop:equilibrium"]}
+DEFAULTS = {"out": "runs/equilibrium_reference", "pairs": ["backprop:equilibrium"]}
 _RUN = re.compile(r"^(?P<dataset>mnist|fashion_mnist)_(?P<variant>.+)_final_(?P<tag>.+)_seed(?P<seed>\d+)\.json$")
 
 

@@ -71,7 +71,7 @@ DEFAULTS = {
     "compile": False,
     "quick": False,
     "progress": True,
-    "out": "benchmarks/results/speed",
+    "out": "runs/speed",  # with --config FILE: runs/<FILE's name>
 }
 QUICK = {"sizes": [[784, 64, 10]], "batches": [16, 64], "repeats": 3, "warmup": 1}
 SLOW_RULES = {"il", "il_prox", "il_prox_adam"}  # T inference sweeps per step: measured, but skipped at 4096

@@ -15,10 +15,14 @@ with DDP; the ragged tail is dropped). The ``tfa.optim`` rules average through
 logs, writes results and checkpoints.
 
 Checkpoints: with ``--checkpoint-dir`` the model, optimizer, scheduler, epoch, RNG states and the batch
-generator are saved after every epoch (temp file + ``os.replace``); ``--resume`` continues from them.
+generator are saved after every epoch (temp file + ``os.replace``), behind a header holding the SHA-256 of
+the payload; ``--resume`` verifies it (a corrupted or truncated file is a one-line error naming the file),
+refuses hyper-parameters that differ from the checkpoint's (naming each), and continues from it.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import sys
 import time
@@ -63,7 +67,7 @@ DEFAULTS = {
     "validation": 0,
     "train_subset": 0,
     "download": True,
-    "out": "benchmarks/results/train",
+    "out": "runs/train",  # with --config FILE: runs/<FILE's name> (benchmarks/results/: --out only)
     "tag": "",
     "progress": True,
     "validate": True,
@@ -121,7 +125,8 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
     checkpoint = (Path(cfg["checkpoint_dir"]) / f"{cfg['tag'] + '_' if cfg['tag'] else ''}{cfg['dataset']}_"
                   f"{name or rule}_seed{seed}.pt") if cfg["checkpoint_dir"] else None
     if checkpoint is not None and cfg["resume"] and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint, map_location=device)
+        check_resume_config(checkpoint, state["config"], cfg)
         model.load_state_dict(state["model"])
         trainer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -167,15 +172,54 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
     return {"rule": rule, "seed": seed, "history": history, "step_losses": torch.cat(step_losses)}
 
 
+CHECKPOINT_HEADER = b"torch_fadjoint checkpoint sha256="  # + 64 hex digits of the payload's SHA-256 + b"\n"
+# Keys that may differ between a run and the checkpoint it resumes: where it runs, what it logs, which runs it
+# makes. Every other key is a hyper-parameter of the run (epochs too, unless the schedule is constant).
+NOT_HYPERPARAMETERS = {"command", "resume", "progress", "out", "checkpoint_dir", "data_root", "download", "device",
+                       "threads", "validate", "seeds", "rules", "rule", "datasets", "variants", "tag", "only",
+                       "quick", "select_epochs", "thresholds", "speed_results"}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file beside ``path``, then ``os.replace``: a crash never leaves half a file."""
+    """The header (SHA-256 of the payload) and the ``torch.save`` payload, written to a temporary file beside
+    ``path``, then ``os.replace``: a crash never leaves half a file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        tmp.write_bytes(CHECKPOINT_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, map_location=None) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`, its hash verified first; anything else is a one-line error."""
+    blob = Path(path).read_bytes()
+    header_end = len(CHECKPOINT_HEADER) + 64
+    if not blob.startswith(CHECKPOINT_HEADER) or blob[header_end:header_end + 1] != b"\n":
+        raise SystemExit(f"error: {path}: not a benchmarks.train checkpoint (no SHA-256 header)")
+    payload = blob[header_end + 1:]
+    if hashlib.sha256(payload).hexdigest().encode() != blob[len(CHECKPOINT_HEADER):header_end]:
+        raise SystemExit(f"error: {path}: corrupted or truncated checkpoint (SHA-256 of the payload does not match)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - the hash matched, so the writer's torch cannot read it here
+        cause = " ".join(str(exc).split())
+        raise SystemExit(f"error: {path}: unreadable checkpoint ({type(exc).__name__}: {cause})") from None
+
+
+def check_resume_config(path: Path, saved: dict, cfg: dict) -> None:
+    """Refuse to resume with hyper-parameters other than the checkpoint's, naming each one."""
+    ignored = NOT_HYPERPARAMETERS | ({"epochs"} if cfg["schedule"] == saved.get("schedule") == "constant" else set())
+    absent = "(absent)"
+    differ = [f"{key} {cfg.get(key, absent)!r} (checkpoint: {saved.get(key, absent)!r})"
+              for key in sorted((set(saved) | set(cfg)) - ignored) if saved.get(key, absent) != cfg.get(key, absent)]
+    if differ:
+        raise SystemExit(f"error: {path}: --resume with hyper-parameters other than the checkpoint's: "
+                         f"{', '.join(differ)}; use the checkpoint's values or another --checkpoint-dir")
 
 
 def _rank_world() -> tuple[int, int]:

@@ -1,11 +1,8 @@
 """Test fixtures: every test starts from the same seed (reproducible runs, STYLE T3)."""
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-DATA_ROOT = Path(os.environ.get("FADJOINT_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+from torch_fadjoint import data as tfa_data
 
 
 @pytest.fixture(autouse=True)
@@ -21,9 +18,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+def available_data_root():
+    """The library's data root (FADJOINT_DATA, else ./data) once MNIST and Fashion-MNIST are readable there
+    (torchvision downloads what is missing); skips, with the one-line reason, when they cannot be."""
+    try:
+        for name in ("mnist", "fashion_mnist"):
+            tfa_data.prepare(name)
+    except tfa_data.DatasetNotFoundError as exc:
+        pytest.skip(f"no data sets: {exc}")
+    return tfa_data.data_root()
+
+
 @pytest.fixture(scope="session")
 def data_root():
-    """The folder holding MNIST/ and FashionMNIST/ (FADJOINT_DATA, else ../shared/datasets)."""
-    if not (DATA_ROOT / "MNIST" / "raw").is_dir():
-        pytest.skip(f"no data sets under {DATA_ROOT} (set FADJOINT_DATA)")
-    return DATA_ROOT
+    return available_data_root()

@@ -1,6 +1,7 @@
-"""MNIST / Fashion-MNIST through torchvision from FADJOINT_DATA (gzipped IDX unpacked on first use)."""
+"""MNIST / Fashion-MNIST through torchvision from the data root (gzipped IDX unpacked into the cache)."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +41,105 @@ def test_cli_reports_a_missing_data_set_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: MNIST not found under {tmp_path} "
                                                 "(set --data-root or FADJOINT_DATA)"]
+
+
+# -- the data root, the cache, offline ------------------------------------------------------------------------
+
+def _write_fake_idx_gz(raw, n_train=6, n_test=4):
+    """Tiny gzipped IDX files in torchvision's MNIST layout; returns {file name: (images, labels)}."""
+    import gzip
+
+    raw.mkdir(parents=True)
+    made = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), dtype=torch.uint8)
+        header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
+        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(images.flatten().tolist())))
+        header = (2049).to_bytes(4, "big") + n.to_bytes(4, "big")
+        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + bytes(labels.tolist())))
+        made[prefix] = (images, labels)
+    return made
+
+
+def _tree(root):
+    return {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _offline(monkeypatch):
+    """torchvision's download fails as it does offline: it creates raw/, then raises its own message."""
+    import torchvision
+
+    def fail(self):
+        import os
+
+        os.makedirs(self.raw_folder, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws"
+                           ".com/mnist/, got:\n<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", fail)  # FashionMNIST inherits it
+
+
+def test_data_root_is_the_argument_then_fadjoint_data_then_dot_data(monkeypatch):
+    monkeypatch.delenv("FADJOINT_DATA", raising=False)
+    assert data.data_root() == data.data_root("") == Path("data")
+    monkeypatch.setenv("FADJOINT_DATA", "/from/env")
+    assert data.data_root() == data.data_root(None) == Path("/from/env")
+    assert data.data_root("/from/flag") == Path("/from/flag")
+
+
+def test_gzipped_files_are_unpacked_into_the_cache_never_beside_themselves(tmp_path, monkeypatch):
+    root, cache = tmp_path / "shared", tmp_path / "cache"
+    made = _write_fake_idx_gz(root / "MNIST" / "raw")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    before = _tree(root)
+    splits = data.load("mnist", root, normalize=False)
+    assert _tree(root) == before  # the data root is never written
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = made[prefix]
+        assert torch.equal(splits[split].x, images.reshape(len(images), -1).float() / 255)
+        assert torch.equal(splits[split].t, labels.long())
+    unpacked = sorted(p.name for p in cache.rglob("*-ubyte"))
+    assert unpacked == sorted(["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
+                               "train-labels-idx1-ubyte"])
+    cached = _tree(cache)
+    data.load("mnist", root)
+    assert _tree(cache) == cached  # unpacked once, then reused
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_a_failed_download_is_one_line_with_torchvisions_cause_and_leaves_no_folder(tmp_path, monkeypatch,
+                                                                                    name, folder):
+    _offline(monkeypatch)
+    for root in (tmp_path / "new" / "data", tmp_path):  # a root that did not exist, and one that did
+        with pytest.raises(data.DatasetNotFoundError) as info:
+            data.load(name, root)
+        message = str(info.value)
+        assert message.splitlines() == [message]
+        assert message.startswith(f"{folder} not found under {root / folder / 'raw'} and the download failed: "
+                                  "Error downloading train-images-idx3-ubyte.gz:")
+        assert "Temporary failure in name resolution" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_training_fails_in_one_line_naming_the_folder_and_the_cause(tmp_path, monkeypatch, capsys):
+    from benchmarks import train
+
+    _offline(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--progress", "false"])
+    message = str(info.value.code)
+    assert message.splitlines() == [message]
+    assert message.startswith(f"error: MNIST not found under {tmp_path / 'data' / 'MNIST' / 'raw'} and the "
+                              "download failed: Error downloading")
+    assert "Temporary failure in name resolution" in message and list(tmp_path.iterdir()) == []
+
+
+def test_offline_and_absent_the_data_tests_skip_with_the_reason(tmp_path, monkeypatch):
+    from tests.conftest import available_data_root
+
+    _offline(monkeypatch)
+    monkeypatch.setenv("FADJOINT_DATA", str(tmp_path / "data"))
+    with pytest.raises(pytest.skip.Exception, match="no data sets: MNIST not found under .* download failed: "
+                                                    "Error downloading"):
+        available_data_root()

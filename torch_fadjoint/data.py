@@ -1,15 +1,21 @@
 """MNIST and Fashion-MNIST through ``torchvision.datasets``, held as tensors on a device.
 
-The root comes from the ``root`` argument (the benchmarks' ``--data-root``), else the ``FADJOINT_DATA``
-environment variable, else ``./data``. Gzipped IDX files found under ``<root>/<Name>/raw/`` are
-unpacked next to themselves (torchvision only unpacks what it downloads itself); where that folder
-is read-only they are unpacked into ``~/.cache/torch_fadjoint/<Name>/raw`` instead. torchvision
-downloads only when the files are missing; when neither works, :class:`DatasetNotFoundError` says so
-in one line.
+The data root is the ``root`` argument (the benchmarks' ``--data-root``), else the ``FADJOINT_DATA``
+environment variable, else ``./data`` (:func:`data_root`, used by the library, the benchmarks and the tests).
+Under it torchvision's layout, ``<root>/MNIST/raw/`` and ``<root>/FashionMNIST/raw/``:
+
+* unpacked IDX files there are read as they are;
+* gzipped IDX files (``*.gz``) are unpacked into ``${XDG_CACHE_HOME:-~/.cache}/torch_fadjoint/``, never next to
+  themselves: a data root may be shared or read-only, and is never written;
+* anything missing is downloaded by torchvision into ``<root>``. A failed download removes the folders it
+  created and raises :class:`DatasetNotFoundError`: one line naming the folder and torchvision's own message.
+
+torchvision is imported only when a data set is read (``pip install torchvision`` matching your torch).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "DatasetNotFoundError", "TensorDataset", "data_root", "load"]
+__all__ = ["DATASETS", "DatasetNotFoundError", "TensorDataset", "cache_dir", "data_root", "load", "prepare"]
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "fashionmnist": "FashionMNIST"}
 _FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -31,56 +37,91 @@ class DatasetNotFoundError(RuntimeError):
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """``root``, else ``$FADJOINT_DATA``, else ``./data``."""
-    return Path(root if root is not None else os.environ.get("FADJOINT_DATA", "data")).expanduser()
+    """``root`` (``--data-root``), else ``$FADJOINT_DATA``, else ``./data``; empty strings count as unset."""
+    chosen = root if root not in (None, "") else os.environ.get("FADJOINT_DATA") or "data"
+    return Path(chosen).expanduser()
 
 
-def _unpack(raw_dir: Path, target_dir: Path) -> bool:
-    """Gunzip every missing IDX file of ``raw_dir`` into ``target_dir``; True if all four are there."""
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for name in _FILES:
-        out, packed = target_dir / name, raw_dir / f"{name}.gz"
-        if out.exists() or not packed.exists():
-            continue
-        tmp = out.with_suffix(".part")
-        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, out)
-    return all((target_dir / name).exists() for name in _FILES)
+def cache_dir() -> Path:
+    """Where gzipped IDX files are unpacked: ``${XDG_CACHE_HOME:-~/.cache}/torch_fadjoint``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_fadjoint"
 
 
-def _prepare_root(root: Path, folder: str) -> Path:
-    """The torchvision root to read from, after unpacking what is there."""
-    raw = root / folder / "raw"
-    if not raw.is_dir():
-        return root
+def _has_all(folder: Path, suffix: str = "") -> bool:
+    return all((folder / f"{name}{suffix}").is_file() for name in _FILES)
+
+
+def _torchvision():
     try:
-        if _unpack(raw, raw):
-            return root
-    except OSError:
-        pass
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_fadjoint"
-    if _unpack(raw, cache / folder / "raw"):
-        return cache
+        import torchvision
+    except ImportError:
+        raise ModuleNotFoundError("torch_fadjoint.data needs torchvision: pip install torchvision "
+                                  "(the release matching your torch), or torch-fadjoint[data]") from None
+    return torchvision
+
+
+def _unpacked_copy(raw: Path, folder: str) -> Path:
+    """Gunzip ``raw/*.gz`` into a cache folder keyed by their path, size and mtime; returns its torchvision root."""
+    try:
+        return _gunzip_into_cache(raw, folder)
+    except OSError as exc:
+        raise DatasetNotFoundError(f"cannot unpack {raw}/*.gz into {cache_dir()}: {exc} "
+                                   "(set XDG_CACHE_HOME to a writable folder)") from None
+
+
+def _gunzip_into_cache(raw: Path, folder: str) -> Path:
+    stats = [(raw / f"{name}.gz").stat() for name in _FILES]
+    key = hashlib.sha256(repr([str(raw.resolve())] + [(s.st_size, s.st_mtime_ns) for s in stats]).encode())
+    root = cache_dir() / "unpacked" / key.hexdigest()[:16]
+    target = root / folder / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _FILES:
+        if (target / name).is_file():
+            continue
+        part = target / f"{name}.part{os.getpid()}"
+        try:
+            with gzip.open(raw / f"{name}.gz", "rb") as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(part, target / name)
+        finally:
+            part.unlink(missing_ok=True)
     return root
 
 
-def _torchvision_split(folder: str, root: Path, train: bool, download: bool):
-    import torchvision
-
-    cls = getattr(torchvision.datasets, folder)
+def _download(folder: str, root: Path) -> None:
+    """torchvision's download into ``root``; on failure, the folders it created are removed."""
+    torchvision = _torchvision()
+    raw = root / folder / "raw"
+    created = next((p for p in reversed([raw, *raw.parents]) if not p.exists()), None)  # the topmost it makes
     try:
-        return cls(str(root), train=train, download=False)
-    except RuntimeError:
-        if not download:
-            raise DatasetNotFoundError(f"{folder} not found under {root} (set --data-root or FADJOINT_DATA)")
-    try:
-        return cls(str(root), train=train, download=True)
+        getattr(torchvision.datasets, folder)(str(root), train=True, download=True)
     except Exception as exc:  # noqa: BLE001 - any download failure becomes one line
-        raise DatasetNotFoundError(
-            f"{folder} not found under {root / folder / 'raw'} and the download failed "
-            f"({type(exc).__name__}); set --data-root or FADJOINT_DATA to a folder holding {folder}/raw/"
-        ) from None
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        cause = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        message = f"{folder} not found under {raw.absolute()} and the download failed: {cause}"
+        raise DatasetNotFoundError(message) from None
+
+
+def prepare(name: str, root: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """Make ``name`` readable and return the torchvision root that holds it unpacked.
+
+    That is :func:`data_root` itself, or the cache folder where its gzipped IDX files were unpacked; with
+    ``download`` whatever is missing is downloaded into :func:`data_root`.
+    """
+    key = name.lower().replace("-", "_")
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; expected one of: mnist, fashion_mnist")
+    folder, root = DATASETS[key], data_root(root)
+    raw = root / folder / "raw"
+    if _has_all(raw):
+        return root
+    if _has_all(raw, ".gz"):
+        return _unpacked_copy(raw, folder)
+    if not download:
+        raise DatasetNotFoundError(f"{folder} not found under {root.absolute()} (set --data-root or FADJOINT_DATA)")
+    _download(folder, root)
+    return root
 
 
 @dataclass
@@ -108,20 +149,18 @@ class TensorDataset:
 def load(name: str, root: str | os.PathLike | None = None, *, device="cpu", dtype=torch.float32,
          normalize: bool = True, download: bool = True, validation: int = 0,
          split_seed: int = 0) -> dict[str, TensorDataset]:
-    """Load ``name`` ("mnist" or "fashion_mnist") as flat tensors on ``device``.
+    """Load ``name`` ("mnist" or "fashion_mnist") from :func:`data_root` as flat tensors on ``device``.
 
     Pixels are scaled to [0, 1] (``/ 255``) and, with ``normalize``, standardised by the training set's
     mean and std. ``validation > 0`` carves that many images (a seeded permutation) from train into a
     ``"val"`` split. Returns ``{"train", "test"[, "val"]}``.
     """
-    key = name.lower().replace("-", "_")
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; expected one of: mnist, fashion_mnist")
-    folder = DATASETS[key]
-    base = _prepare_root(data_root(root), folder)
+    base = prepare(name, root, download=download)
+    folder = DATASETS[name.lower().replace("-", "_")]
+    torchvision = _torchvision()
     splits = {}
     for split, train in (("train", True), ("test", False)):
-        ds = _torchvision_split(folder, base, train, download)
+        ds = getattr(torchvision.datasets, folder)(str(base), train=train, download=False)
         x = ds.data.reshape(len(ds.data), -1).to(dtype).div_(255.0)
         if normalize:
             mean, std = _MEAN_STD[folder]
