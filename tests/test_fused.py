@@ -138,8 +138,8 @@ def test_non_finite_or_overflowing_fused_update_is_refused_before_any_write(case
     net(torch.full_like(x, float("nan")) if case == "nan-input" else x)
     top = {"nan-input": 1.0, "overflow-at-the-top": 1e308, "overflow-below-the-top": 1e300}[case]
     match = {"nan-input": r"^step: non-finite values in X\^L",
-             "overflow-at-the-top": r"^F-adjoint step: non-finite values in 4\.weight \(fused: B·max",
-             "overflow-below-the-top": r"^F-adjoint step: non-finite values in 2\.weight \(fused: B·max"}[case]
+             "overflow-at-the-top": r"^F-adjoint (step|gradients): non-finite values in 4\.weight",
+             "overflow-below-the-top": r"^F-adjoint (step|gradients): non-finite values in 2\.weight"}[case]
     with pytest.raises(RuntimeError, match=match) as info:
         opt.step(out_adj=torch.full((12, 4), top, dtype=torch.float64))
     assert "\n" not in str(info.value) and str(info.value).endswith("nothing was changed")

@@ -420,8 +420,8 @@ class FPropagation(nn.Module):
         if not any(leaf is last for leaf in leaves):
             return func(*args, **kwargs)  # not on the chain: a later use of its result is refused there
         op = _op_name(func)
-        where = (_describe(*self._transparent) if self._transparent is not None
-                 else f"{op} after {self._last_from}")
+        name = self._transparent[0] if self._transparent is not None else f"{op} after {self._last_from}"
+        where = _describe(*self._transparent) if self._transparent is not None else name
         builder = FUNCTIONALS.get(func)
         others = [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf is not last]
         if (builder is None and func not in VIEWS) or others or args[0] is not last:
@@ -436,7 +436,7 @@ class FPropagation(nn.Module):
         if func in VIEWS:
             x = func(*args, **kwargs)
             module = Reshape(x.shape[1:])
-            self._record_map(where, op, module, MAPS[Reshape], last, lambda: x)
+            self._record_map(where, name, module, MAPS[Reshape], last, lambda: x)
             return x
         module = self._transparent[1] if self._transparent is not None else self._standin(func, builder, args, kwargs)
         entry = map_for(module)
@@ -444,7 +444,7 @@ class FPropagation(nn.Module):
             entry.check(module)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        replaced = self._record_map(where, op, module, entry, last, lambda: func(*args, **kwargs))
+        replaced = self._record_map(where, name, module, entry, last, lambda: func(*args, **kwargs))
         return self._last if replaced is None else replaced
 
     def _standin(self, func, builder, args, kwargs) -> nn.Module:
