@@ -69,7 +69,7 @@ def _describe(name: str, module: nn.Module) -> str:
 def _op_name(func) -> str:
     name = getattr(func, "__name__", repr(func))
     qualname = getattr(func, "__qualname__", name)
-    if qualname.startswith("Tensor.") or qualname.startswith("_TensorBase."):
+    if qualname.split(".")[0] in ("Tensor", "TensorBase", "_TensorBase"):
         return "Tensor." + name
     module = getattr(func, "__module__", "") or ""
     if module.startswith("torch.nn.functional"):

@@ -102,7 +102,9 @@ def check_out_adj(net, signal: Tensor, what: str = "out_adj") -> None:
 
 def param_names(net, params) -> list[str]:
     """The qualified names (``"2.weight"``) of ``params`` in the wrapped model, for error messages."""
-    names = {id(p): n for n, p in net.model.named_parameters(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for name, param in net.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)  # a tied parameter is named where it first appears
     return [names.get(id(p), "an unnamed parameter") for p in params]
 
 

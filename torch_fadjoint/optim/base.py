@@ -243,6 +243,10 @@ class RuleOptimizer(Optimizer):
             for key, (low, high) in self._ranges().items():
                 if key in group:
                     check_hyper(key, group[key], low, high, where=where)
+            for param in group["params"]:  # torch's kernels raise an unnamed overflow for such an alpha
+                if param.is_floating_point() and group["lr"] > torch.finfo(param.dtype).max:
+                    raise ValueError(f"{where}lr={group['lr']:g} overflows {param.dtype}, the dtype of "
+                                     f"{param_names(self.net, [param])[0]}")
 
     def _ranges(self) -> dict:
         return _SGD_RANGES
@@ -268,6 +272,8 @@ class RuleOptimizer(Optimizer):
 
     def _signal(self, target, out_adj) -> tuple[Tensor | None, Tensor]:
         output = self.net.output
+        if output.shape[0] == 0:
+            raise ValueError("step: the recorded forward has batch size 0; nothing to learn from")
         if out_adj is None:
             if target is None:
                 raise ValueError("step() needs target= (or the top signal as out_adj=)")
@@ -476,6 +482,7 @@ class DelegatingRuleOptimizer(RuleOptimizer):
         """Step the base optimizer on exactly the parameters in ``grads`` (all-or-nothing with validate)."""
         mine = [p for group in self.param_groups for p in group["params"]]
         used = [p for p in mine if p in grads]
+
         hidden = {p: p.grad for p in mine if p not in grads and p.grad is not None}
         saved = None
         if self.validate:

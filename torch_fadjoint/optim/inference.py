@@ -73,6 +73,8 @@ class InferenceLearning(DelegatingRuleOptimizer):
             raise ValueError("step() needs target= (the (B,) class indices)")
         target = _as_target(target)
         output = self.net.output
+        if output.shape[0] == 0:
+            raise ValueError("step: the recorded forward has batch size 0; nothing to learn from")
         _check_logits(output, target, f"{self.param_groups[0]['variant']} target", self.validate)
         return F.cross_entropy(output, target.long()), target
 

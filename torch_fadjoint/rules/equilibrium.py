@@ -27,6 +27,7 @@ The optimizer (the sequential local rule, §2.3) is ``tfa.optim.EquilibriumFAdjo
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -56,11 +57,11 @@ def relaxation_factor(tau: float = 0.1, steps: int | None = 100, t: float | None
 
 def check_relaxation(tau, steps, t, init: str = "scaled", relaxation: str = "closed_form") -> None:
     """ValueError naming the argument: τ ∈ (0, 1], K an int ≥ 0 or None, t ≥ 0 or None, init, relaxation."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 < float(tau) <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0):
         raise ValueError(f"steps must be an int >= 0 or None (equilibrium), got {steps!r}")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) >= 0.0):
+    if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not float(t) >= 0.0):
         raise ValueError(f"t must be a number >= 0 (inf: equilibrium) or None, got {t!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
