@@ -1,6 +1,7 @@
 """The F-adjoint equals backpropagation (ALGORITHMS.md §1.2): every gradient against autograd."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torch_fadjoint as tfa
@@ -169,3 +170,23 @@ def test_step_activation_is_refused_by_autograd():
     model = nn.Sequential(nn.Linear(4, 5), tfa.nn.Step(), nn.Linear(5, 3))
     with pytest.raises(RuntimeError, match="autograd cannot train through it"):
         model(torch.randn(2, 4)).sum().backward()
+
+
+@pytest.mark.parametrize("loss", ["torch-nll", "tfa-nll", "name"])
+def test_one_call_backward_equals_loss_backward(loss):
+    """``net.backward(F.nll_loss, t)``: the loss of the recorded output and its sweep, as ``loss.backward()``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.LogSoftmax(dim=1)).double()
+    x, t = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with torch.enable_grad():
+        want_loss = F.nll_loss(model(x), t)
+        want_loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    net = tfa.FPropagation(model)
+    net(x)
+    fn = {"torch-nll": F.nll_loss, "tfa-nll": tfa.losses.nll, "name": "nll"}[loss]
+    got_loss = net.backward(fn, t)
+    assert torch.equal(got_loss, want_loss.detach())
+    for p, g in zip(model.parameters(), want):
+        assert torch.equal(p.grad, g)

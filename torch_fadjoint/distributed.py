@@ -10,6 +10,12 @@ with ``.grad`` already averaged, so any torch optimizer can follow). Parameters 
 broadcast from the group's first rank at wrap time. Communication is ``torch.distributed``'s (gloo on
 CPU, NCCL on CUDA); nothing here is a transport.
 
+Every parametric layer's feedback is averaged, convolution and normalisation parameters included (the sweep
+hands the reducer whatever ``param_feedback`` returns). BatchNorm in train mode normalises with each rank's
+LOCAL batch statistics and updates its running statistics from them, exactly as DDP without
+SyncBatchNorm does; the averaged gradient is then the average of the per-rank gradients, which equals one
+process with the global batch only when the model has no train-mode BatchNorm.
+
 What "the average over ranks" means per rule (every rule built on the sweep gets it):
 
 * F-adjoint, LFP (clipping applied after the average), equilibrium at the equilibrium: the feedback

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cross_entropy", "nll", "mse", "get_loss", "LOSSES"]
+__all__ = ["cross_entropy", "nll", "mse", "get_loss", "LOSSES", "TORCH_LOSSES"]
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -143,8 +143,15 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 }
 
 
+# torch's functionals → the closed forms of the same losses (same reduction semantics)
+TORCH_LOSSES: dict = {F.cross_entropy: cross_entropy, F.nll_loss: nll, F.mse_loss: mse}
+
+
 def get_loss(loss) -> Callable[..., tuple[Tensor, Tensor]]:
-    """A loss by name (``"cross_entropy"``, ``"nll"``, ``"mse"``) or a callable returning ``(loss, out_adj)``."""
+    """A loss by name (``"cross_entropy"``, ``"nll"``, ``"mse"``), torch's functional of one of them
+    (``F.nll_loss`` → :func:`nll`), or a callable returning ``(loss, out_adj)``."""
+    if loss in TORCH_LOSSES:
+        return TORCH_LOSSES[loss]
     if callable(loss):
         return loss
     if loss not in LOSSES:

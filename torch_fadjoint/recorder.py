@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .layers import Layer, LayerRecord, layer_for, supported_layers
+from .losses import get_loss
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
 from .sweep import fadjoint_grads, accumulate_grads
 
@@ -534,6 +535,21 @@ class FPropagation(nn.Module):
         when it raises.
         """
         accumulate_grads(fadjoint_grads(self, out_adj, validate=validate, retain_records=retain_records))
+
+    def backward(self, loss, target, **loss_kwargs) -> Tensor:
+        """The loss of the recorded output and its F-adjoint sweep in one call: ``loss.backward()``'s stand-in.
+
+        loss: a library loss (``tfa.losses.nll``, ``"cross_entropy"``, …) or torch's own functional
+        (``F.nll_loss``, ``F.cross_entropy``, ``F.mse_loss``: the same closed-form adjoint, §1.3); ``target``
+        and ``loss_kwargs`` as that loss takes them. Returns the loss tensor; ``.grad`` accumulates.
+
+        >>> net = FPropagation(nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)))
+        >>> output = net(torch.randn(2, 4))
+        >>> loss = net.backward(torch.nn.functional.nll_loss, torch.tensor([0, 2]))
+        """
+        value, out_adj = get_loss(loss)(self.output, target, **loss_kwargs)
+        self.adjoint(out_adj)
+        return value
 
     def extra_repr(self) -> str:
         return f"hooks={len(self._handles)}, keep_pre_activations={self.keep_pre_activations}"
