@@ -48,8 +48,11 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _onehot(target: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
-    return F.one_hot(target.long(), n_classes).to(dtype)
+def onehot(target: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
+    """(B, C) one-hot rows of ``dtype`` by a scatter: ``F.one_hot`` reads the targets' range back to the host
+    (two syncs), which a step with ``validate=False`` must not do."""
+    return torch.zeros((target.shape[0], n_classes), dtype=dtype, device=target.device).scatter_(
+        1, target.long()[:, None], 1.0)
 
 
 def cross_entropy(
@@ -125,7 +128,7 @@ def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     _check_reduction(reduction)
     if not target.is_floating_point():
         _check_logits(x_out, target, "mse", validate)
-        target = _onehot(target, x_out.shape[1], x_out.dtype)
+        target = onehot(target, x_out.shape[1], x_out.dtype)
     elif validate and (target.shape != x_out.shape or target.dtype != x_out.dtype or target.device != x_out.device):
         raise ValueError(
             f"mse: expected a target of shape {tuple(x_out.shape)}, dtype {x_out.dtype} on {x_out.device}, "

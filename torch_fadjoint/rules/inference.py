@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LayerRecord
-from ..losses import _check_logits
+from ..losses import _check_logits, onehot as to_onehot
 from ..maps import MapRecord
 from ..sweep import check_finite, param_names
 
@@ -261,7 +261,7 @@ def inference_grads(net, target: Tensor, variant: str = "il", *, T: int = 25, ga
         raise ValueError(f"{variant} target: expected a tensor, got {type(target).__name__}")
     _check_logits(output, target, f"{variant} target", validate)
     x = layers[0].x_prev
-    onehot = F.one_hot(target.long(), output.shape[1]).to(output.dtype)
+    onehot = to_onehot(target, output.shape[1], output.dtype)
     try:
         if variant == "il":
             states = [_post_activation(block) for block in chain[:-1]] + [layers[-1].x]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LayerRecord
-from ..losses import _check_logits
+from ..losses import _check_logits, onehot
 from ..sweep import Rule, accumulate_grads, check_out_adj, check_rule, sweep_grads
 
 __all__ = ["LFPRule", "lfp_grads", "lfp_backward", "lfp_reward", "clip_grads_", "REWARDS"]
@@ -51,7 +51,7 @@ __all__ = ["LFPRule", "lfp_grads", "lfp_backward", "lfp_reward", "clip_grads_", 
 
 # -- §3.1 output rewards -----------------------------------------------------------------------
 def _onehot(target: Tensor, x_out: Tensor) -> Tensor:
-    return F.one_hot(target.long(), x_out.shape[1]).to(x_out.dtype)
+    return onehot(target, x_out.shape[1], x_out.dtype)
 
 
 def softmax_reward(x_out: Tensor, target: Tensor) -> Tensor:
