@@ -653,7 +653,7 @@ def test_a_loss_callable_that_does_not_return_a_pair_is_named():
     (lambda net: tfa.optim.FAdjoint(net, lr=float("inf")), r"^lr must be a finite number in \[0, inf\], got inf"),
     (lambda net: tfa.optim.FAdjoint(net, lr=0.1, momentum=float("nan")), r"^momentum must be a finite number"),
     (lambda net: tfa.optim.FAdjoint(net, lr=0.1, weight_decay=float("inf")), r"^weight_decay must be a finite"),
-    (lambda net: tfa.optim.FAdjoint(net, lr=0.1, validate="anything"), r"^validate must be True or False"),
+    (lambda net: tfa.optim.FAdjoint(net, lr=0.1, validate="anything"), r"^validate must be True, False, 'async' or None"),
     (lambda net: tfa.optim.FAdjoint(net, lr=0.1, loss_kwargs={"smoothing": 0.1}),
      r"^loss_kwargs: cross_entropy takes no argument\(s\) \['smoothing'\]"),
     (lambda net: tfa.optim.EquilibriumFAdjoint(net, lr=0.1, tau=1.5), r"^tau must be in \(0, 1\], got 1.5"),

@@ -70,3 +70,105 @@ def test_validate_false_makes_no_host_sync(rule, model):
 def test_validate_true_makes_its_documented_syncs():
     """The counter sees syncs where there are some (so the zero above is a measurement, not a blind spot)."""
     assert _count("fadjoint", True, nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))) >= 1
+
+
+# -- validate="async" (issue 16): decided on the device, never written, raised at the next step ------------
+RULES_ASYNC = {name: (lambda make: lambda net, v: make(net, "async" if v else False))(make) for name, make in
+               RULES.items()}
+RULES_ASYNC.update({
+    "equilibrium_parallel": lambda net, v: tfa.optim.EquilibriumFAdjoint(net, lr=0.1, loss="cross_entropy",
+                                                                          sequential=False, validate="async"),
+    "consequentialism": lambda net, v: tfa.optim.Consequentialism(net, lr=0.1, momentum=0.9, validate="async"),
+    "il_prox_adam": lambda net, v: tfa.optim.InferenceLearning(net, variant="il_prox", T=3, base="adam", lr=1e-3,
+                                                               validate="async"),
+})
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("rule", sorted(set(RULES_ASYNC) - {"il_prox_adam"}))  # torch's CPU Adam reads its step
+@pytest.mark.parametrize("model", ["mlp", "cnn"])                            # count (.item()); capturable on CUDA
+def test_async_makes_no_host_sync(rule, model):
+    net = tfa.FPropagation(Net() if model == "cnn" else _mlp())
+    opt = RULES_ASYNC[rule](net, True)
+    x = torch.randn(4, *((1, 8, 8) if model == "cnn" else (6,)))
+    t = torch.randint(0, 5, (4,))
+    net(x)
+    opt.step(target=t)
+    with CountSyncs() as counter:
+        net(x)
+        opt.step(target=t)
+    assert counter.count == 0
+
+
+def _state(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: v.clone() for entry in opt.state.values() for k, v in entry.items() if isinstance(v, torch.Tensor)})
+
+
+@pytest.mark.parametrize("rule", sorted(RULES_ASYNC))
+def test_async_finite_steps_equal_the_checked_steps_bit_for_bit(rule):
+    runs = []
+    for validate in ("async", True):
+        model = _mlp()
+        net = tfa.FPropagation(model)
+        opt = RULES_ASYNC[rule](net, True)
+        opt.validate = validate
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            net(torch.randn(4, 6, generator=gen))
+            opt.step(target=torch.randint(0, 5, (4,), generator=gen))
+        opt.synchronize() if validate == "async" else None
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES_ASYNC))
+def test_async_never_writes_a_non_finite_step_and_raises_at_the_next(rule):
+    model = _mlp()
+    net = tfa.FPropagation(model)
+    opt = RULES_ASYNC[rule](net, True)
+    x, t = torch.randn(4, 6), torch.randint(0, 5, (4,))
+    net(x)
+    opt.step(target=t)  # step 1: state exists
+    before = _state(model, opt)
+    net(torch.full((4, 6), float("nan")))
+    opt.step(target=t)  # step 2: decided on the device, nothing raised yet
+    after = _state(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    net(x)
+    with pytest.raises(RuntimeError, match=r"^step 2 \(validate='async'\): .*non-finite values in .*; that step wrote "
+                                           r"no parameter and no state$"):
+        opt.step(target=t)  # step 3 reads step 2's flags before anything
+    opt.synchronize()  # nothing pending any more
+    net(x)
+    opt.step(target=t)
+    opt.synchronize()
+
+
+def test_async_out_of_range_target_is_skipped_and_named():
+    model = _mlp()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, validate="async")
+    before = [p.clone() for p in model.parameters()]
+    net(torch.randn(4, 6))
+    opt.step(target=torch.tensor([0, 1, 7, 2]))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match=r"^step 1 \(validate='async'\): target: non-finite values in the target "
+                                           r"\(a class outside \[0, 4\]\)"):
+        opt.synchronize()
+
+
+def test_the_default_on_cpu_is_the_immediate_check():
+    net = tfa.FPropagation(_mlp())
+    opt = tfa.optim.FAdjoint(net, lr=0.1)
+    assert opt.validate is None
+    net(torch.full((4, 6), float("nan")))
+    with pytest.raises(RuntimeError, match=r"^step: non-finite values in X\^L"):
+        opt.step(target=torch.zeros(4, dtype=torch.long))

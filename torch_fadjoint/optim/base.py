@@ -186,10 +186,21 @@ _SGD_RANGES = {"lr": (0.0, math.inf), "momentum": (0.0, math.inf), "dampening": 
                "weight_decay": (0.0, math.inf)}
 
 
-def _check_validate(validate) -> bool:
-    if validate is not True and validate is not False:
-        raise ValueError(f"validate must be True or False, got {validate!r}")
+VALIDATE = (None, True, False, "async")
+
+
+def _check_validate(validate):
+    if not any(validate is v or (isinstance(v, str) and validate == v) for v in VALIDATE):
+        raise ValueError(f"validate must be True, False, 'async' or None (async on CUDA, True elsewhere), got "
+                         f"{validate!r}")
     return validate
+
+
+def _finite_flags(tensors: list[Tensor]) -> Tensor:
+    """Per tensor, whether it is finite, decided on the device (no host sync). A float64 sum cannot overflow
+    for float32/bf16 tensors, so one read each; float64 tensors take the exact elementwise test."""
+    return torch.stack([t.isfinite().all() if t.dtype == torch.float64 else t.sum(dtype=torch.float64).isfinite()
+                        for t in tensors])
 
 
 # -- the optimizer base ------------------------------------------------------------------------
@@ -205,14 +216,14 @@ class RuleOptimizer(Optimizer):
         defaults: the hyper-parameters of every group.
         loss: ``"cross_entropy"``, ``"nll"``, ``"mse"`` or a callable ``(output, target) -> (loss, out_adj)``.
         loss_kwargs: extra arguments for the loss (checked against its signature now).
-        validate: see the module docstring (True | False).
+        validate: see the module docstring (True | False | "async" | None: async on CUDA, True elsewhere).
     """
 
     state_keys: frozenset = frozenset({"momentum_buffer"})
     signal = "out_adj"
 
     def __init__(self, net: FPropagation, params, defaults: dict, loss="cross_entropy",
-                 loss_kwargs: dict | None = None, validate: bool = True):
+                 loss_kwargs: dict | None = None, validate=None):
         if not isinstance(net, FPropagation):
             raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
         self.net = net
@@ -221,6 +232,11 @@ class RuleOptimizer(Optimizer):
         self.loss_kwargs = dict(loss_kwargs or {})
         self._check_loss_kwargs()
         self.validate = _check_validate(validate)
+        self._mode = True       # the resolved validate of the step in progress
+        self._flags: list = []  # async: (per-tensor finite flags on the device, their names)
+        self._guarded: list = []  # async: (tensor written in place, its value before the step)
+        self._pending = None    # async: the last step's flags on their way to the host
+        self._steps = 0
         super().__init__(net.parameters() if params is None else params, defaults)
         self._check_groups()
 
@@ -263,12 +279,94 @@ class RuleOptimizer(Optimizer):
         if closure is not None and not callable(closure):
             raise TypeError(f"step(): the positional argument is a closure (torch.optim's contract), got "
                             f"{type(closure).__name__}; pass targets as step(target=t)")
+        self._raise_pending(wait=False)
         self._check_groups()
         if closure is not None:
             closure()
+        output = self.net.output
+        mode = self.validate
+        self._mode = ("async" if output.is_cuda else True) if mode is None else mode
+        self._flags, self._guarded = [], []
+        self._steps += 1
         loss, signal = self._signal(target, out_adj)
         self._rule_step(signal)
+        if self._mode == "async":
+            self._settle()
         return loss
+
+    # -- validate="async": decided on the device, raised later ------------------------------------
+    @property
+    def _checks_now(self) -> bool:
+        """Whether this step checks with a host sync (validate=True)."""
+        return self._mode is True
+
+    def _check(self, tensors: list[Tensor], what: str, names) -> None:
+        """Refuse non-finite ``tensors``: now (validate=True, one sync), later (async), or not at all (False)."""
+        if not tensors or self._mode is False:
+            return
+        if self._mode is True:
+            check_finite(tensors, what, names=names, reducer=self.net.reducer)
+            return
+        flags = _finite_flags(tensors)
+        if self.net.reducer is not None:  # every rank skips alike (a collective, not a host sync)
+            flags = self.net.reducer.all_ranks(flags)
+        self._flags.append((flags, what, names))
+
+    def _guard(self, tensors) -> None:
+        """Async: keep the values that this step is about to overwrite in place (restored if a flag fails)."""
+        if self._mode == "async":
+            self._guarded.extend((t, t.clone()) for t in tensors if t is not None)
+
+    def _guard_new(self, tensors) -> None:
+        """Async: state created by this step is zeroed if a flag fails (it cannot be un-created without a sync)."""
+        if self._mode == "async":
+            self._guarded.extend((t, torch.zeros_like(t)) for t in tensors)
+
+    def _settle(self) -> None:
+        """Async, after the writes: where any flag failed, put back every guarded value (torch.where on the
+        device, no sync), and send the flags to the host without waiting."""
+        if not self._flags:
+            return
+        flags = torch.cat([f.to(torch.bool).reshape(-1) for f, _, _ in self._flags])
+        ok = flags.all()
+        for tensor, before in self._guarded:
+            torch.where(ok, tensor, before, out=tensor)
+        self._guarded = []
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = flags, None
+        self._pending = (host, event, self._steps, [(what, names, len(f.reshape(-1))) for f, what, names in self._flags])
+        self._flags = []
+
+    def _raise_pending(self, wait: bool) -> None:
+        """Raise the error of an earlier async step whose flags have reached the host (``wait``: wait for them)."""
+        if self._pending is None:
+            return
+        host, event, step, parts = self._pending
+        if event is not None and not event.query():
+            if not wait:
+                return
+            event.synchronize()
+        self._pending = None
+        values = host.numpy()  # a host read of a host tensor: no dispatch, no device sync
+        if values.all():
+            return
+        first = int((~values).nonzero()[0][0])
+        for what, names, count in parts:
+            if first < count:
+                names = names() if callable(names) else names
+                where = names[first] if names is not None else f"entry {first}"
+                raise RuntimeError(f"step {step} (validate='async'): {what}: non-finite values in {where}; that "
+                                   "step wrote no parameter and no state")
+            first -= count
+
+    def synchronize(self) -> None:
+        """Wait for the flags of the last ``validate="async"`` step and raise its pending error, if any."""
+        self._raise_pending(wait=True)
 
     def _signal(self, target, out_adj) -> tuple[Tensor | None, Tensor]:
         output = self.net.output
@@ -282,17 +380,27 @@ class RuleOptimizer(Optimizer):
         else:
             loss, signal = None, out_adj
         check_out_adj(self.net, signal, self.signal)
-        if self.validate:
-            describe = self.net.layers[-1].describe
-            check_finite([output, signal], "step", reducer=self.net.reducer, names=[
-                f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)",
-                f"{self.signal} (the signal at the output of {describe})"])
+        describe = self.net.layers[-1].describe
+        self._check([output, signal], "step", names=[
+            f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)",
+            f"{self.signal} (the signal at the output of {describe})"])
         return loss, signal
+
+    def _safe_target(self, output: Tensor, target: Tensor) -> Tensor:
+        """Async: class targets out of range are flagged on the device and clamped (an out-of-range index would
+        abort a CUDA kernel); the step is then skipped."""
+        if self._mode != "async" or target.is_floating_point() or output.dim() != 2 or target.dim() != 1:
+            return target
+        n_classes = output.shape[1]
+        inside = ((target >= 0) & (target < n_classes)).all().reshape(1)
+        self._flags.append((inside, "target", [f"the target (a class outside [0, {n_classes - 1}])"]))
+        return target.clamp(0, n_classes - 1)
 
     def _top_signal(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         kwargs = dict(self.loss_kwargs)
         if self._loss_fn in LOSSES.values():
-            kwargs["validate"] = self.validate
+            kwargs["validate"] = self._checks_now
+            target = self._safe_target(output, target)
         result = self._loss_fn(output, target, **kwargs)
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor)):
             name = getattr(self._loss_fn, "__name__", "the loss")
@@ -315,7 +423,7 @@ class RuleOptimizer(Optimizer):
             if params:
                 bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
                 plan.append((group, params, [grads[p] for p in params], bufs))
-        if self.validate if check is None else check:
+        if self._mode is not False if check is None else check:
             self._check_sgd_bounds(plan, grad_bounds)
         return plan
 
@@ -325,10 +433,9 @@ class RuleOptimizer(Optimizer):
             gbounds = [grad_bounds[p] if grad_bounds and p in grad_bounds else _amax(g) for p, g in zip(params, group_grads)]
             bounds += sgd_bounds(params, gbounds, bufs, **self._hyper(group))
             params_all += params
-        if bounds:
-            check_finite(bounds, f"{type(self).__name__} step", names=lambda: [
-                f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
-                for name in param_names(self.net, params_all)])
+        self._check(bounds, f"{type(self).__name__} step", names=lambda: [
+            f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
+            for name in param_names(self.net, params_all)])
 
     @staticmethod
     def _hyper(group) -> dict:
@@ -340,7 +447,10 @@ class RuleOptimizer(Optimizer):
         for group, params, group_grads, bufs in plan:
             for param, grad in zip(params, group_grads if write_grad else ()):
                 param.grad = grad
+            self._guard(params + bufs)
+            created = [i for i, buf in enumerate(bufs) if buf is None]
             sgd_update(params, group_grads, bufs, **self._hyper(group), foreach=group["foreach"])
+            self._guard_new([bufs[i] for i in created if bufs[i] is not None])
             if group["momentum"] != 0:
                 for param, buf in zip(params, bufs):
                     self.state[param]["momentum_buffer"] = buf
@@ -440,7 +550,7 @@ class DelegatingRuleOptimizer(RuleOptimizer):
     """
 
     def __init__(self, net: FPropagation, params, lr: float, base, base_kwargs: dict, loss="cross_entropy",
-                 loss_kwargs: dict | None = None, validate: bool = True, rule_defaults: dict | None = None):
+                 loss_kwargs: dict | None = None, validate=None, rule_defaults: dict | None = None):
         if isinstance(base, str) and base.lower() in BASES:
             base_cls = BASES[base.lower()]
         elif isinstance(base, type) and issubclass(base, Optimizer):
@@ -485,7 +595,9 @@ class DelegatingRuleOptimizer(RuleOptimizer):
 
         hidden = {p: p.grad for p in mine if p not in grads and p.grad is not None}
         saved = None
-        if self.validate:
+        fresh = [p for p in used if not self.state.get(p)]
+        self._guard(used + [v for p in used for v in self.state.get(p, {}).values() if isinstance(v, Tensor)])
+        if self._checks_now:
             saved = [(p, p.clone(), p.grad, {k: v.clone() if isinstance(v, Tensor) else v
                                              for k, v in self.state.get(p, {}).items()}, p in self.state)
                      for p in used]
@@ -495,11 +607,11 @@ class DelegatingRuleOptimizer(RuleOptimizer):
             for p in used:
                 p.grad = grads[p]
             self.inner.step()
-            if self.validate:
-                new = used + [v for p in used for v in self.state.get(p, {}).values()
-                              if isinstance(v, Tensor) and v.is_floating_point()]
-                check_finite(new, f"{type(self).__name__} step", names=lambda: [
-                    f"the new value of {n}" for n in param_names(self.net, used)] + ["the optimizer state"] * len(new))
+            self._guard_new([v for p in fresh for v in self.state.get(p, {}).values() if isinstance(v, Tensor)])
+            new = used + [v for p in used for v in self.state.get(p, {}).values()
+                          if isinstance(v, Tensor) and v.is_floating_point()]
+            self._check(new, f"{type(self).__name__} step", names=lambda: [
+                f"the new value of {n}" for n in param_names(self.net, used)] + ["the optimizer state"] * len(new))
         except BaseException:
             for p, value, grad, state, had in saved or []:
                 p.copy_(value)

@@ -4,6 +4,7 @@ A thin optimizer over :mod:`torch_fadjoint.rules.consequentialism`.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..recorder import FPropagation
@@ -44,7 +45,7 @@ class Consequentialism(DelegatingRuleOptimizer):
 
     def __init__(self, net: FPropagation, lr: float = 0.1, mode: str = "consequentialism", base="sgd", *,
                  delta: float | None = None, delta_rel: float = 1e-3, loss="cross_entropy",
-                 loss_kwargs: dict | None = None, validate: bool = True, params=None, **base_kwargs):
+                 loss_kwargs: dict | None = None, validate=None, params=None, **base_kwargs):
         check_mode(mode, delta, delta_rel)
         super().__init__(net, params, lr, base, base_kwargs, loss=loss, loss_kwargs=loss_kwargs, validate=validate,
                          rule_defaults=dict(mode=mode, delta=delta, delta_rel=delta_rel))
@@ -56,5 +57,11 @@ class Consequentialism(DelegatingRuleOptimizer):
 
     def _rule_step(self, out_adj: Tensor) -> None:
         group = self.param_groups[0]
+        on_failures = None
+        if self._mode == "async":
+            def on_failures(infos, layers):
+                self._flags.append((torch.stack(infos).eq(0), "consequentialism", [
+                    f"{layer}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?)" for layer in layers]))
         self._apply_base(consequentialism_grads(self.net, out_adj, group["mode"], group["delta"],
-                                                delta_rel=group["delta_rel"], validate=self.validate))
+                                                delta_rel=group["delta_rel"], validate=self._checks_now,
+                                                on_failures=on_failures))

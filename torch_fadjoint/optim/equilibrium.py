@@ -56,7 +56,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
                  t: float | None = None, init: str = "scaled", sequential: bool = True,
                  reference_output_derivative: bool = False, relaxation: str = "closed_form",
                  maximize: bool = False, foreach: bool | None = None, loss="mse", loss_kwargs: dict | None = None,
-                 validate: bool = True, params=None):
+                 validate=None, params=None):
         check_relaxation(tau, steps, t, init, relaxation)
         if not isinstance(sequential, bool):
             raise ValueError(f"sequential must be True or False, got {sequential!r}")
@@ -86,7 +86,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
             self._apply_sgd(equilibrium_grads(self.net, out_adj, tau=rule.tau, steps=rule.steps, t=rule.t,
                                               init=rule.init, relaxation=rule.relaxation,
                                               reference_output_derivative=rule.reference_output_derivative,
-                                              validate=self.validate))
+                                              validate=self._checks_now))
             return
         tied = [p for p, n in Counter(p for layer in layers for p in layer.params).items() if n > 1]
         if tied:
@@ -98,14 +98,14 @@ class EquilibriumFAdjoint(RuleOptimizer):
 
         def update_now(layer, feedback) -> None:
             plan = self._sgd_plan(feedback, check=False)  # checked all at once before layer 1's write
-            if self.validate:
+            if self._mode is not False:
                 for group, params, grads, bufs in plan:
                     checks.extend(grads)
                     checks.extend(sgd_bounds(params, [_amax(g) for g in grads], bufs, **self._hyper(group)))
                     names = param_names(self.net, params)
                     checked.extend(names + [f"the update of {n}" for n in names])
                 if layer is layers[0]:  # every g and bound is known: check before the last write
-                    check_finite(checks, "EquilibriumFAdjoint step", names=checked)
+                    self._check(checks, "EquilibriumFAdjoint step", names=checked)
             if layer is not layers[0]:
                 for _, params, _, bufs in plan:
                     for param, buf in zip(params, bufs):

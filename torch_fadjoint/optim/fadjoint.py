@@ -75,7 +75,7 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
     def __init__(self, net: FPropagation, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, loss="cross_entropy", loss_kwargs: dict | None = None,
-                 validate: bool = True, fuse_update: bool = False, params=None):
+                 validate=None, fuse_update: bool = False, params=None):
         defaults = self._sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach)
         super().__init__(net, params, defaults, loss=loss, loss_kwargs=loss_kwargs, validate=validate)
         self.fuse_update = bool(fuse_update)
@@ -86,7 +86,7 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
         if self.fuse_update:
             self._fused_step(out_adj)
         else:
-            self._apply_sgd(fadjoint_grads(self.net, out_adj, validate=self.validate))
+            self._apply_sgd(fadjoint_grads(self.net, out_adj, validate=self._checks_now))
 
     def _check_fusable(self) -> None:
         if self.net.reducer is not None:
@@ -121,18 +121,17 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             self.net.clear()
             raise
         self.net.clear()
-        if self.validate and fused:
+        if self._mode is not False and fused:
             bounds, weights = [], []
             for weight, (y_adj, x_prev) in fused:
                 buf = self.state.get(weight, {}).get("momentum_buffer")
                 product = _amax(y_adj) * _amax(x_prev) * y_adj.shape[0]  # bounds every entry of Y*ᵀX
                 bounds += sgd_bounds([weight], [product], [buf], **self._hyper(group_of[weight]))
                 weights.append(weight)
-            check_finite(bounds, "F-adjoint step", names=lambda: [
+            self._check(bounds, "F-adjoint step", names=lambda: [
                 f"the update of {name} (fused: B·max|Y*|·max|X| and its momentum buffer bound it)"
                 for name in param_names(self.net, weights)])
-        if self.validate:
-            check_finite(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self.net, grads))
+        self._check(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self.net, grads))
         plan = self._sgd_plan(grads)  # validate: bounds every materialised update
         for item in fused:
             self._fused_update(group_of, *item)
@@ -141,6 +140,10 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
     def _fused_update(self, group_of, weight, factors) -> None:
         group = group_of[weight]
         bufs = [self.state.get(weight, {}).get("momentum_buffer")]
+        self._guard([weight] + bufs)
+        created = bufs[0] is None
         fused_sgd_weight_update([weight], [factors], bufs, **self._hyper(group), foreach=False)
         if group["momentum"] != 0:
             self.state[weight]["momentum_buffer"] = bufs[0]
+            if created:
+                self._guard_new(bufs)

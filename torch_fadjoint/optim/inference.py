@@ -50,7 +50,7 @@ class InferenceLearning(DelegatingRuleOptimizer):
     def __init__(self, net: FPropagation, lr: float | None = None, variant: str = "il", *, T: int = 25,
                  gamma_top: float | None = None, gamma_bot: float | None = None, clamp: float = 1.0,
                  alpha: float = 5.0, prox_eps: float = 0.25, conv_details: bool = False, base="sgd",
-                 validate: bool = True, params=None, **base_kwargs):
+                 validate=None, params=None, **base_kwargs):
         gamma_top, gamma_bot = _gammas(variant, gamma_top, gamma_bot)
         check_inference(variant, T, gamma_top, gamma_bot, clamp, alpha, prox_eps)
         lr = (0.05 if variant == "il" else 1.0) if lr is None else lr
@@ -75,10 +75,11 @@ class InferenceLearning(DelegatingRuleOptimizer):
         output = self.net.output
         if output.shape[0] == 0:
             raise ValueError("step: the recorded forward has batch size 0; nothing to learn from")
-        _check_logits(output, target, f"{self.param_groups[0]['variant']} target", self.validate)
+        _check_logits(output, target, f"{self.param_groups[0]['variant']} target", self._checks_now)
+        target = self._safe_target(output, target)
         return F.cross_entropy(output, target.long()), target
 
     def _rule_step(self, target: Tensor) -> None:
         group = self.param_groups[0]
         self._apply_base(inference_grads(self.net, target, **{k: group[k] for k in self._RULE_KEYS},
-                                         validate=self.validate))
+                                         validate=self._checks_now))

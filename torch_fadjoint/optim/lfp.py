@@ -48,7 +48,7 @@ class LFP(RuleOptimizer):
     def __init__(self, net: FPropagation, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, reward="softmax", eps: float = 1e-6,
                  clip_norm: float | None = 3.0, batch_reduction: str = "mean", norm_backward=False,
-                 foreach: bool | None = None, validate: bool = True, params=None):
+                 foreach: bool | None = None, validate=None, params=None):
         defaults = self._sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, False, foreach)
         LFPRule(eps, batch_reduction, norm_backward)  # validates them
         self._check_clip(clip_norm)
@@ -71,13 +71,14 @@ class LFP(RuleOptimizer):
         self._check_clip(group["clip_norm"])
 
     def _top_signal(self, output: Tensor, target: Tensor):
-        reward = lfp_reward(output, target, self._reward_fn, validate=self.validate)
+        target = self._safe_target(output, target)
+        reward = lfp_reward(output, target, self._reward_fn, validate=self._checks_now)
         return F.cross_entropy(output, target.long()), reward
 
     def _rule_step(self, reward: Tensor) -> None:
         group = self.param_groups[0]
         grads = lfp_grads(self.net, reward=reward, eps=group["eps"], batch_reduction=group["batch_reduction"],
-                          norm_backward=group["norm_backward"], validate=self.validate)
+                          norm_backward=group["norm_backward"], validate=self._checks_now)
         mine = self._group_of()
         grads = {p: g for p, g in grads.items() if p in mine}
         if group["clip_norm"] is not None:

@@ -96,13 +96,14 @@ class ConsequentialismRule(Rule):
 @torch.no_grad()
 def consequentialism_grads(net, out_adj: Tensor, mode: str = "consequentialism",
                            delta: float | None = None, *, delta_rel: float = 1e-3, validate: bool = True,
-                           retain_records: bool = False) -> dict[Tensor, Tensor]:
+                           retain_records: bool = False, on_failures=None) -> dict[Tensor, Tensor]:
     """The §4 update directions G^k, split into weight and bias grads, from X*^L (ALGORITHMS.md §4).
 
     out_adj: (B, n_L) X*^L of the batch-mean loss; mode: "consequentialism" | "nlms" | "lms";
     delta: absolute δ, or None for ``delta_rel`` · mean_b ‖x̃_b‖² per layer.
     Returns {parameter: grad}; nothing is written. With ``validate`` a non-finite result or a
-    failed Cholesky factorisation raises RuntimeError.
+    failed Cholesky factorisation raises RuntimeError; without it, ``on_failures(infos, layers)`` (if given)
+    receives each factorisation's ``info`` tensor (0 = success) to decide on the device.
 
     >>> from torch import nn
     >>> from torch_fadjoint import FPropagation
@@ -118,6 +119,8 @@ def consequentialism_grads(net, out_adj: Tensor, mode: str = "consequentialism",
     check_rule(rule, layers)
     grads = sweep_grads(net, layers, out_adj, rule, what=f"{mode} gradients", validate=False,
                         retain_records=retain_records)
+    if not validate and on_failures is not None and rule.failures:
+        on_failures(rule.failures, rule.failure_layers)
     if validate:  # a failed factorisation first: it is the cause of any non-finite result
         if rule.failures:
             factored = torch.stack(rule.failures).eq(0)
