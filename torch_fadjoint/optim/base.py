@@ -15,16 +15,27 @@ The update is torch.optim.SGD's (STYLE P1: a thin class over a functional core):
     b ← g (first step) | μ b + (1 − dampening) g;   g ← g + μ b (Nesterov) | b
     θ ← θ − lr g
 
-What ``validate=True`` (the default) guarantees, and ``validate=False`` gives up (it makes no host
-synchronisation, for CUDA graphs): the targets are checked; a non-finite top signal, feedback or
-UPDATE is refused before anything is written — for SGD by a bound on every new value,
-max|θ| + lr·bound(direction) from max|g|, max|b| and the hyper-parameters (NaN/Inf anywhere, in a
-loaded momentum buffer too, or an overflow, is refused; it may refuse an update that would just fit,
-only when the bound itself leaves the dtype's range); for a delegated torch optimizer (Adam, …) by
-checking the new values and state and restoring the old ones. Hyper-parameters are checked (finite,
-in range) at construction and at every step (values set later in ``param_groups`` included), with or
-without ``validate``. Exceptions inside a rule leave parameters, ``.grad`` and state as they were and
-the records either intact or cleared, with or without ``validate``.
+``validate`` (checked by one rule for every optimizer):
+
+* ``True`` — the targets are checked, and a non-finite top signal, feedback or UPDATE is refused before
+  anything is written (one host sync per step): for SGD by a bound on every new value,
+  max|θ| + lr·bound(direction) from max|g|, max|b| and the hyper-parameters (NaN/Inf anywhere, in a
+  loaded momentum buffer too, or an overflow; it may refuse an update that would just fit, only when the
+  bound itself leaves the dtype's range); for a delegated torch optimizer (Adam, …) by checking the new
+  values and state and restoring the old ones.
+* ``"async"`` — the same checks, decided on the device (a found-non-finite flag, as torch's fused optimizers
+  and ``GradScaler`` do): the step makes no host synchronisation, the values a step overwrites are kept and
+  put back with ``torch.where`` when a flag fails (so a non-finite update is never written; ``.grad`` is),
+  and the error — naming the step and the first non-finite tensor — is raised at the next step once the
+  flags have reached the host (a non-blocking copy and an event on CUDA), or at ``opt.synchronize()``. The
+  price: one copy of the parameters and state a step writes. A delegated torch optimizer makes whatever
+  syncs it makes itself (CPU Adam reads its step count; ``capturable=True`` avoids it on CUDA).
+* ``False`` — no finite checks at all and no host sync; that is all it gives up.
+* ``None`` (the default) — ``"async"`` when the recorded output is on CUDA, ``True`` elsewhere.
+
+Hyper-parameters are checked (finite, in range, an lr the parameters' dtype can hold) at construction and
+at every step (values set later in ``param_groups`` included), whatever ``validate`` is. Exceptions inside
+a rule leave parameters, ``.grad`` and state as they were and the records either intact or cleared.
 """
 from __future__ import annotations
 
