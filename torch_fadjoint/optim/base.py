@@ -125,23 +125,44 @@ def _amax(tensor: Tensor) -> Tensor:
     return torch.maximum(low.abs(), high.abs())
 
 
+def peaks(tensors: list[Tensor], known: dict | None = None) -> list[Tensor]:
+    """max|t| of every tensor (0-dim, its dtype; NaN if t has one), without a host sync.
+
+    known: {tensor: (version, bound)} — a bound this optimizer computed for the tensor after its last write;
+    it replaces the read while the tensor's version counter says nobody has written it since.
+    """
+    out = []
+    for tensor in tensors:
+        entry = known.get(tensor) if known is not None else None
+        out.append(entry[1] if entry is not None and entry[0] == tensor._version else _amax(tensor))
+    return out
+
+
 def sgd_bounds(params: list[Tensor], grad_bounds: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
                momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-               **_) -> list[Tensor]:
+               known: dict | None = None, new_buffers: list | None = None, **_) -> list[Tensor]:
     """A bound on every new value |θ'| of :func:`sgd_update`, per parameter (0-dim, θ's dtype; no host sync).
 
     grad_bounds: max|g| per parameter (or a bound on it). Finite iff θ, g and the buffer are finite and
     no new value (nor the direction, nor the new buffer) can overflow::
 
         |g'| ≤ G + λP;  |b'| ≤ μB + |1 − dampening| |g'|;  |d| ≤ |g'| + μ|b'| (Nesterov) | |b'|;  |θ'| ≤ P + lr|d|
+
+    P and B are read (``peaks``) unless ``known`` holds this optimizer's own bounds from the last write.
+    With ``new_buffers`` (a list) the bound on each new buffer is appended to it (None without momentum).
     """
+    param_peaks = peaks(params, known)
+    present = [i for i, buf in enumerate(momentum_buffers) if buf is not None] if momentum else []
+    buf_peaks = dict(zip(present, peaks([momentum_buffers[i] for i in present], known)))
     bounds = []
-    for param, grad_bound, buf in zip(params, grad_bounds, momentum_buffers):
-        peak = _amax(param)
+    for i, (peak, grad_bound) in enumerate(zip(param_peaks, grad_bounds)):
         direction = grad_bound + weight_decay * peak if weight_decay else grad_bound
+        new_buf = None
         if momentum:
-            new_buf = direction if buf is None else momentum * _amax(buf) + abs(1 - dampening) * direction
+            new_buf = direction if i not in buf_peaks else momentum * buf_peaks[i] + abs(1 - dampening) * direction
             direction = direction + momentum * new_buf if nesterov else new_buf
+        if new_buffers is not None:
+            new_buffers.append(new_buf)
         bounds.append(peak + lr * direction)
     return bounds
 
@@ -248,6 +269,8 @@ class RuleOptimizer(Optimizer):
         self._guarded: list = []  # async: (tensor written in place, its value before the step)
         self._pending = None    # async: the last step's flags on their way to the host
         self._steps = 0
+        self._known = {}        # {param or buffer: (version after our write, bound on max|·|)}: saves reads
+        self._next_known = []
         super().__init__(net.parameters() if params is None else params, defaults)
         self._check_groups()
 
@@ -297,7 +320,7 @@ class RuleOptimizer(Optimizer):
         output = self.net.output
         mode = self.validate
         self._mode = ("async" if output.is_cuda else True) if mode is None else mode
-        self._flags, self._guarded = [], []
+        self._flags, self._guarded, self._next_known = [], [], []
         self._steps += 1
         loss, signal = self._signal(target, out_adj)
         self._rule_step(signal)
@@ -442,7 +465,11 @@ class RuleOptimizer(Optimizer):
         bounds, params_all = [], []
         for group, params, group_grads, bufs in plan:
             gbounds = [grad_bounds[p] if grad_bounds and p in grad_bounds else _amax(g) for p, g in zip(params, group_grads)]
-            bounds += sgd_bounds(params, gbounds, bufs, **self._hyper(group))
+            new_buffers: list = []
+            group_bounds = sgd_bounds(params, gbounds, bufs, **self._hyper(group), known=self._known,
+                                      new_buffers=new_buffers)
+            self._next_known.extend(zip(params, group_bounds, new_buffers))
+            bounds += group_bounds
             params_all += params
         self._check(bounds, f"{type(self).__name__} step", names=lambda: [
             f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
@@ -462,9 +489,22 @@ class RuleOptimizer(Optimizer):
             created = [i for i, buf in enumerate(bufs) if buf is None]
             sgd_update(params, group_grads, bufs, **self._hyper(group), foreach=group["foreach"])
             self._guard_new([bufs[i] for i in created if bufs[i] is not None])
+            self._remember(params, bufs)
             if group["momentum"] != 0:
                 for param, buf in zip(params, bufs):
                     self.state[param]["momentum_buffer"] = buf
+
+    def _remember(self, params, bufs) -> None:
+        """After a write: the bounds just checked become this optimizer's record of the new peaks (no re-read
+        while nobody else writes these tensors; the version counter tells)."""
+        pending = {param: (bound, buf_bound) for param, bound, buf_bound in self._next_known}
+        for param, buf in zip(params, bufs):
+            if param in pending:
+                bound, buf_bound = pending.pop(param)
+                self._known[param] = (param._version, bound)
+                if buf is not None and buf_bound is not None:
+                    self._known[buf] = (buf._version, buf_bound)
+        self._next_known = [(p, b, bb) for p, (b, bb) in pending.items()]
 
     def _apply_sgd(self, grads: dict[Tensor, Tensor]) -> None:
         self._write_sgd(self._sgd_plan(grads))

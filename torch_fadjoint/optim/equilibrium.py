@@ -13,7 +13,7 @@ from torch import Tensor
 from ..recorder import FPropagation
 from ..rules.equilibrium import EquilibriumRule, check_relaxation, equilibrium_grads
 from ..sweep import backward_sweep, check_finite, check_rule, param_names
-from .base import RuleOptimizer, _amax, check_hyper, sgd_bounds
+from .base import RuleOptimizer, check_hyper, peaks, sgd_bounds
 
 __all__ = ["EquilibriumFAdjoint", "equilibrium_grads"]
 
@@ -86,7 +86,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
             self._apply_sgd(equilibrium_grads(self.net, out_adj, tau=rule.tau, steps=rule.steps, t=rule.t,
                                               init=rule.init, relaxation=rule.relaxation,
                                               reference_output_derivative=rule.reference_output_derivative,
-                                              validate=self._checks_now))
+                                              validate=False))  # the update bounds check them
             return
         tied = [p for p, n in Counter(p for layer in layers for p in layer.params).items() if n > 1]
         if tied:
@@ -99,11 +99,9 @@ class EquilibriumFAdjoint(RuleOptimizer):
         def update_now(layer, feedback) -> None:
             plan = self._sgd_plan(feedback, check=False)  # checked all at once before layer 1's write
             if self._mode is not False:
-                for group, params, grads, bufs in plan:
-                    checks.extend(grads)
-                    checks.extend(sgd_bounds(params, [_amax(g) for g in grads], bufs, **self._hyper(group)))
-                    names = param_names(self.net, params)
-                    checked.extend(names + [f"the update of {n}" for n in names])
+                for group, params, grads, bufs in plan:  # max|g| is in each bound: NaN/Inf gradients included
+                    checks.extend(sgd_bounds(params, peaks(grads), bufs, **self._hyper(group), known=self._known))
+                    checked.extend(f"the update of {n}" for n in param_names(self.net, params))
                 if layer is layers[0]:  # every g and bound is known: check before the last write
                     self._check(checks, "EquilibriumFAdjoint step", names=checked)
             if layer is not layers[0]:

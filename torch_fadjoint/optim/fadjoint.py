@@ -86,7 +86,8 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
         if self.fuse_update:
             self._fused_step(out_adj)
         else:
-            self._apply_sgd(fadjoint_grads(self.net, out_adj, validate=self._checks_now))
+            # validate: the bound on each update reads max|g| (NaN/Inf included): no separate gradient check
+            self._apply_sgd(fadjoint_grads(self.net, out_adj, validate=False))
 
     def _check_fusable(self) -> None:
         if self.net.reducer is not None:
