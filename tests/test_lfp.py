@@ -1,5 +1,6 @@
 """LFP (ALGORITHMS.md §3): closed forms, the §3.4 identity with backprop, Step nets, the optimizer contract."""
 import copy
+import statistics
 
 import pytest
 import torch
@@ -325,30 +326,39 @@ def test_bad_hyper_parameters(kwargs):
 
 
 # -- a Step net learns MNIST --------------------------------------------------------------------------
-def test_step_mlp_learns_mnist_subset(data_root):
-    """784-120-84-10 with Step hidden units, 20k training images, 2 epochs, LFP defaults: far above chance.
-
-    Step nets learn slowly under LFP (the reference recipe runs 400 epochs; benchmarks/results/lfp_step
-    has the long curve). Measured 0.489 here; threshold 0.4 (chance 0.1). Flipping the sign of the
-    feedback or of the reward makes this fail.
-    """
-    from torch_fadjoint import data as tfa_data
-
-    torch.set_num_threads(1)
-    splits = tfa_data.load("mnist", data_root, download=False)
+def _step_mlp_accuracy(splits: dict, seed: int) -> float:
+    """784-120-84-10 Step MLP, 20k training images, 2 epochs of LFP (lr 0.1, momentum 0.9, clip 3) from
+    ``seed`` (init and batch order); the accuracy on 2000 test images."""
     train_x, train_t = splits["train"].x[:20000], splits["train"].t[:20000]
-    test_x, test_t = splits["test"].x[:2000], splits["test"].t[:2000]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(784, 120), tfa.nn.Step(), nn.Linear(120, 84), tfa.nn.Step(),
                           nn.Linear(84, 10))
     net = tfa.FPropagation(model)
     opt = LFP(net, lr=0.1, momentum=0.9, clip_norm=3.0)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(2):
         for idx in torch.randperm(20000, generator=gen).split(128):
             with torch.no_grad():
                 net(train_x[idx])
             opt.step(target=train_t[idx])
     with torch.no_grad(), net.paused():
-        acc = (model(test_x).argmax(1) == test_t).double().mean().item()
-    assert acc > 0.4, acc
+        return (model(splits["test"].x[:2000]).argmax(1) == splits["test"].t[:2000]).double().mean().item()
+
+
+def test_step_mlp_learns_mnist_subset(data_root):
+    """A Step MLP trained by LFP from seeds 0, 1, 2: the median accuracy is far above chance.
+
+    Step nets learn slowly under LFP (the reference recipe runs 400 epochs; benchmarks/results/lfp_step has
+    the long curve), and their first epochs are chaotic: one run moves by 0.2 under a rounding change
+    (issue 13: seed 0 gave 0.489 under AVX2, 0.2695 under AVX512). Measured for one run
+    (benchmarks/results/cpu_capability, 70 runs: seeds 0-9 x ATEN_CPU_CAPABILITY default / avx2 x {as is,
+    init + 1 ulp, float64, MKL_CBWR=COMPATIBLE}): 0.23-0.65, median 0.45. The median of seeds 0, 1, 2:
+    0.30-0.50 over those 7 settings (worst: avx2, init + 1 ulp). Threshold 0.2 (chance 0.1), below every
+    single run seen. With the update's sign flipped every run collapses to one class (0.0875-0.117).
+    """
+    from torch_fadjoint import data as tfa_data
+
+    torch.set_num_threads(1)
+    splits = tfa_data.load("mnist", data_root, download=False)
+    accs = [_step_mlp_accuracy(splits, seed) for seed in (0, 1, 2)]
+    assert statistics.median(accs) > 0.2, accs
