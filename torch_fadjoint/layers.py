@@ -237,11 +237,30 @@ class _Conv(Layer):
         return energy + 1.0 if module.bias is not None else energy
 
 
-class _BatchNorm(Layer):
-    """BatchNormNd: train mode (batch statistics; the module's own forward updates the running statistics,
-    exactly as without the recorder) or eval mode (running statistics, recorded by version)."""
+class _Normalization(Layer):
+    """BatchNorm and LayerNorm: autograd's one backward kernel gives the input and the affine parameters'
+    adjoints (``_backward(rec, y_adj, mask) -> (x_adj, grad_weight, grad_bias)``)."""
 
     normalization = True
+
+    def _backward(self, rec, y_adj, mask):
+        raise NotImplementedError
+
+    def input_adjoint(self, rec, y_adj):
+        return self._backward(rec, y_adj, [True, False, False])[0]
+
+    def param_feedback(self, rec, y_adj):
+        weight, bias = rec.module.weight, rec.module.bias
+        want_w, want_b = self._wanted(weight, bias)
+        if not (want_w or want_b):
+            return {}
+        _, grad_w, grad_b = self._backward(rec, y_adj, [False, want_w, want_b])
+        return {p: g for p, g, want in ((weight, grad_w, want_w), (bias, grad_b, want_b)) if want}
+
+
+class _BatchNorm(_Normalization):
+    """BatchNormNd: train mode (batch statistics; the module's own forward updates the running statistics,
+    exactly as without the recorder) or eval mode (running statistics, recorded by version)."""
 
     def __init__(self, dims: tuple[int, ...]):
         self.dims = dims  # accepted input ranks
@@ -270,21 +289,9 @@ class _BatchNorm(Layer):
         return _aten.native_batch_norm_backward(y_adj, rec.x_prev, module.weight, running_mean, running_var, mean,
                                                 invstd, rec.saved["train"], module.eps, mask)
 
-    def input_adjoint(self, rec, y_adj):
-        return self._backward(rec, y_adj, [True, False, False])[0]
-
-    def param_feedback(self, rec, y_adj):
-        weight, bias = rec.module.weight, rec.module.bias
-        want_w, want_b = self._wanted(weight, bias)
-        if not (want_w or want_b):
-            return {}
-        _, grad_w, grad_b = self._backward(rec, y_adj, [False, want_w, want_b])
-        return {p: g for p, g, want in ((weight, grad_w, want_w), (bias, grad_b, want_b)) if want}
 
 
-class _LayerNorm(Layer):
-    normalization = True
-
+class _LayerNorm(_Normalization):
     def check_input(self, module, x_prev):
         shape = tuple(module.normalized_shape)
         if x_prev.dim() < len(shape) + 1 or tuple(x_prev.shape[-len(shape):]) != shape:
@@ -300,16 +307,6 @@ class _LayerNorm(Layer):
         return _aten.native_layer_norm_backward(y_adj, rec.x_prev, list(module.normalized_shape), mean, rstd,
                                                 module.weight, module.bias, mask)
 
-    def input_adjoint(self, rec, y_adj):
-        return self._backward(rec, y_adj, [True, False, False])[0]
-
-    def param_feedback(self, rec, y_adj):
-        weight, bias = rec.module.weight, rec.module.bias
-        want_w, want_b = self._wanted(weight, bias)
-        if not (want_w or want_b):
-            return {}
-        _, grad_w, grad_b = self._backward(rec, y_adj, [False, want_w, want_b])
-        return {p: g for p, g, want in ((weight, grad_w, want_w), (bias, grad_b, want_b)) if want}
 
 
 LAYERS: dict[type, Layer] = {
@@ -337,15 +334,9 @@ def register_layer(module_type: type, entry: Layer, overwrite: bool = False) -> 
     ...     def param_feedback(self, rec, y_adj): return {rec.module.weight: (y_adj * rec.x_prev).sum(0)}
     >>> register_layer(Scale, ScaleLayer())
     """
-    from .maps import MAPS
+    from .maps import MAPS, register_entry
 
-    if not isinstance(entry, Layer):
-        raise TypeError(f"expected a Layer instance, got {type(entry).__name__}")
-    if module_type in MAPS:
-        raise ValueError(f"{module_type.__name__} is a parameter-free map (tfa.maps.MAPS), not a layer")
-    if module_type in LAYERS and not overwrite:
-        raise ValueError(f"{module_type.__name__} already has a layer entry; pass overwrite=True to replace it")
-    LAYERS[module_type] = entry
+    register_entry(LAYERS, MAPS, Layer, "layer", module_type, entry, overwrite)
 
 
 def layer_for(module: nn.Module) -> Layer | None:

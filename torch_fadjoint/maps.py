@@ -322,83 +322,79 @@ def _spatial(module, name: str, n: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [value] * n
 
 
-class _MaxPool(Map):
+class _Pool(Map):
+    """The N-d pooling entries: one class per kind, configured by the dimension (1-d runs torch's 2-d kernel
+    on an inserted height of 1, as ``F.max_pool1d`` / ``F.avg_pool1d`` do)."""
+
+    elementwise = False
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _geometry(self, module, *names):
+        """The module's kernel_size, stride (its kernel when None or empty, as torch's), padding, dilation."""
+        values = [_spatial(module, "kernel_size" if name == "stride" and not module.stride else name, self.n)
+                  for name in names]
+        if self.n == 1:
+            values = [[1 if name != "padding" else 0] + value for name, value in zip(names, values)]
+        return values
+
+    def _lift(self, tensor: Tensor) -> Tensor:
+        return tensor.unsqueeze(-2) if self.n == 1 else tensor
+
+    def _lifted_shape(self, shape) -> tuple:
+        return tuple(shape[:-1]) + (1,) + tuple(shape[-1:]) if self.n == 1 else tuple(shape)
+
+    def _drop(self, tensor: Tensor) -> Tensor:
+        return tensor.squeeze(-2) if self.n == 1 else tensor
+
+
+class _MaxPool(_Pool):
     """MaxPoolNd: the record is the pool's input (often the ReLU's record already); the indices are
     recomputed at the sweep (the same deterministic kernel), so no index tensor is kept."""
 
     saves = "input"
-    elementwise = False
     lfp = "backward"
-
-    def __init__(self, n: int):
-        self.n = n
 
     def check(self, module):
         if module.return_indices:
             raise ValueError("MaxPool with return_indices=True returns two tensors; not a map of the chain")
 
-    def _geometry(self, module):
-        kernel = _spatial(module, "kernel_size", self.n)
-        stride = _spatial(module, "stride", self.n) if module.stride is not None else kernel
-        return kernel, stride, _spatial(module, "padding", self.n), _spatial(module, "dilation", self.n)
-
     def backward(self, module, saved, x_adj):
-        kernel, stride, padding, dilation = self._geometry(module)
-        y = saved
-        if self.n == 1:  # as torch's max_pool1d: the 2-d kernel on an inserted height of 1
-            y, x_adj = y.unsqueeze(-2), x_adj.unsqueeze(-2)
-            kernel, stride, padding, dilation = [1] + kernel, [1] + stride, [0] + padding, [1] + dilation
+        kernel, stride, padding, dilation = self._geometry(module, "kernel_size", "stride", "padding", "dilation")
+        y, x_adj = self._lift(saved), self._lift(x_adj)
         _, indices = _aten.max_pool2d_with_indices(y, kernel, stride, padding, dilation, module.ceil_mode)
-        y_adj = _aten.max_pool2d_with_indices_backward(x_adj, y, kernel, stride, padding, dilation,
-                                                       module.ceil_mode, indices)
-        return y_adj.squeeze(-2) if self.n == 1 else y_adj
+        return self._drop(_aten.max_pool2d_with_indices_backward(x_adj, y, kernel, stride, padding, dilation,
+                                                                 module.ceil_mode, indices))
 
 
-class _AvgPool(Map):
+class _AvgPool(_Pool):
     saves = "shape"
-    elementwise = False
     lfp = "epsilon"
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def record(self, module, y, x):
-        return y.shape, y.dtype, y.device
-
-    def backward(self, module, saved, x_adj):
-        shape, dtype, device = saved
-        kernel = _spatial(module, "kernel_size", self.n)
-        stride = _spatial(module, "stride", self.n) if module.stride else kernel
-        padding = _spatial(module, "padding", self.n)
-        if self.n == 1:
-            x_adj = x_adj.unsqueeze(-2)
-            shape = shape[:-1] + (1,) + shape[-1:]
-            kernel, stride, padding = [1] + kernel, [1] + stride, [0] + padding
-        y_like = x_adj.new_empty(()).expand(shape)  # the kernel reads only the input's sizes
-        divisor = None if self.n == 1 else module.divisor_override
-        y_adj = _aten.avg_pool2d_backward(x_adj, y_like, kernel, stride, padding, module.ceil_mode,
-                                          module.count_include_pad, divisor)
-        return y_adj.squeeze(-2) if self.n == 1 else y_adj
-
-
-class _AdaptiveAvgPool(Map):
-    saves = "shape"
-    elementwise = False
-    lfp = "epsilon"
-
-    def __init__(self, n: int):
-        self.n = n
 
     def record(self, module, y, x):
         return y.shape
 
     def backward(self, module, saved, x_adj):
-        shape = saved
-        if self.n == 1:
-            x_adj = x_adj.unsqueeze(-2)
-            shape = shape[:-1] + (1,) + shape[-1:]
-        y_adj = _aten._adaptive_avg_pool2d_backward(x_adj, x_adj.new_empty(()).expand(shape))
-        return y_adj.squeeze(-2) if self.n == 1 else y_adj
+        kernel, stride, padding = self._geometry(module, "kernel_size", "stride", "padding")
+        x_adj = self._lift(x_adj)
+        y_like = x_adj.new_empty(()).expand(self._lifted_shape(saved))  # the kernel reads only the input's sizes
+        divisor = None if self.n == 1 else module.divisor_override
+        return self._drop(_aten.avg_pool2d_backward(x_adj, y_like, kernel, stride, padding, module.ceil_mode,
+                                                    module.count_include_pad, divisor))
+
+
+class _AdaptiveAvgPool(_Pool):
+    saves = "shape"
+    lfp = "epsilon"
+
+    def record(self, module, y, x):
+        return y.shape
+
+    def backward(self, module, saved, x_adj):
+        x_adj = self._lift(x_adj)
+        return self._drop(_aten._adaptive_avg_pool2d_backward(x_adj, x_adj.new_empty(()).expand(
+            self._lifted_shape(saved))))
 
 
 MAPS: dict[type, Map] = {
@@ -484,6 +480,19 @@ VIEWS = frozenset({torch.flatten, Tensor.flatten, Tensor.view, Tensor.reshape, t
                    torch.unflatten})
 
 
+def register_entry(table: dict, other: dict, base: type, kind: str, module_type: type, entry,
+                   overwrite: bool) -> None:
+    """Add ``module_type → entry`` to ``table``; refuses a type of the ``other`` table and a silent overwrite."""
+    if not isinstance(entry, base):
+        raise TypeError(f"expected a {base.__name__} instance, got {type(entry).__name__}")
+    if module_type in other:
+        other_kind = "parametric layer (tfa.layers.LAYERS)" if kind == "map" else "parameter-free map (tfa.maps.MAPS)"
+        raise ValueError(f"{module_type.__name__} is a {other_kind}, not a {kind}")
+    if module_type in table and not overwrite:
+        raise ValueError(f"{module_type.__name__} already has a {kind} entry; pass overwrite=True to replace it")
+    table[module_type] = entry
+
+
 def register_map(module_type: type, entry: Map, overwrite: bool = False) -> None:
     """Add a parameter-free module type to the table (ALGORITHMS.md §1.1); refuses a silent overwrite.
 
@@ -496,13 +505,7 @@ def register_map(module_type: type, entry: Map, overwrite: bool = False) -> None
     """
     from .layers import LAYERS  # the two tables must not share a type
 
-    if not isinstance(entry, Map):
-        raise TypeError(f"expected a Map instance, got {type(entry).__name__}")
-    if module_type in LAYERS:
-        raise ValueError(f"{module_type.__name__} is a parametric layer (tfa.layers.LAYERS), not a map")
-    if module_type in MAPS and not overwrite:
-        raise ValueError(f"{module_type.__name__} already has a map entry; pass overwrite=True to replace it")
-    MAPS[module_type] = entry
+    register_entry(MAPS, LAYERS, Map, "map", module_type, entry, overwrite)
 
 
 register_derivative = register_map
