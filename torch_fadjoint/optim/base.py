@@ -138,33 +138,57 @@ def peaks(tensors: list[Tensor], known: dict | None = None) -> list[Tensor]:
     return out
 
 
+def _stack64(values: list[Tensor]) -> Tensor:
+    """0-dim tensors → one float64 vector (one cast when they share a dtype)."""
+    if all(v.dtype == values[0].dtype for v in values):
+        return torch.stack(values).to(torch.float64)
+    return torch.stack([v.to(torch.float64) for v in values])
+
+
+_LIMITS: dict = {}
+
+
+def _limits(params: list[Tensor]) -> Tensor:
+    """The largest finite value of each parameter's dtype, as a float64 vector on their device (cached: made
+    once, so no host-to-device copy per step)."""
+    key = (params[0].device, tuple(p.dtype for p in params))
+    if key not in _LIMITS:
+        _LIMITS[key] = torch.tensor([torch.finfo(dtype).max for dtype in key[1]], dtype=torch.float64, device=key[0])
+    return _LIMITS[key]
+
+
 def sgd_bounds(params: list[Tensor], grad_bounds: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
                momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-               known: dict | None = None, new_buffers: list | None = None, **_) -> list[Tensor]:
-    """A bound on every new value |θ'| of :func:`sgd_update`, per parameter (0-dim, θ's dtype; no host sync).
+               known: dict | None = None, new_buffers: list | None = None, **_) -> Tensor:
+    """A bound on every new value |θ'| of :func:`sgd_update`: a float64 vector, one entry per parameter, ``inf``
+    where it could leave the parameter's dtype (and NaN where θ, g or the buffer holds one); no host sync.
 
-    grad_bounds: max|g| per parameter (or a bound on it). Finite iff θ, g and the buffer are finite and
-    no new value (nor the direction, nor the new buffer) can overflow::
+    grad_bounds: max|g| per parameter (or a bound on it), 0-dim tensors::
 
         |g'| ≤ G + λP;  |b'| ≤ μB + |1 − dampening| |g'|;  |d| ≤ |g'| + μ|b'| (Nesterov) | |b'|;  |θ'| ≤ P + lr|d|
 
-    P and B are read (``peaks``) unless ``known`` holds this optimizer's own bounds from the last write.
-    With ``new_buffers`` (a list) the bound on each new buffer is appended to it (None without momentum).
+    computed for all parameters at once. P and B are read (``peaks``) unless ``known`` holds this optimizer's
+    own bounds from the last write. With ``new_buffers`` (a list) the bound on each new buffer is appended to
+    it (None without momentum).
     """
-    param_peaks = peaks(params, known)
-    present = [i for i, buf in enumerate(momentum_buffers) if buf is not None] if momentum else []
-    buf_peaks = dict(zip(present, peaks([momentum_buffers[i] for i in present], known)))
-    bounds = []
-    for i, (peak, grad_bound) in enumerate(zip(param_peaks, grad_bounds)):
-        direction = grad_bound + weight_decay * peak if weight_decay else grad_bound
-        new_buf = None
-        if momentum:
-            new_buf = direction if i not in buf_peaks else momentum * buf_peaks[i] + abs(1 - dampening) * direction
-            direction = direction + momentum * new_buf if nesterov else new_buf
-        if new_buffers is not None:
-            new_buffers.append(new_buf)
-        bounds.append(peak + lr * direction)
-    return bounds
+    peak = _stack64(peaks(params, known))
+    direction = _stack64(grad_bounds)
+    if weight_decay:
+        direction = direction + weight_decay * peak
+    new_buf = None
+    if momentum:
+        present = [buf for buf in momentum_buffers if buf is not None]
+        found = iter(peaks(present, known))
+        zero = peak.new_zeros(())
+        buf_peak = _stack64([next(found).to(torch.float64) if buf is not None else zero for buf in momentum_buffers])
+        # a new buffer is g' itself: the factor max(1, |1 − dampening|) bounds both cases without a mask
+        factor = abs(1 - dampening) if len(present) == len(momentum_buffers) else max(1.0, abs(1 - dampening))
+        new_buf = momentum * buf_peak + factor * direction
+        direction = direction + momentum * new_buf if nesterov else new_buf
+    bound = peak + lr * direction
+    if new_buffers is not None:
+        new_buffers.extend(new_buf.unbind() if new_buf is not None else [None] * len(params))
+    return torch.where(bound <= _limits(params), bound, torch.full_like(bound, float("inf")))  # NaN → inf too
 
 
 def fused_sgd_weight_update(weights: list[Tensor], factors: list[tuple[Tensor, Tensor]],
@@ -468,12 +492,27 @@ class RuleOptimizer(Optimizer):
             new_buffers: list = []
             group_bounds = sgd_bounds(params, gbounds, bufs, **self._hyper(group), known=self._known,
                                       new_buffers=new_buffers)
-            self._next_known.extend(zip(params, group_bounds, new_buffers))
-            bounds += group_bounds
+            self._next_known.extend(zip(params, group_bounds.unbind(), new_buffers))
+            bounds.append(group_bounds)
             params_all += params
-        self._check(bounds, f"{type(self).__name__} step", names=lambda: [
-            f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
-            for name in param_names(self.net, params_all)])
+        if bounds:
+            self._check_bounds(torch.cat(bounds), f"{type(self).__name__} step", lambda: [
+                f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
+                for name in param_names(self.net, params_all)])
+
+    def _check_bounds(self, bounds: Tensor, what: str, names) -> None:
+        """``bounds`` (one entry per update) must be finite: now (one sync), later (async) or not at all."""
+        if self._mode is False:
+            return
+        flags = bounds.isfinite()
+        if self.net.reducer is not None:
+            flags = self.net.reducer.all_ranks(flags)
+        if self._mode == "async":
+            self._flags.append((flags, what, names))
+        elif not bool(flags.all()):
+            first = int((~flags).nonzero()[0, 0])
+            raise RuntimeError(f"{what}: non-finite values in {(names() if callable(names) else names)[first]}; "
+                               "nothing was changed")
 
     @staticmethod
     def _hyper(group) -> dict:

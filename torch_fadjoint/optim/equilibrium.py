@@ -101,10 +101,10 @@ class EquilibriumFAdjoint(RuleOptimizer):
             plan = self._sgd_plan(feedback, check=False)  # checked all at once before layer 1's write
             if self._mode is not False:
                 for group, params, grads, bufs in plan:  # max|g| is in each bound: NaN/Inf gradients included
-                    checks.extend(sgd_bounds(params, peaks(grads), bufs, **self._hyper(group), known=self._known))
+                    checks.append(sgd_bounds(params, peaks(grads), bufs, **self._hyper(group), known=self._known))
                     checked.extend(f"the update of {n}" for n in param_names(self.net, params))
                 if layer is layers[0]:  # every g and bound is known: check before the last write
-                    self._check(checks, "EquilibriumFAdjoint step", names=checked)
+                    self._check_bounds(torch.cat(checks), "EquilibriumFAdjoint step", checked)
             if layer is not layers[0]:
                 for _, params, _, bufs in plan:
                     for param, buf in zip(params, bufs):

@@ -127,9 +127,9 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             for weight, (y_adj, x_prev) in fused:
                 buf = self.state.get(weight, {}).get("momentum_buffer")
                 product = _amax(y_adj) * _amax(x_prev) * y_adj.shape[0]  # bounds every entry of Y*ᵀX
-                bounds += sgd_bounds([weight], [product], [buf], **self._hyper(group_of[weight]))
+                bounds.append(sgd_bounds([weight], [product], [buf], **self._hyper(group_of[weight])))
                 weights.append(weight)
-            self._check(bounds, "F-adjoint step", names=lambda: [
+            self._check_bounds(torch.cat(bounds), "F-adjoint step", lambda: [
                 f"the update of {name} (fused: B·max|Y*|·max|X| and its momentum buffer bound it)"
                 for name in param_names(self.net, weights)])
         self._check(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self.net, grads))
