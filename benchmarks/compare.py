@@ -8,6 +8,10 @@ validation accuracy after ``select_epochs`` epochs from seed 0; then the variant
 ``epochs`` epochs from every seed and tested on the official test set. Each finished run is written to
 ``<out>/runs/`` as it completes; ``--resume`` reuses those files. ``REPORT.md`` and the PNG plots in
 ``<out>`` are rebuilt from the run files at the end.
+
+``model`` picks the network (``benchmarks/models.py``; ``configs/compare_cnn.toml``: the small CNN). ``beside``
+names another compare's ``summary.json`` (e.g. the MLP's, ``benchmarks/results/compare/summary.json``): its
+test accuracy per variant and data set is shown in a column beside this run's.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import environment, parse_config, pyplot, write_json, write_markdown
+from .models import describe
 from .train import DEFAULTS as TRAIN_DEFAULTS
 from .train import load_splits, run
 
@@ -40,6 +45,7 @@ DEFAULTS = {
     "out": "runs/compare",  # with --config FILE: runs/<FILE's name>
     "thresholds": [0.97, 0.85],
     "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
+    "beside": "",  # another compare's summary.json: its test accuracy per variant shown beside (the MLP's for CNNs)
 }
 QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "validation": 1000}
 
@@ -138,10 +144,33 @@ def _load_speed(cfg: dict) -> dict:
     path = Path(cfg.get("speed_results") or "")
     if not path.is_file():
         return {}
+    model = cfg.get("model", "mlp")
     for cell in json.loads(path.read_text())["results"]:
-        if cell["widths"] == cfg["widths"] and cell["batch"] == cfg["batch_size"]:
+        if cell["batch"] != cfg["batch_size"]:
+            continue
+        if model == "mlp" and cell.get("widths") == cfg["widths"]:
             return cell["rules"]
+        if model in cell.get("models", []):  # a models cell: entries keyed model/rule
+            return {e["rule"]: e for e in cell["rules"].values() if e["model"] == model}
     return {}
+
+
+def _load_beside(cfg: dict) -> dict | None:
+    """The ``beside`` summary (another compare's summary.json), or None."""
+    path = Path(cfg.get("beside") or "")
+    if not cfg.get("beside"):
+        return None
+    if not path.is_file():
+        raise SystemExit(f"error: beside: no file {path.resolve()}")
+    return json.loads(path.read_text())
+
+
+def _beside_cell(beside: dict | None, dataset: str, name: str) -> str:
+    res = (beside or {}).get("datasets", {}).get(dataset, {}).get(name)
+    if res is None:
+        return "–"
+    mean, std = _mean_std([hist[-1]["test_acc"] for hist in res["histories"]])
+    return f"{mean:.4f} ± {std:.4f} ({_tag(res['chosen'])})"
 
 
 def _speed_cell(speed: dict, res: dict, cfg: dict) -> str:
@@ -156,21 +185,32 @@ def write_report(summary: dict, out: Path) -> Path:
     """REPORT.md and the plots, from the summary alone."""
     cfg, env = summary["config"], summary["environment"]
     speed = _load_speed(cfg)
+    beside = _load_beside(cfg)
+    grids = any(spec.get("grid") for spec in cfg["variants"].values())
+    selection = (f"hyper-parameters chosen on a {cfg['validation']}-image validation split after "
+                 f"{cfg['select_epochs']} epoch(s)" if grids else "fixed hyper-parameters (no selection)")
     lines = ["# All rules against autograd SGD", "",
              f"Command: `{cfg['command']}`  ",
              f"Machine: {env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads.  ",
-             f"Protocol: {'x'.join(map(str, cfg['widths']))} MLP, batch {cfg['batch_size']}, {cfg['epochs']} epochs, "
-             f"seeds {cfg['seeds']}, hyper-parameters chosen on a {cfg['validation']}-image validation split after "
-             f"{cfg['select_epochs']} epoch(s)" + (f", training on the first {cfg['train_subset']} images"
-                                                  if cfg["train_subset"] else "") + ".", ""]
+             f"Protocol: {describe(cfg)}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, "
+             f"seeds {cfg['seeds']}, {selection}" + (f", training on the first {cfg['train_subset']} images"
+                                                    if cfg["train_subset"] else "") + "."]
+    if beside is not None:
+        bcfg = beside["config"]
+        lines += ["", f"Beside: the test accuracy of the same variant in `{cfg['beside']}` ({describe(bcfg)}, batch "
+                  f"{bcfg['batch_size']}, {bcfg['epochs']} epochs, seeds {bcfg['seeds']}; its chosen setting in "
+                  "brackets)" + (f", training on the first {bcfg['train_subset']} images" if bcfg.get("train_subset")
+                                 else ", the full training set") + "."]
+    lines.append("")
     for (dataset, rules), threshold in zip(summary["datasets"].items(), itertools.cycle(cfg["thresholds"])):
         sgd_time = None
         if "sgd" in rules:
             sgd_time = statistics.fmean(h["seconds"] for hist in rules["sgd"]["histories"] for h in hist)
+        extra = " beside: test acc |" if beside is not None else ""
         lines += [f"## {dataset}", "",
-                  f"| variant | rule | grid | chosen | test acc (mean ± std) | best epoch | epochs to {threshold:.0%} | "
+                  f"| variant | rule | grid | {'chosen' if grids else 'setting'} | test acc (mean ± std) |{extra} best epoch | epochs to {threshold:.0%} | "
                   "s / epoch | time vs sgd | step time vs sgd † | kept for backward vs sgd † |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|" + "---|" * bool(extra) + "---|---|---|---|---|---|"]
         for name, res in rules.items():
             finals = [hist[-1]["test_acc"] for hist in res["histories"]]
             mean, std = _mean_std(finals)
@@ -183,14 +223,18 @@ def write_report(summary: dict, out: Path) -> Path:
             n_note = "" if len(finals) == len(cfg["seeds"]) and len(curve) == cfg["epochs"] else \
                 f" ({len(finals)} seed{'s' * (len(finals) > 1)}, {len(curve)} epochs)"
             grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
-            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f}{n_note} | {best_epoch} | "
+            extra = f" {_beside_cell(beside, dataset, name)} |" if beside is not None else ""
+            fixed = {k: v for k, v in cfg["variants"].get(name, {}).items() if k not in ("rule", "grid", "seeds", "epochs")}
+            chosen = _tag(res["chosen"]) if res.get("grid") else ", ".join(f"{k} {v}" for k, v in fixed.items()) or "–"
+            lines.append(f"| {name} | {res['rule']} | {grid} | {chosen} | {mean:.4f} ± {std:.4f}{n_note} |{extra} {best_epoch} | "
                          f"{reach or '–'} | {seconds:.2f} | {ratio} | {_speed_cell(speed, res, cfg)} |")
-        lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
-                  f"![selection]({dataset}_selection.png)", ""]
+        lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png)"
+                  + (f" ![selection]({dataset}_selection.png)" if grids else ""), ""]
     lines += ["s / epoch is the wall time of each training run; the runs shared a 2-core machine with other "
               "jobs, so `time vs sgd` carries their load. † Interleaved ratios to autograd SGD from "
-              f"`{cfg['speed_results']}` (benchmarks.speed) at the same MLP and batch, with the variant's "
-              "activation (ReLU there; – where not measured).", ""]
+              + (f"`{cfg['speed_results']}` (benchmarks.speed) at the same model and batch, with the variant's "
+                 "activation (ReLU there; – where not measured)." if cfg.get("speed_results")
+                 else "benchmarks.speed: none given for this protocol (`speed_results`)."), ""]
     report = write_markdown(out, "REPORT.md", lines)
     _plots(summary, out)
     return report

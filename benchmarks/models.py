@@ -128,3 +128,26 @@ def build_model(cfg: dict) -> nn.Module:
             if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
                 module.p = 0.0
     return built
+
+
+def describe(cfg: dict) -> str:
+    """One line naming ``cfg``'s model, for reports: "784x256x256x10 MLP", the small CNN's layers, …"""
+    model = cfg.get("model", "mlp")
+    if model == "mlp":
+        return f"{'x'.join(map(str, cfg['widths']))} MLP"
+    if model == "examples_mnist":
+        return "pytorch/examples' MNIST Net (functional forward)"
+    if model == "examples_mnist_modules":
+        return "pytorch/examples' MNIST Net written with modules (nn.Sequential)"
+    parts = []
+    for m in build_model({**cfg, "input_noise": 0.0}):
+        if isinstance(m, nn.Conv2d):
+            parts.append(f"Conv2d({m.in_channels}→{m.out_channels}, {m.kernel_size[0]}×{m.kernel_size[1]}, "
+                         f"stride {m.stride[0]}, pad {m.padding[0]})")
+        elif isinstance(m, nn.Linear):
+            parts.append(f"Linear({m.in_features}→{m.out_features})")
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            parts.append(f"{type(m).__name__}(2)")
+        else:
+            parts.append(type(m).__name__)
+    return "small CNN " + " · ".join(parts) + f" ({sum(p.numel() for p in build_model(cfg).parameters())} parameters)"
