@@ -1,6 +1,9 @@
 """The CNN benchmarks (issue 14): pytorch/examples' MNIST Net trained by the F-adjoint equals autograd step for
 step; the models are built from the config and fed (B, 1, 28, 28) images; every rule steps on the small CNN."""
 import copy
+import json
+import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +95,50 @@ def test_equilibrium_ref_refuses_max_pool_naming_it():
     trainer = build_trainer("equilibrium_ref", models.build_model(cfg), cfg)
     with pytest.raises(TypeError, match=r"MaxPool2d"):
         trainer.step(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+
+
+def test_compare_on_the_small_cnn_with_the_mlp_beside(data_root, tmp_path):
+    """benchmarks.compare with ``model = "small_cnn"``: fadjoint = sgd; the MLP summary's accuracy is shown beside."""
+    from benchmarks import compare
+
+    config = tmp_path / "c.toml"
+    config.write_text('datasets = ["mnist"]\nmodel = "small_cnn"\nseeds = [0]\nepochs = 1\nvalidation = 0\n'
+                      'train_subset = 512\nspeed_results = ""\nbeside = "benchmarks/results/compare/summary.json"\n'
+                      '[variants.sgd]\nlr = 0.05\nmomentum = 0.9\n[variants.fadjoint]\nlr = 0.05\nmomentum = 0.9\n')
+    report = compare.main(["--config", str(config), "--data-root", str(data_root), "--out", str(tmp_path / "o"),
+                           "--progress", "false", "--test-subset", "1000"])
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())["datasets"]["mnist"]
+    assert summary["sgd"]["histories"] == [[{**h, "seconds": s["seconds"]} for h, s in
+                                            zip(summary["fadjoint"]["histories"][0], summary["sgd"]["histories"][0])]]
+    text = report.read_text()
+    assert "small CNN Conv2d(1→8, 5×5, stride 2, pad 2)" in text and "beside: test acc" in text
+    mlp = json.loads(Path("benchmarks/results/compare/summary.json").read_text())["datasets"]["mnist"]["fadjoint"]
+    assert f"{statistics.fmean(h[-1]['test_acc'] for h in mlp['histories']):.4f} ±" in text
+    assert "| fadjoint | fadjoint | – | lr 0.05, momentum 0.9 |" in text
+
+
+def test_speed_models_cells_interleave_functional_and_module_nets(tmp_path):
+    """benchmarks.speed with ``models``: one cell per batch holding every (model, rule) pair; ratios to the same
+    model's reference (``reference_of``), and to the same rule on ``model_reference``."""
+    from benchmarks import speed
+
+    payload = speed.main(["--config", "configs/speed_cnn.toml", "--batches", "2", "--repeats", "2", "--min-repeats",
+                          "2", "--warmup", "1", "--threads", "1", "--progress", "false", "--out", str(tmp_path),
+                          "--rules", "sgd,fadjoint,autograd,fadjoint_dropin,forward,record"])
+    (cell,) = payload["results"]
+    assert cell["models"] == ["examples_mnist", "examples_mnist_modules"] and cell["batch"] == 2
+    entries = cell["rules"]
+    assert len(entries) == 12
+    assert entries["examples_mnist/fadjoint"]["reference"] == "examples_mnist/sgd"
+    assert entries["examples_mnist/fadjoint_dropin"]["reference"] == "examples_mnist/autograd"
+    assert entries["examples_mnist_modules/record"]["reference"] == "examples_mnist_modules/forward"
+    assert entries["examples_mnist/record"]["model_reference"] == "examples_mnist_modules/record"
+    assert "model_reference" not in entries["examples_mnist_modules/record"]
+    for e in entries.values():
+        assert e["time_ratio"] > 0 and e["paired_ratio"] > 0 and e["peak_bytes"] > 0
+    assert entries["examples_mnist/forward"]["kept_bytes"] == 0 < entries["examples_mnist/record"]["kept_bytes"]
+    # the same layers record the same tensors, whichever way the forward is written
+    assert entries["examples_mnist/fadjoint"]["kept_bytes"] == entries["examples_mnist_modules/fadjoint"]["kept_bytes"]
+    assert entries["examples_mnist/fadjoint"]["model_paired_ratio"] > 0
+    text = (tmp_path / "SPEED.md").read_text()
+    assert "| examples_mnist | 2 | record | " in text and "paired ratio to examples_mnist_modules" in text
