@@ -72,7 +72,8 @@ def _run_cached(path: Path, resume: bool, make, env: dict):
 
 
 def _diverged_or(make):
-    """A selection run that stops on a non-finite update (the rule's own check) counts as diverged, not as an error."""
+    """A run that stops on a non-finite update (the rule's own check) counts as diverged, not as an error: a
+    selection run is never chosen, a final run is reported as diverged and left out of the statistics."""
     try:
         return make()
     except RuntimeError as exc:
@@ -123,11 +124,14 @@ def main(argv=None) -> Path:
             for seed in spec.get("seeds", cfg["seeds"]):  # a variant may set its own seeds / epochs (ablations)
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
-                runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
-                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1), env))
+                result = _run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
+                                     cfg["resume"], lambda: _diverged_or(lambda: run(vcfg, rule, seed, splits, device,
+                                                                                     position=1)), env)
+                runs.append({**result, "seed": seed})
                 overall.update()
             per_dataset[name] = {"name": name, "rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
-                                 "histories": [r["history"] for r in runs]}
+                                 "histories": [r["history"] for r in runs if "diverged" not in r],
+                                 "diverged": [{"seed": r["seed"], "error": r["diverged"]} for r in runs if "diverged" in r]}
     overall.close()
     write_json(out / "summary.json", summary)
     report = write_report(summary, out)
@@ -202,6 +206,7 @@ def write_report(summary: dict, out: Path) -> Path:
                   "brackets)" + (f", training on the first {bcfg['train_subset']} images" if bcfg.get("train_subset")
                                  else ", the full training set") + "."]
     lines.append("")
+    diverged_lines: list[str] = []
     for (dataset, rules), threshold in zip(summary["datasets"].items(), itertools.cycle(cfg["thresholds"])):
         sgd_time = None
         if "sgd" in rules:
@@ -212,6 +217,19 @@ def write_report(summary: dict, out: Path) -> Path:
                   "s / epoch | time vs sgd | step time vs sgd † | kept for backward vs sgd † |",
                   "|---|---|---|---|---|" + "---|" * bool(extra) + "---|---|---|---|---|---|"]
         for name, res in rules.items():
+            grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
+            extra = f" {_beside_cell(beside, dataset, name)} |" if beside is not None else ""
+            fixed = {k: v for k, v in cfg["variants"].get(name, {}).items() if k not in ("rule", "grid", "seeds", "epochs")}
+            chosen = _tag(res["chosen"]) if res.get("grid") else ", ".join(f"{k} {v}" for k, v in fixed.items()) or "–"
+            diverged = res.get("diverged", [])
+            if diverged:
+                diverged_note = f" (diverged: seed{'s' * (len(diverged) > 1)} {', '.join(str(d['seed']) for d in diverged)})"
+                diverged_lines.append(f"- {dataset} {name}, seed {diverged[0]['seed']}: {diverged[0]['error']}")
+            else:
+                diverged_note = ""
+            if not res["histories"]:
+                lines.append(f"| {name} | {res['rule']} | {grid} | {chosen} | diverged (every seed) |{extra} – | – | – | – | {_speed_cell(speed, res, cfg)} |")
+                continue
             finals = [hist[-1]["test_acc"] for hist in res["histories"]]
             mean, std = _mean_std(finals)
             curve = [statistics.fmean(hist[e]["test_acc"] for hist in res["histories"])
@@ -222,14 +240,13 @@ def write_report(summary: dict, out: Path) -> Path:
             ratio = f"{seconds / sgd_time:.2f}×" if sgd_time else "–"
             n_note = "" if len(finals) == len(cfg["seeds"]) and len(curve) == cfg["epochs"] else \
                 f" ({len(finals)} seed{'s' * (len(finals) > 1)}, {len(curve)} epochs)"
-            grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
-            extra = f" {_beside_cell(beside, dataset, name)} |" if beside is not None else ""
-            fixed = {k: v for k, v in cfg["variants"].get(name, {}).items() if k not in ("rule", "grid", "seeds", "epochs")}
-            chosen = _tag(res["chosen"]) if res.get("grid") else ", ".join(f"{k} {v}" for k, v in fixed.items()) or "–"
-            lines.append(f"| {name} | {res['rule']} | {grid} | {chosen} | {mean:.4f} ± {std:.4f}{n_note} |{extra} {best_epoch} | "
+            lines.append(f"| {name} | {res['rule']} | {grid} | {chosen} | {mean:.4f} ± {std:.4f}{n_note}{diverged_note} |{extra} {best_epoch} | "
                          f"{reach or '–'} | {seconds:.2f} | {ratio} | {_speed_cell(speed, res, cfg)} |")
         lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png)"
                   + (f" ![selection]({dataset}_selection.png)" if grids else ""), ""]
+    if diverged_lines:
+        lines += ["Diverged runs (the rule refused a non-finite update; left out of the statistics):", "",
+                  *diverged_lines, ""]
     lines += ["s / epoch is the wall time of each training run; the runs shared a 2-core machine with other "
               "jobs, so `time vs sgd` carries their load. † Interleaved ratios to autograd SGD from "
               + (f"`{cfg['speed_results']}` (benchmarks.speed) at the same model and batch, with the variant's "
@@ -248,6 +265,8 @@ def _plots(summary: dict, out: Path) -> None:
         for kind in ("accuracy", "wallclock"):
             fig, ax = plt.subplots(figsize=(6, 4))
             for name, res in rules.items():
+                if not res["histories"]:
+                    continue
                 acc = torch.tensor([[h["test_acc"] for h in hist] for hist in res["histories"]])
                 if kind == "accuracy":
                     xs = list(range(1, acc.shape[1] + 1))

@@ -142,3 +142,36 @@ def test_speed_models_cells_interleave_functional_and_module_nets(tmp_path):
     assert entries["examples_mnist/fadjoint"]["model_paired_ratio"] > 0
     text = (tmp_path / "SPEED.md").read_text()
     assert "| examples_mnist | 2 | record | " in text and "paired ratio to examples_mnist_modules" in text
+
+
+def test_compare_reports_a_diverged_final_run_and_keeps_going(tmp_path):
+    """A final run whose rule refuses a non-finite update is recorded as diverged (left out of the mean), not
+    raised: the other variants and data sets still run (configs/compare_cnn.toml's equilibrium_lr003)."""
+    from benchmarks import compare
+
+    calls = []
+
+    def fake_run(vcfg, rule, seed, splits, device, position=0, name=None):
+        calls.append((vcfg["dataset"], rule, seed))
+        if rule == "equilibrium":
+            raise RuntimeError("EquilibriumFAdjoint step: non-finite values in the update of 7.weight")
+        return {"rule": rule, "seed": seed, "history": [{"epoch": 1, "train_loss": 1.0, "seconds": 1.0,
+                                                          "test_acc": 0.5 + 0.1 * seed}]}
+
+    config = tmp_path / "c.toml"
+    config.write_text('datasets = ["mnist", "fashion_mnist"]\nseeds = [0, 1]\nepochs = 1\nvalidation = 0\n'
+                      'speed_results = ""\n[variants.sgd]\n[variants.equilibrium]\n')
+    original = (compare.run, compare.load_splits)
+    compare.run, compare.load_splits = fake_run, lambda cfg, device: {}
+    try:
+        report = compare.main(["--config", str(config), "--out", str(tmp_path / "o"), "--progress", "false"])
+    finally:
+        compare.run, compare.load_splits = original
+    assert len(calls) == 8
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())["datasets"]
+    assert summary["fashion_mnist"]["equilibrium"]["histories"] == []
+    assert [d["seed"] for d in summary["mnist"]["equilibrium"]["diverged"]] == [0, 1]
+    text = report.read_text()
+    assert "| equilibrium | equilibrium | – | – | diverged (every seed) |" in text
+    assert "- mnist equilibrium, seed 0: EquilibriumFAdjoint step: non-finite values" in text
+    assert "| sgd | sgd | – | – | 0.5500 ± 0.0707 |" in text
