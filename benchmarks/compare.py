@@ -8,6 +8,10 @@ validation accuracy after ``select_epochs`` epochs from seed 0; then the variant
 ``epochs`` epochs from every seed and tested on the official test set. Each finished run is written to
 ``<out>/runs/`` as it completes; ``--resume`` reuses those files. ``REPORT.md`` and the PNG plots in
 ``<out>`` are rebuilt from the run files at the end.
+
+``model`` picks the network (``benchmarks/models.py``; ``configs/compare_cnn.toml``: the small CNN). ``beside``
+names another compare's ``summary.json`` (e.g. the MLP's, ``benchmarks/results/compare/summary.json``): its
+test accuracy per variant and data set is shown in a column beside this run's.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import environment, parse_config, pyplot, write_json, write_markdown
+from .models import describe
 from .train import DEFAULTS as TRAIN_DEFAULTS
 from .train import load_splits, run
 
@@ -40,6 +45,7 @@ DEFAULTS = {
     "out": "runs/compare",  # with --config FILE: runs/<FILE's name>
     "thresholds": [0.97, 0.85],
     "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
+    "beside": "",  # another compare's summary.json: its test accuracy per variant shown beside (the MLP's for CNNs)
 }
 QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "validation": 1000}
 
@@ -66,7 +72,8 @@ def _run_cached(path: Path, resume: bool, make, env: dict):
 
 
 def _diverged_or(make):
-    """A selection run that stops on a non-finite update (the rule's own check) counts as diverged, not as an error."""
+    """A run that stops on a non-finite update (the rule's own check) counts as diverged, not as an error: a
+    selection run is never chosen, a final run is reported as diverged and left out of the statistics."""
     try:
         return make()
     except RuntimeError as exc:
@@ -117,11 +124,14 @@ def main(argv=None) -> Path:
             for seed in spec.get("seeds", cfg["seeds"]):  # a variant may set its own seeds / epochs (ablations)
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
-                runs.append(_run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
-                                        cfg["resume"], lambda: run(vcfg, rule, seed, splits, device, position=1), env))
+                result = _run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
+                                     cfg["resume"], lambda: _diverged_or(lambda: run(vcfg, rule, seed, splits, device,
+                                                                                     position=1)), env)
+                runs.append({**result, "seed": seed})
                 overall.update()
             per_dataset[name] = {"name": name, "rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
-                                 "histories": [r["history"] for r in runs]}
+                                 "histories": [r["history"] for r in runs if "diverged" not in r],
+                                 "diverged": [{"seed": r["seed"], "error": r["diverged"]} for r in runs if "diverged" in r]}
     overall.close()
     write_json(out / "summary.json", summary)
     report = write_report(summary, out)
@@ -138,10 +148,33 @@ def _load_speed(cfg: dict) -> dict:
     path = Path(cfg.get("speed_results") or "")
     if not path.is_file():
         return {}
+    model = cfg.get("model", "mlp")
     for cell in json.loads(path.read_text())["results"]:
-        if cell["widths"] == cfg["widths"] and cell["batch"] == cfg["batch_size"]:
+        if cell["batch"] != cfg["batch_size"]:
+            continue
+        if model == "mlp" and cell.get("widths") == cfg["widths"]:
             return cell["rules"]
+        if model in cell.get("models", []):  # a models cell: entries keyed model/rule
+            return {e["rule"]: e for e in cell["rules"].values() if e["model"] == model}
     return {}
+
+
+def _load_beside(cfg: dict) -> dict | None:
+    """The ``beside`` summary (another compare's summary.json), or None."""
+    path = Path(cfg.get("beside") or "")
+    if not cfg.get("beside"):
+        return None
+    if not path.is_file():
+        raise SystemExit(f"error: beside: no file {path.resolve()}")
+    return json.loads(path.read_text())
+
+
+def _beside_cell(beside: dict | None, dataset: str, name: str) -> str:
+    res = (beside or {}).get("datasets", {}).get(dataset, {}).get(name)
+    if res is None:
+        return "–"
+    mean, std = _mean_std([hist[-1]["test_acc"] for hist in res["histories"]])
+    return f"{mean:.4f} ± {std:.4f} ({_tag(res['chosen'])})"
 
 
 def _speed_cell(speed: dict, res: dict, cfg: dict) -> str:
@@ -156,22 +189,47 @@ def write_report(summary: dict, out: Path) -> Path:
     """REPORT.md and the plots, from the summary alone."""
     cfg, env = summary["config"], summary["environment"]
     speed = _load_speed(cfg)
+    beside = _load_beside(cfg)
+    grids = any(spec.get("grid") for spec in cfg["variants"].values())
+    selection = (f"hyper-parameters chosen on a {cfg['validation']}-image validation split after "
+                 f"{cfg['select_epochs']} epoch(s)" if grids else "fixed hyper-parameters (no selection)")
     lines = ["# All rules against autograd SGD", "",
              f"Command: `{cfg['command']}`  ",
              f"Machine: {env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads.  ",
-             f"Protocol: {'x'.join(map(str, cfg['widths']))} MLP, batch {cfg['batch_size']}, {cfg['epochs']} epochs, "
-             f"seeds {cfg['seeds']}, hyper-parameters chosen on a {cfg['validation']}-image validation split after "
-             f"{cfg['select_epochs']} epoch(s)" + (f", training on the first {cfg['train_subset']} images"
-                                                  if cfg["train_subset"] else "") + ".", ""]
+             f"Protocol: {describe(cfg)}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, "
+             f"seeds {cfg['seeds']}, {selection}" + (f", training on the first {cfg['train_subset']} images"
+                                                    if cfg["train_subset"] else "") + "."]
+    if beside is not None:
+        bcfg = beside["config"]
+        lines += ["", f"Beside: the test accuracy of the same variant in `{cfg['beside']}` ({describe(bcfg)}, batch "
+                  f"{bcfg['batch_size']}, {bcfg['epochs']} epochs, seeds {bcfg['seeds']}; its chosen setting in "
+                  "brackets)" + (f", training on the first {bcfg['train_subset']} images" if bcfg.get("train_subset")
+                                 else ", the full training set") + "."]
+    lines.append("")
+    diverged_lines: list[str] = []
     for (dataset, rules), threshold in zip(summary["datasets"].items(), itertools.cycle(cfg["thresholds"])):
         sgd_time = None
         if "sgd" in rules:
             sgd_time = statistics.fmean(h["seconds"] for hist in rules["sgd"]["histories"] for h in hist)
+        extra = " beside: test acc |" if beside is not None else ""
         lines += [f"## {dataset}", "",
-                  f"| variant | rule | grid | chosen | test acc (mean ± std) | best epoch | epochs to {threshold:.0%} | "
+                  f"| variant | rule | grid | {'chosen' if grids else 'setting'} | test acc (mean ± std) |{extra} best epoch | epochs to {threshold:.0%} | "
                   "s / epoch | time vs sgd | step time vs sgd † | kept for backward vs sgd † |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|" + "---|" * bool(extra) + "---|---|---|---|---|---|"]
         for name, res in rules.items():
+            grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
+            extra = f" {_beside_cell(beside, dataset, name)} |" if beside is not None else ""
+            fixed = {k: v for k, v in cfg["variants"].get(name, {}).items() if k not in ("rule", "grid", "seeds", "epochs")}
+            chosen = _tag(res["chosen"]) if res.get("grid") else ", ".join(f"{k} {v}" for k, v in fixed.items()) or "–"
+            diverged = res.get("diverged", [])
+            if diverged:
+                diverged_note = f" (diverged: seed{'s' * (len(diverged) > 1)} {', '.join(str(d['seed']) for d in diverged)})"
+                diverged_lines.append(f"- {dataset} {name}, seed {diverged[0]['seed']}: {diverged[0]['error']}")
+            else:
+                diverged_note = ""
+            if not res["histories"]:
+                lines.append(f"| {name} | {res['rule']} | {grid} | {chosen} | diverged (every seed) |{extra} – | – | – | – | {_speed_cell(speed, res, cfg)} |")
+                continue
             finals = [hist[-1]["test_acc"] for hist in res["histories"]]
             mean, std = _mean_std(finals)
             curve = [statistics.fmean(hist[e]["test_acc"] for hist in res["histories"])
@@ -182,15 +240,18 @@ def write_report(summary: dict, out: Path) -> Path:
             ratio = f"{seconds / sgd_time:.2f}×" if sgd_time else "–"
             n_note = "" if len(finals) == len(cfg["seeds"]) and len(curve) == cfg["epochs"] else \
                 f" ({len(finals)} seed{'s' * (len(finals) > 1)}, {len(curve)} epochs)"
-            grid = "; ".join(f"{k} ∈ {v}" for k, v in res.get("grid", {}).items()) or "–"
-            lines.append(f"| {name} | {res['rule']} | {grid} | {_tag(res['chosen'])} | {mean:.4f} ± {std:.4f}{n_note} | {best_epoch} | "
+            lines.append(f"| {name} | {res['rule']} | {grid} | {chosen} | {mean:.4f} ± {std:.4f}{n_note}{diverged_note} |{extra} {best_epoch} | "
                          f"{reach or '–'} | {seconds:.2f} | {ratio} | {_speed_cell(speed, res, cfg)} |")
-        lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png) "
-                  f"![selection]({dataset}_selection.png)", ""]
+        lines += ["", f"![accuracy vs epoch]({dataset}_accuracy.png) ![accuracy vs time]({dataset}_wallclock.png)"
+                  + (f" ![selection]({dataset}_selection.png)" if grids else ""), ""]
+    if diverged_lines:
+        lines += ["Diverged runs (the rule refused a non-finite update; left out of the statistics):", "",
+                  *diverged_lines, ""]
     lines += ["s / epoch is the wall time of each training run; the runs shared a 2-core machine with other "
               "jobs, so `time vs sgd` carries their load. † Interleaved ratios to autograd SGD from "
-              f"`{cfg['speed_results']}` (benchmarks.speed) at the same MLP and batch, with the variant's "
-              "activation (ReLU there; – where not measured).", ""]
+              + (f"`{cfg['speed_results']}` (benchmarks.speed) at the same model and batch, with the variant's "
+                 "activation (ReLU there; – where not measured)." if cfg.get("speed_results")
+                 else "benchmarks.speed: none given for this protocol (`speed_results`)."), ""]
     report = write_markdown(out, "REPORT.md", lines)
     _plots(summary, out)
     return report
@@ -204,6 +265,8 @@ def _plots(summary: dict, out: Path) -> None:
         for kind in ("accuracy", "wallclock"):
             fig, ax = plt.subplots(figsize=(6, 4))
             for name, res in rules.items():
+                if not res["histories"]:
+                    continue
                 acc = torch.tensor([[h["test_acc"] for h in hist] for hist in res["histories"]])
                 if kind == "accuracy":
                     xs = list(range(1, acc.shape[1] + 1))

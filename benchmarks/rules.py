@@ -4,7 +4,10 @@ A trainer owns the model's optimizer and exposes ``step(x, t) -> loss`` (a 0-dim
 sync) and ``state_dict()`` / ``load_state_dict()``. Rules added to the library register here and
 then appear in ``benchmarks.train``, ``benchmarks.speed`` and ``benchmarks.compare`` automatically.
 
-The reference is ``sgd``: standard autograd + ``torch.optim.SGD``.
+The reference is ``sgd``: standard autograd + ``torch.optim.SGD``. ``autograd`` and ``fadjoint_dropin`` take
+the torch optimizer named by ``optimizer`` (``sgd`` | ``adadelta`` | ``adam``): ``loss.backward()``, resp.
+``FPropagation`` + ``tfa.losses`` + ``net.adjoint`` (the drop-in swap of a stock loop, README (a)), then the
+same ``opt.step()`` — pytorch/examples' MNIST recipe (Adadelta) in ``configs/mnist_cnn.toml``.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from torch import nn
 
 import torch_fadjoint as tfa
 
-__all__ = ["RULES", "register_rule", "build_trainer", "AutogradSGD", "RuleTrainer"]
+__all__ = ["RULES", "register_rule", "build_trainer", "AutogradSGD", "DropInTrainer", "RuleTrainer",
+           "torch_optimizer"]
 
 
 def half_sse(x_out, target, reduction: str = "sum", validate: bool = True):
@@ -61,18 +65,32 @@ def _autograd_loss(name: str, out, target, reduction: str):
     raise ValueError(f"unknown loss {name!r}")
 
 
+OPTIMIZERS = ("sgd", "adadelta", "adam")
+
+
+def torch_optimizer(name: str, params, cfg: dict) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` (lr, momentum, weight_decay, nesterov), ``Adadelta`` or ``Adam`` (lr, weight_decay;
+    torch's other defaults) with ``cfg``'s hyper-parameters."""
+    common = dict(lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0), foreach=cfg.get("foreach"))
+    if name == "sgd":
+        return torch.optim.SGD(params, momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False), **common)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, **common)
+    if name == "adam":
+        return torch.optim.Adam(params, **common)
+    raise SystemExit(f"error: optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+
+
 class AutogradSGD:
-    """The reference: ``loss.backward()`` + ``torch.optim.SGD``."""
+    """The reference: ``loss.backward()`` + ``torch.optim.SGD`` (or the torch optimizer named by ``optimizer``)."""
 
     uses_autograd = True
 
-    def __init__(self, model: nn.Module, cfg: dict):
+    def __init__(self, model: nn.Module, cfg: dict, optimizer: str = "sgd"):
         # under torchrun: DistributedDataParallel, the autograd reference for tfa.distributed
         self.model = nn.parallel.DistributedDataParallel(model) if _distributed() else model
         self.loss, self.reduction = cfg.get("loss", "cross_entropy"), cfg.get("reduction", "mean")
-        self.opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-                                   weight_decay=cfg.get("weight_decay", 0.0),
-                                   nesterov=cfg.get("nesterov", False), foreach=cfg.get("foreach"))
+        self.opt = torch_optimizer(optimizer, model.parameters(), cfg)
 
     def loss_of(self, out, target):
         return _autograd_loss(self.loss, out, target, self.reduction)
@@ -84,6 +102,36 @@ class AutogradSGD:
         loss.backward()
         self.opt.step()
         return loss.detach()
+
+    def state_dict(self):
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state)
+
+
+class DropInTrainer:
+    """The drop-in swap (README (a)): ``out = net(x)``; ``loss, out_adj = tfa.losses.<loss>(out, t)``;
+    ``net.adjoint(out_adj)`` fills ``.grad`` as ``loss.backward()`` would; then any torch optimizer's step."""
+
+    uses_autograd = False
+
+    def __init__(self, model: nn.Module, cfg: dict):
+        self.model = model
+        self.net = tfa.FPropagation(model, process_group=dist.group.WORLD if _distributed() else None)
+        name = cfg.get("loss", "cross_entropy")
+        self.loss = half_sse if name == "half_sse" else getattr(tfa.losses, name)
+        self.reduction, self.validate = cfg.get("reduction", "mean"), cfg.get("validate", True)
+        self.opt = torch_optimizer(cfg.get("optimizer", "sgd"), model.parameters(), cfg)
+
+    @torch.no_grad()
+    def step(self, x, target):
+        out = self.net(x)
+        loss, out_adj = self.loss(out, target, reduction=self.reduction, validate=self.validate)
+        self.opt.zero_grad(set_to_none=True)
+        self.net.adjoint(out_adj, validate=self.validate)
+        self.opt.step()
+        return loss
 
     def state_dict(self):
         return self.opt.state_dict()
@@ -186,6 +234,8 @@ def _inference(variant: str, base: str = "sgd") -> Callable[[nn.Module, dict], R
 
 RULES: dict[str, Callable[[nn.Module, dict], object]] = {
     "sgd": AutogradSGD,
+    "autograd": lambda model, cfg: AutogradSGD(model, cfg, optimizer=cfg.get("optimizer", "sgd")),
+    "fadjoint_dropin": DropInTrainer,
     "fadjoint": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(net, **_sgd_kwargs(cfg))),
     "fadjoint_fused": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
         net, **_sgd_kwargs(cfg), fuse_update=True)),

@@ -25,6 +25,15 @@ run only where max width × batch ≤ ``slow_rules_max_cost``. See benchmarks/re
 Writes ``speed.json`` and ``SPEED.md`` (ratios ours / autograd, device, torch, threads, the command) and
 ``step_time.png`` (step time vs batch) under ``out``.
 
+Named models (``models = ["examples_mnist", "examples_mnist_modules"]``, ``benchmarks/models.py``; images
+(B, 1, 28, 28)) replace the MLP ``sizes``: for each batch, every (model, rule) pair is built and their
+repetitions are interleaved in one loop, so the models are compared side by side as the rules are. Each
+entry's ratios are to the same model's ``reference`` (or ``reference_of[rule]``); ``model_reference`` adds
+the paired ratio of each entry to the same rule on that model (the functional forward against the one
+written with modules). Two measurements that are not learning rules: ``forward`` (the model's own forward
+under ``torch.no_grad()``) and ``record`` (the recorder's forward, records taken then dropped): their
+ratio is the recording overhead.
+
 CUDA: ``--cuda-graph`` captures the whole step (forward, adjoint, update; ``validate=False``, static input
 and target buffers) in a ``torch.cuda.CUDAGraph`` and replays it; ``--compile`` wraps the step in
 ``torch.compile``. Both are checked against the eager step (same parameters after 3 steps) before timing.
@@ -43,14 +52,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
-from .common import DTYPES, build_mlp, environment, parse_config, pyplot, write_json, write_markdown
+from .common import DTYPES, environment, parse_config, pyplot, write_json, write_markdown
+from .models import build_model, input_shape
 from .rules import RULES, build_trainer
+from .train import DEFAULTS as TRAIN_DEFAULTS
+
+import torch_fadjoint as tfa
 
 DEFAULTS = {
     "sizes": [[784, 256, 256, 10], [784, 1024, 1024, 10], [784, 4096, 4096, 10], [784, 1024, 1024, 1024, 10]],
     "batches": [16, 128, 1024],
+    "models": [],  # named models (benchmarks/models.py) instead of the MLP sizes, interleaved per batch
     "rules": [],  # empty: every rule in benchmarks/rules.py
     "reference": "sgd",
+    "reference_of": {},  # {rule: its reference} where not `reference` (TOML table), e.g. record = "forward"
+    "model_reference": "",  # with `models`: each entry's paired ratio to the same rule on this model
+    "optimizer": "sgd",  # the torch optimizer of the autograd / fadjoint_dropin rules
+    "dropout": True,
+    **{k: TRAIN_DEFAULTS[k] for k in ("channels", "kernels", "strides", "pools", "hidden")},  # small_cnn
     "activation": "relu",
     "loss": "cross_entropy",
     "lr": 0.01,
@@ -75,6 +94,36 @@ DEFAULTS = {
 }
 QUICK = {"sizes": [[784, 64, 10]], "batches": [16, 64], "repeats": 3, "warmup": 1}
 SLOW_RULES = {"il", "il_prox", "il_prox_adam"}  # T inference sweeps per step: measured, but skipped at 4096
+
+
+class ForwardOnly:
+    """Not a rule: the model's own forward under ``torch.no_grad()`` (what ``record`` is compared with)."""
+
+    uses_autograd, net = False, None
+
+    def __init__(self, model, cfg):
+        self.model = model
+
+    @torch.no_grad()
+    def step(self, x, target):
+        self.model(x)
+
+
+class RecordOnly:
+    """Not a rule: the recorder's forward (``FPropagation(model)(x)`` under ``torch.no_grad()``), records dropped."""
+
+    uses_autograd = False
+
+    def __init__(self, model, cfg):
+        self.model, self.net = model, tfa.FPropagation(model)
+
+    @torch.no_grad()
+    def step(self, x, target):
+        self.net(x)
+        self.net.clear()
+
+
+MEASUREMENTS = {"forward": ForwardOnly, "record": RecordOnly}
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -115,6 +164,8 @@ def _unique_bytes(tensors, exclude: set) -> int:
 def bytes_kept(trainer, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
     """Bytes held for the backward step after one forward (parameters excluded); nothing is updated."""
     params = {_storage_key(p) for p in model.parameters()}
+    if not getattr(trainer, "uses_autograd", False) and getattr(trainer, "net", None) is None:
+        return 0  # ForwardOnly keeps nothing
     if getattr(trainer, "uses_autograd", False):
         saved = []
 
@@ -228,10 +279,18 @@ def compiled_step(trainer):
 
 
 # -- the harness -------------------------------------------------------------------------------
-def _make(cfg, rule, widths, device, dtype):
+def _arch_cfg(cfg: dict, arch) -> dict:
+    """The model config of ``arch``: MLP widths (a list) or a model name of benchmarks/models.py."""
+    if isinstance(arch, str):
+        return {**cfg, "model": arch}
+    return {**cfg, "model": "mlp", "widths": list(arch)}
+
+
+def _make(cfg, rule, arch, device, dtype):
     torch.manual_seed(0)
-    model = build_mlp(widths, cfg["activation"]).to(device=device, dtype=dtype)
-    trainer = build_trainer(rule, model, {**cfg, "widths": widths})
+    acfg = _arch_cfg(cfg, arch)
+    model = build_model(acfg).to(device=device, dtype=dtype)
+    trainer = MEASUREMENTS[rule](model, acfg) if rule in MEASUREMENTS else build_trainer(rule, model, acfg)
     return model, trainer
 
 
@@ -240,10 +299,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _check_equal(cfg, rule, widths, device, dtype, make_step, x, target) -> float:
+def _check_equal(cfg, rule, arch, device, dtype, make_step, x, target) -> float:
     """Max |Δθ| between the eager step and ``make_step(trainer)`` after 3 steps from the same weights."""
-    model_a, eager = _make(cfg, rule, widths, device, dtype)
-    model_b, fast = _make(cfg, rule, widths, device, dtype)
+    model_a, eager = _make(cfg, rule, arch, device, dtype)
+    model_b, fast = _make(cfg, rule, arch, device, dtype)
     step = make_step(fast, x, target)
     for _ in range(3):
         eager.step(x, target)
@@ -252,24 +311,36 @@ def _check_equal(cfg, rule, widths, device, dtype, make_step, x, target) -> floa
     return max((a - b).abs().max().item() for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
-def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, bar=None) -> dict:
+def measure(cfg: dict, widths, batch: int, rules: list[str], device, bar=None) -> dict:
+    """The entries of one cell: ``widths`` (an MLP; entries keyed by rule) or a list of model names (entries
+    keyed ``model/rule``, every pair interleaved)."""
     dtype = DTYPES[cfg["dtype"]]
-    big = max(widths) >= cfg["big_width"]
+    archs = [widths] if not isinstance(widths[0], str) else list(widths)
+    mlp = len(archs) == 1 and not isinstance(archs[0], str)
+    big = mlp and max(widths) >= cfg["big_width"]
     warmup = cfg["big_warmup"] if big else cfg["warmup"]
     min_repeats = cfg["big_min_repeats"] if big else cfg["min_repeats"]
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, widths[0], generator=gen).to(device=device, dtype=dtype)
-    target = torch.randint(0, widths[-1], (batch,), generator=gen).to(device)
+    acfg = _arch_cfg(cfg, archs[0])
+    x = torch.randn(batch, *input_shape(acfg), generator=gen).to(device=device, dtype=dtype)
+    target = torch.randint(0, widths[-1] if mlp else 10, (batch,), generator=gen).to(device)
+    runs = [(rule if mlp else f"{arch}/{rule}", arch, rule) for arch in archs for rule in rules]
     entries = {}
-    for rule in rules:
-        model, trainer = _make(cfg, rule, widths, device, dtype)
-        entry = {"kept_bytes": bytes_kept(trainer, model, x, target)}
+    for key, arch, rule in runs:
+        model, trainer = _make(cfg, rule, arch, device, dtype)
+        reference = cfg.get("reference_of", {}).get(rule, cfg["reference"])
+        entry = {"kept_bytes": bytes_kept(trainer, model, x, target),
+                 "reference": reference if mlp else f"{arch}/{reference}"}
+        if not mlp:
+            entry.update(model=arch, rule=rule)
+            if cfg.get("model_reference") and arch != cfg["model_reference"]:
+                entry["model_reference"] = f"{cfg['model_reference']}/{rule}"
         step = trainer.step
         if cfg["cuda_graph"] and device.type == "cuda":
-            entry["graph_max_abs_diff"] = _check_equal(cfg, rule, widths, device, dtype, cuda_graph_step, x, target)
+            entry["graph_max_abs_diff"] = _check_equal(cfg, rule, arch, device, dtype, cuda_graph_step, x, target)
             step = cuda_graph_step(trainer, x, target)
         elif cfg["compile"]:
-            entry["compile_max_abs_diff"] = _check_equal(cfg, rule, widths, device, dtype,
+            entry["compile_max_abs_diff"] = _check_equal(cfg, rule, arch, device, dtype,
                                                          lambda tr, *_: compiled_step(tr), x, target)
             step = compiled_step(trainer)
         for _ in range(warmup):
@@ -279,7 +350,7 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
         # the peak of a steady-state eager step (optimizer buffers already exist, as in training)
         entry.update(peak_step_bytes(trainer, x, target))
         entry["times"], entry["_step"] = [], step
-        entries[rule] = entry
+        entries[key] = entry
     _sync(device)
     start = time.perf_counter()
     for rep in range(cfg["repeats"]):
@@ -298,12 +369,16 @@ def measure(cfg: dict, widths: list[int], batch: int, rules: list[str], device, 
         quartiles = statistics.quantiles(entry["times"], n=4) if len(entry["times"]) > 1 else [entry["times"][0]] * 3
         entry.update(median_s=statistics.median(entry["times"]), iqr_s=quartiles[2] - quartiles[0],
                      repeats=len(entry["times"]))
-    ref = entries.get(cfg["reference"])
-    if ref is not None:
-        for entry in entries.values():
+    for entry in entries.values():
+        ref = entries.get(entry["reference"])
+        if ref is not None:
             entry["time_ratio"] = entry["median_s"] / ref["median_s"]
             entry["kept_ratio"] = entry["kept_bytes"] / ref["kept_bytes"] if ref["kept_bytes"] else float("nan")
             entry["peak_ratio"] = entry["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] else float("nan")
+        other = entries.get(entry.get("model_reference", ""))
+        if other is not None:
+            entry["model_time_ratio"] = entry["median_s"] / other["median_s"]
+            entry["model_peak_ratio"] = entry["peak_bytes"] / other["peak_bytes"] if other["peak_bytes"] else float("nan")
     return entries
 
 
@@ -323,9 +398,13 @@ def main(argv=None) -> dict:
     if cfg["cuda_graph"] or cfg["compile"]:
         cfg["validate"] = False  # no host syncs inside a captured step
     results = []
-    cells = [(w, b) for w in cfg["sizes"] for b in cfg["batches"]]
+    cells = [(cfg["models"], b) for b in cfg["batches"]] if cfg["models"] else \
+        [(w, b) for w in cfg["sizes"] for b in cfg["batches"]]
     bar = tqdm(cells, desc="speed", disable=not cfg["progress"], file=sys.stderr)
     for widths, batch in bar:
+        if cfg["models"]:
+            results.append({"models": widths, "batch": batch, "rules": measure(cfg, widths, batch, rules, device, bar)})
+            continue
         # IL runs T inference sweeps per step (~25x a step): skipped where width x batch is large
         chosen = [r for r in rules if not (r in SLOW_RULES and max(widths) * batch > cfg["slow_rules_max_cost"])]
         results.append({"widths": widths, "batch": batch, "rules": measure(cfg, widths, batch, chosen, device, bar)})
@@ -342,44 +421,74 @@ def add_paired_ratios(payload: dict) -> dict:
     """Per-repetition ratios of interleaved neighbours (rule's i-th time / reference's i-th time): their
     median and quartiles. Load that drifts over seconds cancels in each pair, so on a shared machine
     this is the steadier estimate; ``time_ratio`` (ratio of medians) is kept alongside."""
-    ref = payload["config"]["reference"]
+    default = payload["config"]["reference"]
     for cell in payload["results"]:
-        if ref not in cell["rules"]:
-            continue
-        ref_times = cell["rules"][ref]["times"]
         for entry in cell["rules"].values():
-            ratios = [t / r for t, r in zip(entry["times"], ref_times)]
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            entry.update(paired_ratio=statistics.median(ratios), paired_ratio_q1=q[0], paired_ratio_q3=q[2])
+            for ref_key, name in ((entry.get("reference", default), "paired_ratio"),
+                                  (entry.get("model_reference"), "model_paired_ratio")):
+                ref = cell["rules"].get(ref_key) if ref_key else None
+                if ref is None:
+                    continue
+                ratios = [t / r for t, r in zip(entry["times"], ref["times"])]
+                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+                entry.update({name: statistics.median(ratios), f"{name}_q1": q[0], f"{name}_q3": q[2]})
     return payload
+
+
+def _ratio(e: dict, name: str) -> str:
+    nan = float("nan")
+    return f"{e.get(name, nan):.2f} [{e.get(name + '_q1', nan):.2f}, {e.get(name + '_q3', nan):.2f}]"
 
 
 def write_report(payload: dict, out: Path) -> Path:
     cfg, env = payload["config"], payload["environment"]
     ref = cfg["reference"]
     mode = "CUDA graph" if cfg["cuda_graph"] else ("torch.compile" if cfg["compile"] else "eager")
+    others = "".join(f" `{rule}` against `{r}`." for rule, r in cfg.get("reference_of", {}).items() if rule != r)
     lines = ["# Step time and memory, ours / autograd", "",
              f"Command: `{cfg['command']}`  ",
              f"Machine: {env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "
              f"{cfg['dtype']}, {mode} steps, validate={cfg['validate']}.  ",
-             f"Reference: `{ref}` (autograd + torch.optim.SGD, lr {cfg['lr']}, momentum {cfg['momentum']}). "
-             "Ratios < 1 favour the rule. Timings: median of interleaved repetitions (IQR in brackets).", "",
-             "Paired ratio: median [quartiles] of the per-repetition ratios of interleaved neighbours.", "",
-             "| MLP | batch | rule | step ms (IQR) | time ratio | paired ratio [q1, q3] | kept for backward MiB | "
-             "kept ratio | peak MiB | peak ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Reference: `{ref}` (autograd + torch.optim.SGD, lr {cfg['lr']}, momentum {cfg['momentum']})." + others +
+             " Ratios < 1 favour the rule. Timings: median of interleaved repetitions (IQR in brackets).", "",
+             "Paired ratio: median [quartiles] of the per-repetition ratios of interleaved neighbours.", ""]
     mib = 2 ** 20
-    for cell in payload["results"]:
+    nan = float("nan")
+    mlp_cells = [c for c in payload["results"] if "widths" in c]
+    model_cells = [c for c in payload["results"] if "models" in c]
+    if mlp_cells:
+        lines += ["| MLP | batch | rule | step ms (IQR) | time ratio | paired ratio [q1, q3] | kept for backward MiB | "
+                  "kept ratio | peak MiB | peak ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cell in mlp_cells:
         for rule, e in cell["rules"].items():
             lines.append(
                 f"| {'-'.join(map(str, cell['widths']))} | {cell['batch']} | {rule} | {1e3 * e['median_s']:.2f} "
-                f"({1e3 * e['iqr_s']:.2f}) | {e.get('time_ratio', float('nan')):.2f} | "
-                f"{e.get('paired_ratio', float('nan')):.2f} [{e.get('paired_ratio_q1', float('nan')):.2f}, "
-                f"{e.get('paired_ratio_q3', float('nan')):.2f}] | {e['kept_bytes'] / mib:.2f} | "
-                f"{e.get('kept_ratio', float('nan')):.2f} | {e['peak_bytes'] / mib:.2f} | "
-                f"{e.get('peak_ratio', float('nan')):.2f} |")
-    lines += ["", "![step time vs batch](step_time.png)", ""]
+                f"({1e3 * e['iqr_s']:.2f}) | {e.get('time_ratio', nan):.2f} | {_ratio(e, 'paired_ratio')} | "
+                f"{e['kept_bytes'] / mib:.2f} | {e.get('kept_ratio', nan):.2f} | {e['peak_bytes'] / mib:.2f} | "
+                f"{e.get('peak_ratio', nan):.2f} |")
+    if mlp_cells:
+        lines += ["", "![step time vs batch](step_time.png)", ""]
+    if model_cells:
+        against = cfg.get("model_reference") or "–"
+        lines += [f"Models (benchmarks/models.py), every (model, rule) pair interleaved per batch. `vs` is the "
+                  f"entry's reference on the same model; the last two columns compare each entry with the same rule "
+                  f"on `{against}`.", "",
+                  f"| model | batch | rule | step ms (IQR) | vs | time ratio | paired ratio [q1, q3] | kept MiB | "
+                  f"kept ratio | peak MiB | peak ratio | paired ratio to {against} [q1, q3] | peak ratio to {against} |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cell in model_cells:
+        for e in cell["rules"].values():
+            vs_model = f"{_ratio(e, 'model_paired_ratio')} | {e.get('model_peak_ratio', nan):.2f}" \
+                if e.get("model_reference") else "– | –"
+            lines.append(
+                f"| {e['model']} | {cell['batch']} | {e['rule']} | {1e3 * e['median_s']:.2f} ({1e3 * e['iqr_s']:.2f}) | "
+                f"{e['reference'].split('/')[-1]} | {e.get('time_ratio', nan):.2f} | {_ratio(e, 'paired_ratio')} | "
+                f"{e['kept_bytes'] / mib:.2f} | {e.get('kept_ratio', nan):.2f} | {e['peak_bytes'] / mib:.2f} | "
+                f"{e.get('peak_ratio', nan):.2f} | {vs_model} |")
+        lines.append("")
     report = write_markdown(out, "SPEED.md", lines)
-    _plot(payload, out)
+    if mlp_cells:
+        _plot(payload, out)
     return report
 
 
@@ -387,10 +496,10 @@ def _plot(payload: dict, out: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    sizes = [list(s) for s in dict.fromkeys(tuple(c["widths"]) for c in payload["results"])]
+    sizes = [list(s) for s in dict.fromkeys(tuple(c["widths"]) for c in payload["results"] if "widths" in c)]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.5), squeeze=False)
     for ax, widths in zip(axes[0], sizes):
-        cells = [c for c in payload["results"] if c["widths"] == widths]
+        cells = [c for c in payload["results"] if c.get("widths") == widths]
         for rule in cells[0]["rules"]:
             pts = [(c["batch"], 1e3 * c["rules"][rule]["median_s"]) for c in cells if rule in c["rules"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rule)

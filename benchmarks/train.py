@@ -1,6 +1,12 @@
-"""Train an MLP on MNIST / Fashion-MNIST with several learning rules from the same seed.
+"""Train a model on MNIST / Fashion-MNIST with several learning rules from the same seed.
 
     python -m benchmarks.train --config configs/mnist_mlp.toml [--key value ...]
+    python -m benchmarks.train --config configs/mnist_cnn.toml [--dropout false --tag nodrop]
+
+``model`` picks the network (``benchmarks/models.py``): the MLP of ``widths`` (default), pytorch/examples'
+MNIST ``Net`` (``examples_mnist``) or a small CNN (``small_cnn``); images are reshaped to (N, 1, 28, 28)
+for the CNNs. ``optimizer`` picks the torch optimizer of the ``autograd`` and ``fadjoint_dropin`` rules
+(``sgd``, ``adadelta``, ``adam``); ``schedule = "step"`` is ``StepLR(lr_step_size, lr_gamma)``.
 
 Every rule in ``rules`` (see ``benchmarks/rules.py``: ``fadjoint``, autograd ``sgd``, …) starts from
 the same initial weights and sees the same batches. Data are held as tensors on the device and
@@ -34,15 +40,19 @@ from tqdm.auto import tqdm
 
 from torch_fadjoint import data as tfa_data
 
-from .common import DTYPES, build_mlp, environment, parse_config, write_json
+from .common import DTYPES, environment, parse_config, write_json
+from .models import build_model, input_shape
 from .rules import build_trainer
 
 DEFAULTS = {
     "dataset": "mnist",
     "datasets": [],  # several data sets in one command (overrides `dataset`)
     "data_root": "",
+    "model": "mlp",  # "mlp" | "examples_mnist" | "examples_mnist_modules" | "small_cnn" (benchmarks/models.py)
     "widths": [784, 256, 10],
     "activation": "relu",
+    "channels": [8, 16], "kernels": [5, 3], "strides": [2, 1], "pools": ["max", "avg"], "hidden": [],  # small_cnn
+    "dropout": True,  # false: every Dropout's p = 0 (the F-adjoint then equals autograd step for step)
     "output_activation": "",
     "init": "default",
     "input_noise": 0.0,
@@ -53,12 +63,15 @@ DEFAULTS = {
     "rule": "",  # --rule NAME: shorthand for --rules NAME
     "variants": {},  # [variants.NAME] tables (rule = ..., overrides): run instead of `rules` when present
     "select_epochs": 0, "thresholds": [0.97, 0.85],  # benchmarks.compare's keys, ignored here (shared configs)
+    "optimizer": "sgd",  # the torch optimizer of the autograd / fadjoint_dropin rules: sgd | adadelta | adam
     "lr": 0.1,
     "momentum": 0.0,
     "weight_decay": 0.0,
     "nesterov": False,
-    "schedule": "constant",  # "constant" | "cosine" (torch.optim.lr_scheduler.CosineAnnealingLR over the epochs)
+    "schedule": "constant",  # "constant" | "cosine" (CosineAnnealingLR over the epochs) | "step" (StepLR)
+    "lr_step_size": 1, "lr_gamma": 0.7,  # schedule = "step": StepLR(step_size, gamma), stepped every epoch
     "batch_size": 128,
+    "test_batch_size": 4096,
     "epochs": 1,
     "seeds": [0],
     "dtype": "float32",
@@ -66,6 +79,7 @@ DEFAULTS = {
     "threads": 0,
     "validation": 0,
     "train_subset": 0,
+    "test_subset": 0,  # > 0: test on the first N test images only (quick checks)
     "download": True,
     "out": "runs/train",  # with --config FILE: runs/<FILE's name> (benchmarks/results/: --out only)
     "tag": "",
@@ -101,7 +115,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict):
         return None
     if cfg["schedule"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    raise SystemExit(f"error: schedule must be 'constant' or 'cosine', got {cfg['schedule']!r}")
+    if cfg["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["lr_step_size"], gamma=cfg["lr_gamma"])
+    raise SystemExit(f"error: schedule must be 'constant', 'cosine' or 'step', got {cfg['schedule']!r}")
 
 
 def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, position: int = 0,
@@ -113,8 +129,7 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
     """
     dtype = DTYPES[cfg["dtype"]]
     torch.manual_seed(seed)
-    model = build_mlp(cfg["widths"], cfg["activation"], cfg["output_activation"], cfg["init"],
-                      cfg["input_noise"]).to(device=device, dtype=dtype)
+    model = build_model(cfg).to(device=device, dtype=dtype)
     trainer = build_trainer(rule, model, cfg)
     scheduler = make_scheduler(trainer.opt, cfg)
     batches = torch.Generator().manual_seed(seed)
@@ -156,9 +171,9 @@ def run(cfg: dict, rule: str, seed: int, splits: dict, device: torch.device, pos
         epoch_losses = torch.stack(losses).double().cpu()
         step_losses.append(epoch_losses)
         record = {"epoch": epoch, "train_loss": epoch_losses.mean().item(), "seconds": seconds,
-                  "test_acc": accuracy(model, splits["test"])}
+                  "test_acc": accuracy(model, splits["test"], cfg["test_batch_size"])}
         if "val" in splits:
-            record["val_acc"] = accuracy(model, splits["val"])
+            record["val_acc"] = accuracy(model, splits["val"], cfg["test_batch_size"])
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['test_acc']:.4f}")
         if checkpoint is not None and rank == 0:
@@ -176,6 +191,7 @@ CHECKPOINT_HEADER = b"torch_fadjoint checkpoint sha256="  # + 64 hex digits of t
 # Keys that may differ between a run and the checkpoint it resumes: where it runs, what it logs, which runs it
 # makes. Every other key is a hyper-parameter of the run (epochs too, unless the schedule is constant).
 NOT_HYPERPARAMETERS = {"command", "resume", "progress", "out", "checkpoint_dir", "data_root", "download", "device",
+                       "test_batch_size", "beside",
                        "threads", "validate", "seeds", "rules", "rule", "datasets", "variants", "tag", "only",
                        "quick", "select_epochs", "thresholds", "speed_results"}
 
@@ -215,8 +231,12 @@ def check_resume_config(path: Path, saved: dict, cfg: dict) -> None:
     """Refuse to resume with hyper-parameters other than the checkpoint's, naming each one."""
     ignored = NOT_HYPERPARAMETERS | ({"epochs"} if cfg["schedule"] == saved.get("schedule") == "constant" else set())
     absent = "(absent)"
-    differ = [f"{key} {cfg.get(key, absent)!r} (checkpoint: {saved.get(key, absent)!r})"
-              for key in sorted((set(saved) | set(cfg)) - ignored) if saved.get(key, absent) != cfg.get(key, absent)]
+    # a key the checkpoint's config lacks (written before the key existed) had its default's meaning
+    def saved_value(key):
+        return saved.get(key, DEFAULTS.get(key, absent))
+
+    differ = [f"{key} {cfg.get(key, absent)!r} (checkpoint: {saved_value(key)!r})"
+              for key in sorted((set(saved) | set(cfg)) - ignored) if saved_value(key) != cfg.get(key, absent)]
     if differ:
         raise SystemExit(f"error: {path}: --resume with hyper-parameters other than the checkpoint's: "
                          f"{', '.join(differ)}; use the checkpoint's values or another --checkpoint-dir")
@@ -250,7 +270,13 @@ def load_splits(cfg: dict, device: torch.device) -> dict:
     if cfg["train_subset"]:
         train = splits["train"]
         splits["train"] = tfa_data.TensorDataset(train.x[:cfg["train_subset"]], train.t[:cfg["train_subset"]])
-    return splits
+    if cfg.get("test_subset"):
+        test = splits["test"]
+        splits["test"] = tfa_data.TensorDataset(test.x[:cfg["test_subset"]], test.t[:cfg["test_subset"]])
+    shape = input_shape(cfg)  # the data helper gives (N, 784); the CNNs take (N, 1, 28, 28)
+    if cfg.get("model", "mlp") == "mlp":
+        return splits
+    return {name: tfa_data.TensorDataset(split.x.reshape(len(split), *shape), split.t) for name, split in splits.items()}
 
 
 def main(argv=None) -> list[dict]:
