@@ -273,8 +273,18 @@ def cuda_graph_step(trainer, x: torch.Tensor, target: torch.Tensor, warmup: int 
     return step
 
 
+COMPILE_MIN_TORCH = (2, 14)  # the whole step compiles and equals eager here; older dynamo fails inside it
+
+
 def compiled_step(trainer):
-    """``torch.compile`` of the trainer's step (hooks and Python checks may graph-break; correct anyway)."""
+    """``torch.compile`` of the trainer's step (hooks and Python checks may graph-break; correct anyway).
+
+    Refused below torch 2.14 with one line: torch 2.4 cannot trace the fused step (a dict keyed by tensors),
+    torch 2.1 not the ``out=`` forms of autograd's kernels (measured 2026-12-01; 2.14.1 passes)."""
+    found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if found < COMPILE_MIN_TORCH:
+        raise RuntimeError(f"compiled_step: torch.compile of the whole step needs torch >= "
+                           f"{'.'.join(map(str, COMPILE_MIN_TORCH))}, found {torch.__version__}; use the eager step")
     return torch.compile(trainer.step)
 
 

@@ -49,7 +49,9 @@ def main(argv: list[str]) -> int:
     scratch = Path(tempfile.gettempdir()) / f"torch_fadjoint-torch{version}"
     src = export(ref, scratch / "src") if ref else ROOT
     env = {**os.environ, "FADJOINT_VENV": str(scratch / "venv"),
-           "FADJOINT_TORCH": f"torch=={version} torchvision=={torchvision_for(version)}"}
+           "FADJOINT_TORCH": f"torch=={version} torchvision=={torchvision_for(version)}"
+                             + (" numpy<2" if tuple(map(int, version.split(".")[:2])) < (2, 3) else "")}
+    # torch < 2.3 was built against NumPy 1: with NumPy 2 (pip's pick) its Tensor.numpy() raises
     print(f"torch {version} in {scratch / 'venv'}, testing {ref or 'the working tree'} ({src})", file=sys.stderr)
     code = subprocess.run([sys.executable, str(src / "scripts" / "dev.py"), "test", "-x", *rest], env=env).returncode
     print(f"torch {version}: pytest exited with {code}", file=sys.stderr)

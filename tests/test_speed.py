@@ -90,7 +90,18 @@ def _compiled_equals_eager(device, rule):
                               lambda trainer, *_: speed.compiled_step(trainer), x, t)
 
 
+_OLD_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < speed.COMPILE_MIN_TORCH
+
+
+def test_compiled_step_is_refused_below_its_torch_version(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"^compiled_step: torch.compile of the whole step needs torch >= 2.14, "
+                                           r"found 2.4.1; use the eager step$"):
+        speed.compiled_step(None)
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(_OLD_TORCH, reason="torch.compile of the whole step needs torch >= 2.14 (refused below)")
 @pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "sgd"])
 def test_compiled_step_equals_eager_on_cpu(rule):
     """torch.compile of the whole step (forward with the recorder's hooks, adjoint, SGD update) on CPU:

@@ -46,6 +46,11 @@ from .sweep import fadjoint_grads, accumulate_grads
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def _detach(tensor: Tensor) -> Tensor:
     """The tensor itself when it carries no graph (the usual no_grad case), else a detached view."""
     return tensor.detach() if tensor.requires_grad else tensor
@@ -281,7 +286,7 @@ class FPropagation(nn.Module):
     def _watch_tensor(self, tensor, what: str) -> None:
         """Keep ``tensor``'s version (a weak reference: the sweep frees records as it goes). Inference tensors
         (a forward under ``torch.inference_mode``) carry no version counter and are not watched."""
-        if isinstance(tensor, Tensor) and not tensor.is_inference():
+        if isinstance(tensor, Tensor) and not tensor.is_inference() and not _compiling():
             self._watch.append((weakref.ref(tensor), tensor._version, what))
 
     def _consume(self, what: str, inputs: tuple) -> Tensor | None:
@@ -300,7 +305,9 @@ class FPropagation(nn.Module):
 
     def _advance(self, output: Tensor, source: str) -> None:
         self._last, self._last_from = output, source
-        self._last_version = None if output.is_inference() else output._version
+        # inference tensors carry no version counter; under torch.compile the versions of traced tensors
+        # are not the eager ones (functionalised): the in-place checks are eager-mode checks
+        self._last_version = None if output.is_inference() or _compiling() else output._version
 
     def _refusal(self, name: str, why: str):
         def refuse(module, inputs):

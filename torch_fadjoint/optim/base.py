@@ -410,10 +410,10 @@ class RuleOptimizer(Optimizer):
                 return
             event.synchronize()
         self._pending = None
-        values = host.numpy()  # a host read of a host tensor: no dispatch, no device sync
-        if values.all():
+        values = host.untyped_storage().tolist()[:host.numel()]  # host bytes: no op dispatched, no device sync
+        if all(values):
             return
-        first = int((~values).nonzero()[0][0])
+        first = values.index(0)
         for what, names, count in parts:
             if first < count:
                 names = names() if callable(names) else names
