@@ -39,6 +39,7 @@ a rule leave parameters, ``.grad`` and state as they were and the records either
 """
 from __future__ import annotations
 
+import ctypes
 import inspect
 import math
 import numbers
@@ -410,7 +411,7 @@ class RuleOptimizer(Optimizer):
                 return
             event.synchronize()
         self._pending = None
-        values = host.untyped_storage().tolist()[:host.numel()]  # host bytes: no op dispatched, no device sync
+        values = ctypes.string_at(host.data_ptr(), host.numel())  # host bytes of a bool tensor: no op dispatched
         if all(values):
             return
         first = values.index(0)
