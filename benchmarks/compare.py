@@ -300,8 +300,10 @@ def _plots(summary: dict, out: Path) -> None:
         ax.set_xlabel("learning rate (α for il_prox: the implicit step)")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"{dataset}: learning-rate sensitivity")
-        if ax.get_lines():  # no variant with a learning-rate grid: an empty plot without a legend
-            ax.legend(fontsize=7)
+        if not ax.get_lines():  # no variant with a learning-rate grid: no selection plot
+            plt.close(fig)
+            continue
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{dataset}_selection.png", dpi=100)
         plt.close(fig)
