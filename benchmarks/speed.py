@@ -40,7 +40,6 @@ and target buffers) in a ``torch.cuda.CUDAGraph`` and replays it; ``--compile`` 
 """
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import sys

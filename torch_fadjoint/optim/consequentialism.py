@@ -57,11 +57,11 @@ class Consequentialism(DelegatingRuleOptimizer):
 
     def _rule_step(self, out_adj: Tensor) -> None:
         group = self.param_groups[0]
-        on_failures = None
-        if self._mode == "async":
-            def on_failures(infos, layers):
-                self._flags.append((torch.stack(infos).eq(0), "consequentialism", [
-                    f"{layer}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?)" for layer in layers]))
         self._apply_base(consequentialism_grads(self.net, out_adj, group["mode"], group["delta"],
                                                 delta_rel=group["delta_rel"], validate=self._checks_now,
-                                                on_failures=on_failures))
+                                                on_failures=self._flag_failures if self._mode == "async" else None))
+
+    def _flag_failures(self, infos, layers) -> None:
+        """Async: a failed Cholesky factorisation (info ≠ 0) is a flag decided on the device."""
+        self._flags.append((torch.stack(infos).eq(0), "consequentialism", [
+            f"{layer}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?)" for layer in layers]))

@@ -4,7 +4,6 @@ A thin optimizer over :mod:`torch_fadjoint.rules.equilibrium` (the relaxation on
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
@@ -12,8 +11,8 @@ from torch import Tensor
 
 from ..recorder import FPropagation
 from ..rules.equilibrium import EquilibriumRule, check_relaxation, equilibrium_grads
-from ..sweep import backward_sweep, check_finite, check_rule, param_names
-from .base import RuleOptimizer, check_hyper, peaks, sgd_bounds
+from ..sweep import backward_sweep, check_rule, param_names
+from .base import RuleOptimizer, peaks, sgd_bounds
 
 __all__ = ["EquilibriumFAdjoint", "equilibrium_grads"]
 

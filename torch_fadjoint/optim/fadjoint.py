@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ..recorder import FPropagation
-from ..sweep import FAdjointRule, backward_sweep, check_finite, check_rule, fadjoint_grads, param_names, FADJOINT
-from .base import RuleOptimizer, fused_sgd_weight_update, sgd_bounds, sgd_update, _amax
+from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_rule, fadjoint_grads, param_names
+from .base import RuleOptimizer, _amax, fused_sgd_weight_update, sgd_bounds
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 

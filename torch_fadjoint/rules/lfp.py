@@ -39,8 +39,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..layers import LayerRecord
 from ..losses import _check_logits, onehot
