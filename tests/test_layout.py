@@ -14,6 +14,7 @@ ALLOWED = {
     "recorder": {"layers", "maps", "sweep", "losses", "distributed"},
     "rules": {"sweep", "layers", "maps", "losses"},
     "optim": {"rules", "recorder", "sweep", "losses"},
+    "graph": {"optim", "recorder", "sweep"},
 }
 
 

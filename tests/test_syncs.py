@@ -172,3 +172,23 @@ def test_the_default_on_cpu_is_the_immediate_check():
     net(torch.full((4, 6), float("nan")))
     with pytest.raises(RuntimeError, match=r"^step: non-finite values in X\^L"):
         opt.step(target=torch.zeros(4, dtype=torch.long))
+
+
+def test_async_errors_of_steps_still_in_flight_are_kept_in_order(monkeypatch):
+    """On CUDA the CPU runs ahead: several steps' flags can be on their way at once. None may be dropped: the
+    first failed step is raised once its flags arrive (here: held back until ``synchronize``)."""
+    from torch_fadjoint.optim.base import PendingFlags
+    monkeypatch.setattr(PendingFlags, "ready", lambda self: False)  # nothing has arrived yet
+    net = tfa.FPropagation(_mlp())
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, validate="async")
+    x, t = torch.randn(4, 6), torch.randint(0, 5, (4,))
+    for inputs in (x, torch.full_like(x, float("nan")), x, torch.full_like(x, float("inf")), x):
+        net(inputs)
+        opt.step(target=t)  # steps 1..5: none raises, the flags are "in flight"
+    assert [p.step for p in opt._pending] == [1, 2, 3, 4, 5]
+    with pytest.raises(RuntimeError, match=r"^step 2 \(validate='async'\)"):
+        opt.synchronize()
+    with pytest.raises(RuntimeError, match=r"^step 4 \(validate='async'\)"):
+        opt.synchronize()
+    opt.synchronize()
+    assert not opt._pending

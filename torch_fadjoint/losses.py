@@ -113,7 +113,7 @@ def _nll_adjoint(log_probs: Tensor, target: Tensor, reduction: str) -> Tensor:
     """−onehot(t) / B (or −onehot(t)) with autograd's own kernel, so the bits are loss.backward()'s."""
     return torch.ops.aten.nll_loss_backward(log_probs.new_ones(()), log_probs, target, None,
                                             1 if reduction == "mean" else 2, -100,
-                                            log_probs.new_tensor(float(log_probs.shape[0])))
+                                            log_probs.new_full((), float(log_probs.shape[0])))  # a fill: no host copy
 
 
 def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:

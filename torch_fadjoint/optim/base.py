@@ -39,11 +39,12 @@ a rule leave parameters, ``.grad`` and state as they were and the records either
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import inspect
 import math
 import numbers
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 from torch import Tensor
@@ -64,28 +65,46 @@ def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
     """θ ← θ − lr · SGD-direction(g), in place; fills ``momentum_buffers`` on the first step.
 
     params, grads: matching lists; momentum_buffers: the same length, ``None`` entries are replaced by
-    new buffers (the caller stores them). Grads are never modified in place.
+    new buffers (the caller stores them). Grads are never modified in place. ``lr`` may be a 0-dim tensor
+    on the parameters' device (a captured step reads it there: ``θ.addcmul_(d, lr, value=−1)``).
     """
     if foreach is None:
         foreach = bool(params) and all(p.device.type != "cpu" for p in params)
-    impl = _foreach_sgd if foreach else _single_tensor_sgd
+    impl = _foreach_sgd if foreach and not isinstance(lr, Tensor) else _single_tensor_sgd
     impl(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
+def _add(target: Tensor, other: Tensor, alpha: float, inplace: bool = False) -> Tensor:
+    """target + alpha·other. Under torch.compile the product is made first: inductor's add + mm → addmm
+    pattern drops ``alpha`` (torch 2.14.1, pytorch/pytorch#167313), which turns θ − lr·(Y*ᵀX) into θ + Y*ᵀX
+    when the gradient feeds the update alone (measured: tests/test_graph.py)."""
+    if alpha != 1 and _compiling():
+        other, alpha = other * alpha, 1
+    return target.add_(other, alpha=alpha) if inplace else target.add(other, alpha=alpha)
 
 
 def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+            grad = _add(grad, param, weight_decay)
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
                 buf = momentum_buffers[i] = torch.clone(grad).detach()
             else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(grad, alpha=-lr)
+                _add(buf.mul_(momentum), grad, 1 - dampening, inplace=True)
+            grad = _add(grad, buf, momentum) if nesterov else buf
+        if isinstance(lr, Tensor):
+            param.addcmul_(grad, lr, value=-1)
+        else:
+            _add(param, grad, -lr, inplace=True)
 
 
 def _group_by_device_dtype(tensors):
@@ -205,11 +224,19 @@ def fused_sgd_weight_update(weights: list[Tensor], factors: list[tuple[Tensor, T
                 W ← W − lr b
 
     The same update as ``sgd_update`` (no Nesterov) to rounding, not bit for bit: the GEMM rounds
-    ``α Y*ᵀX + β C`` once where SGD rounds G, then the update.
+    ``α Y*ᵀX + β C`` once where SGD rounds G, then the update. With ``lr`` a 0-dim device tensor (a
+    captured step) and μ = 0, the smaller factor is scaled by −lr s first (W ← (1 − lr λ) W first, if λ).
     """
     sign = -1.0 if maximize else 1.0
     for i, (weight, (y_adj, x_prev)) in enumerate(zip(weights, factors)):
-        if momentum == 0:
+        if momentum == 0 and isinstance(lr, Tensor):
+            if weight_decay != 0:
+                weight.mul_(1.0 - lr * weight_decay)
+            if y_adj.numel() <= x_prev.numel():
+                weight.addmm_((y_adj * (-sign * lr)).t(), x_prev)
+            else:
+                weight.addmm_(y_adj.t(), x_prev * (-sign * lr))
+        elif momentum == 0:
             weight.addmm_(y_adj.t(), x_prev, beta=1.0 - lr * weight_decay, alpha=-lr * sign)
         elif momentum_buffers[i] is None:
             momentum_buffers[i] = torch.addmm(weight, y_adj.t(), x_prev, beta=weight_decay, alpha=sign)
@@ -260,6 +287,68 @@ def _finite_flags(tensors: list[Tensor]) -> Tensor:
                         for t in tensors])
 
 
+# -- validate="async": errors decided on the device, raised from the host later --------------------
+def _host_bytes(host: Tensor) -> bytes:
+    """The bytes of a host tensor, read without dispatching an op (so no sync is counted or made)."""
+    return ctypes.string_at(host.data_ptr(), host.numel() * host.element_size())
+
+
+def _async_message(step: int, parts: list, first: int) -> str:
+    """The error of flag ``first`` among ``parts`` [(what, names, count)] of step ``step``."""
+    for what, names, count in parts:
+        if first < count:
+            names = names() if callable(names) else names
+            where = names[first] if names is not None else f"entry {first}"
+            return (f"step {step} (validate='async'): {what}: non-finite values in {where}; that step wrote no "
+                    "parameter and no state")
+        first -= count
+    return f"step {step} (validate='async'): a check failed; that step wrote no parameter and no state"
+
+
+class PendingFlags:
+    """One async step's flags on their way to the host (a non-blocking copy and an event on CUDA)."""
+
+    def __init__(self, flags: Tensor, step: int, parts: list):
+        if flags.is_cuda:
+            self.host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = flags, None
+        self.step, self.parts = step, parts
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def message(self) -> str | None:
+        values = _host_bytes(self.host)
+        return None if all(values) else _async_message(self.step, self.parts, values.index(0))
+
+
+class _Forget(dict):
+    """A ``known``-bounds record that keeps nothing (a captured step must read every peak on each replay)."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+class Capture:
+    """What changes while a step is captured into one graph (``tfa.graphed_step``): the learning rate of each
+    parameter group is read from a 0-dim device tensor (``lrs``, keyed by the group's ``id``), so a scheduler's
+    new value reaches the replays; no bound is remembered across steps; the async flags stay on the device
+    (``flags``, ``parts``) for the graph to fold into its own error record."""
+
+    def __init__(self, lrs: dict[int, Tensor]):
+        self.lrs = lrs
+        self.flags: Tensor | None = None
+        self.parts: list = []
+
+
 # -- the optimizer base ------------------------------------------------------------------------
 class RuleOptimizer(Optimizer):
     """Base of every ``tfa.optim`` optimizer: an Optimizer bound to an ``FPropagation`` recorder.
@@ -278,6 +367,7 @@ class RuleOptimizer(Optimizer):
 
     state_keys: frozenset = frozenset({"momentum_buffer"})
     signal = "out_adj"
+    capture_refusal: str | None = None  # why tfa.graphed_step cannot capture this rule's step (None: it can)
 
     def __init__(self, net: FPropagation, params, defaults: dict, loss="cross_entropy",
                  loss_kwargs: dict | None = None, validate=None):
@@ -292,7 +382,8 @@ class RuleOptimizer(Optimizer):
         self._mode = True       # the resolved validate of the step in progress
         self._flags: list = []  # async: (per-tensor finite flags on the device, their names)
         self._guarded: list = []  # async: (tensor written in place, its value before the step)
-        self._pending = None    # async: the last step's flags on their way to the host
+        self._pending = deque()  # async: earlier steps' flags on their way to the host, oldest first
+        self._capture: Capture | None = None  # set while tfa.graphed_step captures a step
         self._steps = 0
         self._known = {}        # {param or buffer: (version after our write, bound on max|·|)}: saves reads
         self._next_known = []
@@ -353,6 +444,16 @@ class RuleOptimizer(Optimizer):
             self._settle()
         return loss
 
+    @contextlib.contextmanager
+    def capturing(self, capture: Capture):
+        """Steps inside run as ``capture`` says (``tfa.graphed_step``'s warm-up and capture). Afterwards no
+        bound is trusted any more: a replay writes the parameters behind their version counters."""
+        self._capture, self._known = capture, _Forget()
+        try:
+            yield capture
+        finally:
+            self._capture, self._known = None, {}
+
     # -- validate="async": decided on the device, raised later ------------------------------------
     @property
     def _checks_now(self) -> bool:
@@ -391,40 +492,30 @@ class RuleOptimizer(Optimizer):
         for tensor, before in self._guarded:
             torch.where(ok, tensor, before, out=tensor)
         self._guarded = []
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = flags, None
-        self._pending = (host, event, self._steps, [(what, names, len(f.reshape(-1))) for f, what, names in self._flags])
+        parts = [(what, names, len(f.reshape(-1))) for f, what, names in self._flags]
         self._flags = []
+        if self._capture is not None:  # a captured step: the graph keeps the flags on the device
+            self._capture.flags, self._capture.parts = flags, parts
+        else:
+            self._pending.append(PendingFlags(flags, self._steps, parts))
 
     def _raise_pending(self, wait: bool) -> None:
-        """Raise the error of an earlier async step whose flags have reached the host (``wait``: wait for them)."""
-        if self._pending is None:
-            return
-        host, event, step, parts = self._pending
-        if event is not None and not event.query():
-            if not wait:
-                return
-            event.synchronize()
-        self._pending = None
-        values = ctypes.string_at(host.data_ptr(), host.numel())  # host bytes of a bool tensor: no op dispatched
-        if all(values):
-            return
-        first = values.index(0)
-        for what, names, count in parts:
-            if first < count:
-                names = names() if callable(names) else names
-                where = names[first] if names is not None else f"entry {first}"
-                raise RuntimeError(f"step {step} (validate='async'): {what}: non-finite values in {where}; that "
-                                   "step wrote no parameter and no state")
-            first -= count
+        """Raise the first error among earlier async steps whose flags have reached the host, oldest first
+        (``wait``: wait for all of them)."""
+        while self._pending:
+            pending = self._pending[0]
+            if not pending.ready():
+                if not wait:
+                    return
+                pending.wait()
+            self._pending.popleft()
+            message = pending.message()
+            if message is not None:
+                raise RuntimeError(message)
 
     def synchronize(self) -> None:
-        """Wait for the flags of the last ``validate="async"`` step and raise its pending error, if any."""
+        """Wait for the flags of every earlier ``validate="async"`` step (graphed replays included) and raise
+        the first pending error, if any."""
         self._raise_pending(wait=True)
 
     def _signal(self, target, out_adj) -> tuple[Tensor | None, Tensor]:
@@ -515,9 +606,9 @@ class RuleOptimizer(Optimizer):
             raise RuntimeError(f"{what}: non-finite values in {(names() if callable(names) else names)[first]}; "
                                "nothing was changed")
 
-    @staticmethod
-    def _hyper(group) -> dict:
-        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+    def _hyper(self, group) -> dict:
+        lr = group["lr"] if self._capture is None else self._capture.lrs[id(group)]
+        return dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
 
     def _write_sgd(self, plan, write_grad: bool = True) -> None:
@@ -639,6 +730,10 @@ class DelegatingRuleOptimizer(RuleOptimizer):
 
     base: "sgd" | "adam" | "adamw" | "rmsprop" | an ``Optimizer`` class; ``base_kwargs`` go to it.
     """
+
+    capture_refusal = ("its update is the base torch optimizer's own step, which reads its learning rate as a "
+                       "host number (a graph would freeze it) and keeps Python-side state; graphed_step captures "
+                       "FAdjoint, EquilibriumFAdjoint and LFP")
 
     def __init__(self, net: FPropagation, params, lr: float, base, base_kwargs: dict, loss="cross_entropy",
                  loss_kwargs: dict | None = None, validate=None, rule_defaults: dict | None = None):
