@@ -166,7 +166,7 @@ def test_functional_forwards_are_recorded_through_the_map_table():
         ["F.relu after fc1 (Linear)", "dropout2"],
         ["F.log_softmax after fc2 (Linear)"]]
     assert [type(rec.module).__name__ for rec in net.layers[1].maps] == ["ReLU", "MaxPool2d", "Dropout", "Reshape"]
-    assert net.layers[1].maps[1].saved is net.layers[1].maps[0].saved  # the pool's input is the ReLU's record
+    assert net.layers[1].maps[1].saved[0] is net.layers[1].maps[0].saved  # the pool's input is the ReLU's record
     assert out.shape == (3, 10)
 
 

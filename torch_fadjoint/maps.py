@@ -23,7 +23,7 @@ Identity, InputNoise       1                                     nothing        
 Step (tfa.nn)              0 almost everywhere: not trainable    nothing                      identity
 Dropout, Dropout1d/2d      mask / (1 − p) (train mode)           the mask (drawn here)        backward
 Flatten, Unflatten, views  reshape                               the input shape              backward
-MaxPool1d/2d               to the arg-max (indices recomputed)   Y (the pool's input)         backward
+MaxPool1d/2d               to the forward's arg-max              Y and the int64 indices      backward
 AvgPool1d/2d               avg_poolNd_backward                   the input shape              ε-rule
 AdaptiveAvgPool1d/2d       _adaptive_avg_poolNd_backward         the input shape              ε-rule
 LogSoftmax(dim=1 | −1)     Y* = X* − softmax(Y) Σ X*  (row-wise)  X                            refused
@@ -48,7 +48,8 @@ _aten = torch.ops.aten
 
 
 class Map:
-    """Base of a map entry. ``saves``: ``"input"`` (Y), ``"output"`` (X), ``"none"``, or the entry's own.
+    """Base of a map entry. ``saves``: ``"input"`` (Y, or a tuple whose first item is Y: MaxPool's
+    ``(Y, indices)``), ``"output"`` (X), ``"none"``, or the entry's own.
 
     ``elementwise``: X = σ(Y) entry by entry (the equilibrium and IL states need it; §2, §5);
     ``differentiable``: False where σ' is 0 almost everywhere (Step); ``lfp``: how LFP passes a reward
@@ -80,6 +81,11 @@ class Map:
     def run(self, module: nn.Module, y: Tensor, call):
         """``(output, record)`` for a functional call; ``call()`` runs the user's function."""
         return self.hook_output(module, y, call())
+
+    def prepare(self, module: nn.Module):
+        """Called by the recorder just before a module form runs; returns a function undoing it, or None.
+        (MaxPool sets ``return_indices`` for that one call, so that its record keeps the forward's indices.)"""
+        return None
 
     def backward(self, module: nn.Module, saved, x_adj: Tensor) -> Tensor:
         """Y* = J^T X*, in Y's shape (step 1 of ALGORITHMS.md §1.2)."""
@@ -350,8 +356,16 @@ class _Pool(Map):
 
 
 class _MaxPool(_Pool):
-    """MaxPoolNd: the record is the pool's input (often the ReLU's record already); the indices are
-    recomputed at the sweep (the same deterministic kernel), so no index tensor is kept."""
+    """MaxPoolNd: the record is ``(Y, indices)``, autograd's own (the pool's input, often the ReLU's record
+    already, and the forward's int64 arg-max indices), so the sweep calls only
+    ``max_pool2d_with_indices_backward``: the pooling runs once per step, as under autograd.
+
+    The indices come from the forward's own pooling: the functional form runs
+    ``F.max_poolNd(..., return_indices=True)`` in place of the user's call (the same kernel and arguments,
+    so the same output); the module form runs the module's own forward with ``return_indices`` set for
+    that call only (:meth:`prepare`; the recorder's hook hands the user the output alone and restores
+    it). :meth:`record` (an entry used outside the recorder) and :meth:`vjp_at` pool once more.
+    """
 
     saves = "input"
     lfp = "backward"
@@ -360,12 +374,40 @@ class _MaxPool(_Pool):
         if module.return_indices:
             raise ValueError("MaxPool with return_indices=True returns two tensors; not a map of the chain")
 
+    def prepare(self, module):
+        self.check(module)  # return_indices set after wrapping
+        module.return_indices = True
+        return lambda: setattr(module, "return_indices", False)
+
+    def _pool(self, module, y):
+        pool = F.max_pool1d if self.n == 1 else F.max_pool2d
+        return pool(y, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode,
+                    return_indices=True)
+
+    def record(self, module, y, x):
+        return y, self._pool(module, y)[1]
+
+    def hook_output(self, module, y, x):
+        if isinstance(x, tuple):  # the module ran with return_indices (prepare)
+            x, indices = x
+            return x, (y, indices)
+        return x, self.record(module, y, x)
+
+    def run(self, module, y, call):
+        x, indices = self._pool(module, y)  # in place of call(): the user's F.max_poolNd with return_indices
+        return x, (y, indices)
+
+    def vjp_at(self, module, y, x_adj):
+        return self.backward(module, (y, self._pool(module, y)[1]), x_adj)
+
     def backward(self, module, saved, x_adj):
         kernel, stride, padding, dilation = self._geometry(module, "kernel_size", "stride", "padding", "dilation")
-        y, x_adj = self._lift(saved), self._lift(x_adj)
-        _, indices = _aten.max_pool2d_with_indices(y, kernel, stride, padding, dilation, module.ceil_mode)
-        return self._drop(_aten.max_pool2d_with_indices_backward(x_adj, y, kernel, stride, padding, dilation,
-                                                                 module.ceil_mode, indices))
+        if isinstance(saved, Tensor):  # a bare Y (earlier records): the arg-max of the same deterministic kernel
+            saved = (saved, self._pool(module, saved)[1])
+        y, indices = saved
+        return self._drop(_aten.max_pool2d_with_indices_backward(self._lift(x_adj), self._lift(y), kernel, stride,
+                                                                 padding, dilation, module.ceil_mode,
+                                                                 self._lift(indices)))
 
 
 class _AvgPool(_Pool):

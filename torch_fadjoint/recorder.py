@@ -126,7 +126,7 @@ class FPropagation(nn.Module):
 
     # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
     _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch",
-                              "_recording", "_paused", "_attached", "_depth", "_transparent"})
+                              "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -153,6 +153,7 @@ class FPropagation(nn.Module):
         self._recording = False
         self._paused = False
         self._attached = False
+        self._undo: list = []  # what map entries' prepare() set on a module for one call (MaxPool's return_indices)
         self.clear()
         self.attach(model)
 
@@ -203,7 +204,7 @@ class FPropagation(nn.Module):
                 entry.check(module)
             except ValueError as exc:
                 raise ValueError(f"{_describe(name, module)}: {exc}") from None
-            return lambda: [module.register_forward_pre_hook(self._map_pre_hook(name)),
+            return lambda: [module.register_forward_pre_hook(self._map_pre_hook(name, entry)),
                             module.register_forward_hook(self._map_hook(name, entry))]
         if next(module.children(), None) is not None and not own:
             return lambda: []  # a container: its leaves are hooked, its own forward runs under the mode
@@ -358,12 +359,17 @@ class FPropagation(nn.Module):
             return None
         return _ours(on_layer)
 
-    def _map_pre_hook(self, name: str):
+    def _map_pre_hook(self, name: str, entry: Map):
         def check_input(module, inputs):
             if not self._recording:
                 return None
             self._depth += 1
             self._consume(_describe(name, module), inputs)
+            try:
+                undo = entry.prepare(module)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{_describe(name, module)}: {exc}") from None
+            self._undo.append(undo)
             return None
         return _ours(check_input)
 
@@ -372,6 +378,9 @@ class FPropagation(nn.Module):
             if not self._recording:
                 return None
             try:
+                undo = self._undo.pop() if self._undo else None
+                if undo is not None:
+                    undo()
                 return self._record_map(_describe(name, module), name, module, entry, inputs[0],
                                         lambda: output, module_output=output)
             finally:
@@ -396,12 +405,16 @@ class FPropagation(nn.Module):
         if isinstance(saved, Tensor):
             saved = _detach(saved)
             self._watch_tensor(saved, f"the record of {what}")
+        elif isinstance(saved, tuple):  # MaxPool's (Y, indices)
+            saved = tuple(_detach(item) if isinstance(item, Tensor) else item for item in saved)
+            for item in saved:
+                self._watch_tensor(item, f"the record of {what}")
         rec = MapRecord(name, module, entry, saved)
         if self.keep_pre_activations:
             rec.y, rec.x = _detach(y), _detach(x)
             self._watch_tensor(rec.y, f"the input of {what}")
         if entry.saves == "input" and layer.y is None and not layer.maps:
-            layer.y = saved  # the same tensor: Y^k is kept once
+            layer.y = saved[0] if isinstance(saved, tuple) else saved  # the same tensor: Y^k is kept once
         layer.maps.append(rec)
         self._advance(x, what)
         return None if x is module_output else x
@@ -490,6 +503,10 @@ class FPropagation(nn.Module):
             raise
         finally:
             self._recording = False
+            while self._undo:  # a forward that raised inside a module whose entry prepared it
+                undo = self._undo.pop()
+                if undo is not None:
+                    undo()
         return output
 
     def _finish(self, output) -> None:
