@@ -9,6 +9,10 @@ validation accuracy after ``select_epochs`` epochs from seed 0; then the variant
 ``<out>/runs/`` as it completes; ``--resume`` reuses those files. ``REPORT.md`` and the PNG plots in
 ``<out>`` are rebuilt from the run files at the end.
 
+``stop_after_s`` > 0: no run starts once that many seconds have passed (a run in progress finishes); what
+finished is reported (a variant whose selection is incomplete, or with no finished final run, is listed as
+not run) and ``--resume`` continues from there (``benchmarks.gpu`` runs the protocol in its time left).
+
 ``model`` picks the network (``benchmarks/models.py``; ``configs/compare_cnn.toml``: the small CNN). ``beside``
 names another compare's ``summary.json`` (e.g. the MLP's, ``benchmarks/results/compare/summary.json``): its
 test accuracy per variant and data set is shown in a column beside this run's.
@@ -19,6 +23,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +50,7 @@ DEFAULTS = {
     "thresholds": [0.97, 0.85],
     "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
     "beside": "",  # another compare's summary.json: its test accuracy per variant shown beside (the MLP's for CNNs)
+    "stop_after_s": 0.0,  # > 0: start no run after this many seconds (resume later with --resume)
 }
 QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "validation": 1000}
 
@@ -101,6 +107,10 @@ def main(argv=None) -> Path:
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
     env = environment(device)
     summary = {"config": cfg, "environment": env, "datasets": {}}
+    started, skipped, not_run = time.monotonic(), 0, []
+
+    def out_of_time(path: Path) -> bool:  # a cached run (--resume) costs nothing: it is always taken
+        return 0 < cfg["stop_after_s"] < time.monotonic() - started and not (cfg["resume"] and path.exists())
     for dataset in cfg["datasets"]:
         splits = load_splits({**cfg, "dataset": dataset}, device)
         per_dataset = summary["datasets"][dataset] = {}
@@ -111,27 +121,44 @@ def main(argv=None) -> Path:
             for values in grid[:1] if cfg["quick"] else grid:  # --quick: the first setting only
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **values, "epochs": cfg["select_epochs"]}
                 overall.set_postfix_str(f"{dataset} {name} select {_tag(values)}")
-                result = _run_cached(out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json", cfg["resume"],
+                path = out / "runs" / f"{dataset}_{name}_select_{_tag(values)}.json"
+                if out_of_time(path):
+                    selection = None  # incomplete: no final run may use a choice made on part of the grid
+                    break
+                result = _run_cached(path, cfg["resume"],
                                      lambda: _diverged_or(lambda: run(vcfg, rule, 0, splits, device, position=1)), env)
                 val_acc = result["history"][-1].get("val_acc", float("nan")) if result["history"] else float("nan")
                 selection.append({"values": values, "val_acc": val_acc, **({"diverged": result["diverged"]}
                                                                           if "diverged" in result else {})})
                 overall.update()
+            seeds = spec.get("seeds", cfg["seeds"])  # a variant may set its own seeds / epochs (ablations)
+            if selection is None:
+                skipped += selections[name] + len(seeds)  # (an upper bound: a few selection runs may have finished)
+                not_run.append(f"{dataset} {name}")
+                continue
             best = max(selection, key=lambda s: s["val_acc"] if s["val_acc"] == s["val_acc"] else -1)["values"] \
                 if selection else {}
             runs = []
-            for seed in spec.get("seeds", cfg["seeds"]):  # a variant may set its own seeds / epochs (ablations)
+            for seed in seeds:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
-                result = _run_cached(out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json",
-                                     cfg["resume"], lambda: _diverged_or(lambda: run(vcfg, rule, seed, splits, device,
-                                                                                     position=1)), env)
+                path = out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json"
+                if out_of_time(path):
+                    skipped += 1
+                    continue
+                result = _run_cached(path, cfg["resume"], lambda: _diverged_or(lambda: run(vcfg, rule, seed, splits,
+                                                                                           device, position=1)), env)
                 runs.append({**result, "seed": seed})
                 overall.update()
+            if not runs:
+                not_run.append(f"{dataset} {name}")
+                continue
             per_dataset[name] = {"name": name, "rule": rule, "selection": selection, "chosen": best, "grid": spec.get("grid", {}),
                                  "histories": [r["history"] for r in runs if "diverged" not in r],
                                  "diverged": [{"seed": r["seed"], "error": r["diverged"]} for r in runs if "diverged" in r]}
     overall.close()
+    if skipped:
+        summary["stopped"] = {"after_s": cfg["stop_after_s"], "runs_not_started": skipped, "not_run": not_run}
     write_json(out / "summary.json", summary)
     report = write_report(summary, out)
     print(report.read_text())
@@ -204,6 +231,11 @@ def write_report(summary: dict, out: Path) -> Path:
                   f"{bcfg['batch_size']}, {bcfg['epochs']} epochs, seeds {bcfg['seeds']}; its chosen setting in "
                   "brackets)" + (f", training on the first {bcfg['train_subset']} images" if bcfg.get("train_subset")
                                  else ", the full training set") + "."]
+    stopped = summary.get("stopped")
+    if stopped:
+        lines += ["", f"**Stopped after {stopped['after_s']:.0f} s** (`stop_after_s`): up to {stopped['runs_not_started']} "
+                  f"run(s) not started; not run: {', '.join(stopped['not_run']) or '–'}; a variant with fewer seeds "
+                  "says so. Rerun the same command with `--resume` to continue."]
     lines.append("")
     diverged_lines: list[str] = []
     for (dataset, rules), threshold in zip(summary["datasets"].items(), itertools.cycle(cfg["thresholds"])):

@@ -320,6 +320,46 @@ def _check_equal(cfg, rule, arch, device, dtype, make_step, x, target) -> float:
     return max((a - b).abs().max().item() for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
+def time_interleaved(entries: dict, repeats: int, min_repeats: int, max_seconds: float, device, x, target,
+                     on_rep=None, on_error=None) -> None:
+    """Time each entry's ``entry["_step"](x, target)`` in interleaved repetitions (A, B, C, A, B, C, …).
+
+    A timed block is ``entry.get("block_steps", 1)`` steps between two device synchronisations (the only
+    syncs: nothing reads a value back per step); its time / steps is appended to ``entry["times"]``. Stops
+    after ``repeats``, or once ``min_repeats`` are done and ``max_seconds`` have passed. With ``on_error``, an
+    entry whose step raises is passed to ``on_error(key, exc)`` and timed no further (else it raises). Then
+    ``median_s``, ``iqr_s`` and ``repeats`` of every entry that has times (the ``_step`` keys are dropped)."""
+    _sync(device)
+    start, live = time.perf_counter(), dict(entries)
+    for rep in range(repeats):
+        for key, entry in list(live.items()):
+            steps, step = entry.get("block_steps", 1), entry["_step"]
+            try:
+                _sync(device)
+                tic = time.perf_counter()
+                for _ in range(steps):
+                    step(x, target)
+                _sync(device)
+            except Exception as exc:  # noqa: BLE001 - reported per entry by the caller
+                if on_error is None:
+                    raise
+                on_error(key, exc)
+                del live[key]
+                continue
+            entry["times"].append((time.perf_counter() - tic) / steps)
+        if on_rep is not None:
+            on_rep(rep)
+        if rep + 1 >= min_repeats and time.perf_counter() - start > max_seconds:
+            break
+    for entry in entries.values():
+        entry.pop("_step", None)
+        if not entry.get("times"):
+            continue
+        quartiles = statistics.quantiles(entry["times"], n=4) if len(entry["times"]) > 1 else [entry["times"][0]] * 3
+        entry.update(median_s=statistics.median(entry["times"]), iqr_s=quartiles[2] - quartiles[0],
+                     repeats=len(entry["times"]))
+
+
 def measure(cfg: dict, widths, batch: int, rules: list[str], device, bar=None) -> dict:
     """The entries of one cell: ``widths`` (an MLP; entries keyed by rule) or a list of model names (entries
     keyed ``model/rule``, every pair interleaved)."""
@@ -360,24 +400,9 @@ def measure(cfg: dict, widths, batch: int, rules: list[str], device, bar=None) -
         entry.update(peak_step_bytes(trainer, x, target))
         entry["times"], entry["_step"] = [], step
         entries[key] = entry
-    _sync(device)
-    start = time.perf_counter()
-    for rep in range(cfg["repeats"]):
-        for rule, entry in entries.items():  # interleaved: A, B, C, A, B, C, …
-            _sync(device)
-            tic = time.perf_counter()
-            entry["_step"](x, target)
-            _sync(device)
-            entry["times"].append(time.perf_counter() - tic)
-        if bar is not None:
-            bar.set_postfix_str(f"{'x'.join(map(str, widths))} b{batch} rep {rep + 1}")
-        if rep + 1 >= min_repeats and time.perf_counter() - start > cfg["max_seconds"]:
-            break
-    for entry in entries.values():
-        entry.pop("_step")
-        quartiles = statistics.quantiles(entry["times"], n=4) if len(entry["times"]) > 1 else [entry["times"][0]] * 3
-        entry.update(median_s=statistics.median(entry["times"]), iqr_s=quartiles[2] - quartiles[0],
-                     repeats=len(entry["times"]))
+    label = f"{'x'.join(map(str, widths))} b{batch}"
+    time_interleaved(entries, cfg["repeats"], min_repeats, cfg["max_seconds"], device, x, target,
+                     on_rep=None if bar is None else lambda rep: bar.set_postfix_str(f"{label} rep {rep + 1}"))
     for entry in entries.values():
         ref = entries.get(entry["reference"])
         if ref is not None:
@@ -426,17 +451,21 @@ def main(argv=None) -> dict:
     return payload
 
 
-def add_paired_ratios(payload: dict) -> dict:
+PAIRS = (("reference", "paired_ratio"), ("model_reference", "model_paired_ratio"))
+
+
+def add_paired_ratios(payload: dict, pairs=PAIRS) -> dict:
     """Per-repetition ratios of interleaved neighbours (rule's i-th time / reference's i-th time): their
     median and quartiles. Load that drifts over seconds cancels in each pair, so on a shared machine
-    this is the steadier estimate; ``time_ratio`` (ratio of medians) is kept alongside."""
+    this is the steadier estimate; ``time_ratio`` (ratio of medians) is kept alongside. ``pairs``: (the
+    entry's key naming its reference, the name of the ratio); entries without times are passed over."""
     default = payload["config"]["reference"]
     for cell in payload["results"]:
         for entry in cell["rules"].values():
-            for ref_key, name in ((entry.get("reference", default), "paired_ratio"),
-                                  (entry.get("model_reference"), "model_paired_ratio")):
+            for ref_field, name in pairs:
+                ref_key = entry.get(ref_field, default if ref_field == "reference" else None)
                 ref = cell["rules"].get(ref_key) if ref_key else None
-                if ref is None:
+                if ref is None or not entry.get("times") or not ref.get("times"):
                     continue
                 ratios = [t / r for t, r in zip(entry["times"], ref["times"])]
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
