@@ -39,6 +39,7 @@ class Rule:
     name = "the F-adjoint"
     needs_y = False
     differentiable = True
+    consumes_records = False  # step 1 reads only the map records, and may free each once used (FAdjointRule)
 
     def allowed_map(self, entry) -> bool:
         """Whether this rule can pass its signal through a map with this table entry."""
@@ -65,13 +66,20 @@ class FAdjointRule(Rule):
     Below the top layer X*^k is the fresh J_X^T Y*^{k+1} that ``through_layer`` just made, so step 1
     writes into that buffer (``Map.backward_``: autograd's own kernel, ``out=`` form) instead of
     allocating one more tensor per map. X*^L belongs to the caller: never written.
+
+    With ``consume`` (a releasing sweep) each map record is dropped as soon as its backward has run, so
+    a pooling's backward does not share the peak with the records above it (autograd frees alike).
     """
 
-    def through_maps(self, layer, x_adj, top):
-        if top:
-            return super().through_maps(layer, x_adj, top)
-        for rec in reversed(layer.maps):
-            x_adj = rec.entry.backward_(rec.module, rec.saved, x_adj)
+    consumes_records = True
+
+    def through_maps(self, layer, x_adj, top, consume: bool = False):
+        maps = layer.maps
+        if consume:
+            layer.maps = []
+        for i in range(len(maps) - 1, -1, -1):
+            rec = maps.pop() if consume else maps[i]
+            x_adj = (rec.entry.backward if top else rec.entry.backward_)(rec.module, rec.saved, x_adj)
         return x_adj
 
 
@@ -144,7 +152,11 @@ def backward_sweep(layers: list[LayerRecord], signal: Tensor, rule: Rule,
     """
     for k in range(len(layers) - 1, -1, -1):
         layer = layers[k]
-        y_signal = rule.through_maps(layer, signal, top=k == len(layers) - 1)
+        if release and rule.consumes_records:
+            layer.x = layer.y = None  # not read by step 1: freed before it
+            y_signal = rule.through_maps(layer, signal, top=k == len(layers) - 1, consume=True)
+        else:
+            y_signal = rule.through_maps(layer, signal, top=k == len(layers) - 1)
         if release:
             layer.release_outputs()  # X^k, Y^k, map records: read by step 1 only (lower peak memory)
         feedback = rule.param_feedback(layer, y_signal)
