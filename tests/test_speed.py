@@ -150,3 +150,15 @@ def test_fadjoint_step_peak_is_below_autograds():
         trainer.step(x, t)  # momentum buffers exist: a steady-state step
         peaks[rule] = speed.peak_step_bytes(trainer, x, t)["peak_bytes"]
     assert peaks["fadjoint"] < peaks["sgd"], peaks
+
+
+def test_profile_step_lists_every_rules_ops_and_gemms():
+    from benchmarks.profile_step import profile_rules, report
+
+    threads = torch.get_num_threads()
+    result = profile_rules(["sgd", "fadjoint_fused"], [16, 8, 4], batch=4, steps=2, threads=1, shapes=True)
+    assert torch.get_num_threads() == threads
+    text = report(result, 2, min_ms=0.0)
+    assert "aten::addmm" in text and "GEMM (mm, addmm, addmm_)" in text and "fadjoint_fused" in text
+    self_ms, calls, wall = result["sgd"]
+    assert wall[0] > 0 and any(key.startswith("aten::mm") for key in self_ms)

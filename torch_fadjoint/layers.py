@@ -94,7 +94,8 @@ class Layer:
 
     def check_input(self, module: nn.Module, x_prev: Tensor) -> str | None:
         """Why ``x_prev`` does not fit the module (checked before it runs), or None."""
-        weight = self.params(module)[0] if self.params(module) else None
+        params = self.params(module)
+        weight = params[0] if params else None
         if weight is not None and (x_prev.dtype != weight.dtype or x_prev.device != weight.device):
             return (f"expected a {weight.dtype} input on {weight.device} (its weight's), "
                     f"got {x_prev.dtype} on {x_prev.device}")

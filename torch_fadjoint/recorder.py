@@ -46,9 +46,11 @@ from .sweep import fadjoint_grads, accumulate_grads
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # looked up once, not per call
+
+
 def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return _is_compiling is not None and bool(_is_compiling())
 
 
 def _detach(tensor: Tensor) -> Tensor:
@@ -349,9 +351,10 @@ class FPropagation(nn.Module):
                 self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
                 for param_name in layer.param_names:
                     self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}")
-                if not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
+                buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
+                if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
-                        self._watch_tensor(getattr(module, buffer_name, None), f"{name}.{buffer_name}")
+                        self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
                 self._layers.append(rec)
                 self._advance(output, rec.describe)
             finally:
