@@ -140,13 +140,13 @@ def _batches(n, device, dtype, cnn=False, batch=8, seed=1):
              torch.randint(0, 5, (batch,), generator=gen).to(device)) for _ in range(n)]
 
 
-def _run(rule, device, graph, steps=100, validate="async", cnn=False, scheduler=True, batches=None):
+def _run(rule, device, graph, steps=100, validate="async", cnn=False, scheduler=True, batches=None, batch=8):
     """``steps`` steps of ``rule`` (an lr schedule halving every 10), eager or graphed; parameters, buffers, losses."""
     model = (_cnn if cnn else _mlp)(device=device)
     net = tfa.FPropagation(model)
     opt = RULES[rule](net, validate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if scheduler else None
-    batches = batches or _batches(steps, device, torch.float64, cnn)
+    batches = batches or _batches(steps, device, torch.float64, cnn, batch=batch)
     step = graphed(net, opt, *batches[0], device) if graph else None
     losses = []
     for x, t in batches:
@@ -183,6 +183,17 @@ def test_replays_equal_the_eager_steps_over_100_steps_with_a_scheduler(rule, dev
         if buf_a is not None:
             assert float((buf_a - buf_b).abs().max()) < 1e-10
     assert opt._steps == eager_opt._steps == 100
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("validate", [False, "async"])
+@pytest.mark.parametrize("rule", ["fused", "fused_plain"])
+def test_fused_products_replay_as_eager(rule, validate, device):
+    """Batch 2: every weight's factors are smaller than the weight, so the update is made inside the GEMM (with
+    the lr a device tensor, and masked by the checks with async)."""
+    eager, *_ = _run(rule, device, graph=False, steps=40, batch=2, validate=validate)
+    replayed, *_ = _run(rule, device, graph=True, steps=40, batch=2, validate=validate)
+    assert _max_diff(eager, replayed) < 1e-10
 
 
 @pytest.mark.parametrize("device", DEVICES)

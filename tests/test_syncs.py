@@ -192,3 +192,49 @@ def test_async_errors_of_steps_still_in_flight_are_kept_in_order(monkeypatch):
         opt.synchronize()
     opt.synchronize()
     assert not opt._pending
+
+
+def _wide():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_async_fused_products_are_masked_and_equal_the_checked_step(momentum):
+    """Batch 2 on a wide layer: the update is made inside the GEMM (fused), each write masked by the checks."""
+    runs = []
+    for validate in ("async", True):
+        model = _wide()
+        net = tfa.FPropagation(model)
+        opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=momentum, weight_decay=1e-3, fuse_update=True,
+                                 validate=validate)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            net(torch.randn(2, 6, generator=gen))
+            opt.step(target=torch.randint(0, 5, (2,), generator=gen))
+        runs.append((model, opt))
+    (model, opt), (checked, _) = runs
+    opt.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), checked.parameters()))
+    before = _state(model, opt)
+    net = opt.net
+    net(torch.full((2, 6), float("nan")))
+    opt.step(target=torch.zeros(2, dtype=torch.long))
+    after = _state(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    with pytest.raises(RuntimeError, match=r"^step 4 \(validate='async'\)"):
+        opt.synchronize()
+
+
+def test_a_failed_async_first_step_leaves_zero_buffers():
+    model = _wide()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, validate="async")
+    before = [p.clone() for p in model.parameters()]
+    net(torch.full((2, 6), float("inf")))
+    opt.step(target=torch.zeros(2, dtype=torch.long))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(not opt.state[p]["momentum_buffer"].any() for p in model.parameters())
+    with pytest.raises(RuntimeError, match=r"^step 1 \(validate='async'\)"):
+        opt.synchronize()

@@ -17,7 +17,8 @@ What a replay keeps of the eager step, and how:
   (a warning from the third re-capture on).
 * **The first step of a fresh optimizer** runs eagerly: it creates the momentum buffers (``b ← g``, not
   ``μ·0 + (1 − dampening) g``), exactly as the eager step does; the capture follows on the next call. A batch
-  of another shape (the last, partial batch of an epoch) also runs as an eager step.
+  of another shape or dtype (the last, partial batch of an epoch) also runs as an eager step. A batch may
+  come from the host: it is copied into the static buffers (non-blocking from pinned memory).
 * **The warm-up** steps that CUDA graphs need before a capture (on a side stream, ``warmup`` of them) and the
   capture itself are undone: parameters, module buffers (BatchNorm's running statistics), optimizer state and
   step count are put back, so the first replay is the next step of the eager sequence. Over 100 steps the
@@ -196,8 +197,8 @@ class GraphedStep:
     # -- the call ------------------------------------------------------------------------------
     def __call__(self, x: Tensor, target: Tensor) -> Tensor:
         if (x.shape != self._x.shape or target.shape != self._t.shape or x.dtype != self._x.dtype
-                or target.dtype != self._t.dtype or x.device != self._x.device or target.device != self._t.device):
-            return self._eager(x, target)  # e.g. the last, partial batch of an epoch
+                or target.dtype != self._t.dtype):
+            return self._eager(x.to(self._x.device), target.to(self._t.device))  # e.g. the last, partial batch
         if self._eager_first:
             self._eager_first = False
             return self._eager(x, target)
@@ -209,8 +210,8 @@ class GraphedStep:
         opt._raise_pending(wait=False)
         opt._check_groups()
         self._refresh_lrs()
-        self._x.copy_(x)
-        self._t.copy_(target)
+        self._x.copy_(x, non_blocking=True)  # from the device, or from (pinned) host memory
+        self._t.copy_(target, non_blocking=True)
         opt._steps += 1
         self._graph.replay()
         opt._known.clear()  # the replay wrote behind the version counters

@@ -61,18 +61,42 @@ __all__ = ["RuleOptimizer", "DelegatingRuleOptimizer", "sgd_update", "sgd_bounds
 # -- the functional SGD core -------------------------------------------------------------------
 def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
                momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-               maximize: bool = False, foreach: bool | None = None) -> None:
+               maximize: bool = False, foreach: bool | None = None, ok: Tensor | None = None) -> None:
     """θ ← θ − lr · SGD-direction(g), in place; fills ``momentum_buffers`` on the first step.
 
     params, grads: matching lists; momentum_buffers: the same length, ``None`` entries are replaced by
     new buffers (the caller stores them). Grads are never modified in place. ``lr`` may be a 0-dim tensor
     on the parameters' device (a captured step reads it there: ``θ.addcmul_(d, lr, value=−1)``).
+    ok: a 0-dim bool tensor (validate="async"): every write becomes ``where(ok, new, old)`` — decided on the
+    device, nothing changes where it is False (a new buffer is zeros) — one tensor at a time, so no copy
+    of the parameters is kept.
     """
+    if ok is not None:
+        _masked_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, ok=ok)
+        return
     if foreach is None:
         foreach = bool(params) and all(p.device.type != "cpu" for p in params)
     impl = _foreach_sgd if foreach and not isinstance(lr, Tensor) else _single_tensor_sgd
     impl(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+
+
+def _masked_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize, ok):
+    """``_single_tensor_sgd`` with each in-place write ``t ← where(ok, t', t)`` (the same values where ok)."""
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if weight_decay != 0:
+            grad = _add(grad, param, weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.where(ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+            else:
+                torch.where(ok, _add(buf * momentum, grad, 1 - dampening), buf, out=buf)
+            grad = _add(grad, buf, momentum) if nesterov else buf
+        new = param - grad * lr if isinstance(lr, Tensor) else _add(param, grad, -lr)
+        torch.where(ok, new, param, out=param)
 
 
 def _compiling() -> bool:
@@ -214,7 +238,7 @@ def sgd_bounds(params: list[Tensor], grad_bounds: list[Tensor], momentum_buffers
 def fused_sgd_weight_update(weights: list[Tensor], factors: list[tuple[Tensor, Tensor]],
                             momentum_buffers: list[Tensor | None], *, lr: float, momentum: float = 0.0,
                             dampening: float = 0.0, weight_decay: float = 0.0, maximize: bool = False,
-                            foreach: bool | None = None, **_) -> None:
+                            foreach: bool | None = None, ok: Tensor | None = None, **_) -> None:
     """SGD on each W from the factors (Y*, X) of its gradient G = Y*ᵀ X, with G never materialised.
 
     The GEMM that makes G writes straight into the tensor the update reads (s = −1 if maximize else 1)::
@@ -226,8 +250,13 @@ def fused_sgd_weight_update(weights: list[Tensor], factors: list[tuple[Tensor, T
     The same update as ``sgd_update`` (no Nesterov) to rounding, not bit for bit: the GEMM rounds
     ``α Y*ᵀX + β C`` once where SGD rounds G, then the update. With ``lr`` a 0-dim device tensor (a
     captured step) and μ = 0, the smaller factor is scaled by −lr s first (W ← (1 − lr λ) W first, if λ).
+    With ``ok`` (validate="async") each GEMM writes a new tensor, kept where ``ok`` (see ``sgd_update``).
     """
     sign = -1.0 if maximize else 1.0
+    if ok is not None:
+        _masked_fused_update(weights, factors, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                             weight_decay=weight_decay, sign=sign, ok=ok)
+        return
     for i, (weight, (y_adj, x_prev)) in enumerate(zip(weights, factors)):
         if momentum == 0 and isinstance(lr, Tensor):
             if weight_decay != 0:
@@ -246,6 +275,29 @@ def fused_sgd_weight_update(weights: list[Tensor], factors: list[tuple[Tensor, T
                 momentum_buffers[i].add_(weight, alpha=(1 - dampening) * weight_decay)
     if momentum != 0:
         sgd_update(weights, momentum_buffers, [None] * len(weights), lr=lr, foreach=foreach)
+
+
+def _masked_fused_update(weights, factors, momentum_buffers, *, lr, momentum, dampening, weight_decay, sign, ok):
+    for i, (weight, (y_adj, x_prev)) in enumerate(zip(weights, factors)):
+        if momentum == 0:
+            if isinstance(lr, Tensor):
+                scaled = (1.0 - lr * weight_decay) * weight if weight_decay != 0 else weight
+                new = torch.addmm(scaled, (y_adj * (-sign * lr)).t(), x_prev)
+            else:
+                new = torch.addmm(weight, y_adj.t(), x_prev, beta=1.0 - lr * weight_decay, alpha=-lr * sign)
+            torch.where(ok, new, weight, out=weight)
+            continue
+        buf = momentum_buffers[i]
+        if buf is None:
+            new = torch.addmm(weight, y_adj.t(), x_prev, beta=weight_decay, alpha=sign)
+            momentum_buffers[i] = torch.where(ok, new, torch.zeros((), dtype=new.dtype, device=new.device))
+        else:
+            new = torch.addmm(buf, y_adj.t(), x_prev, beta=momentum, alpha=(1 - dampening) * sign)
+            if weight_decay != 0:
+                new.add_(weight, alpha=(1 - dampening) * weight_decay)
+            torch.where(ok, new, buf, out=buf)
+    if momentum != 0:
+        sgd_update(weights, momentum_buffers, [None] * len(weights), lr=lr, ok=ok)
 
 
 # -- hyper-parameters ------------------------------------------------------------------------------
@@ -386,6 +438,7 @@ class RuleOptimizer(Optimizer):
         self._capture: Capture | None = None  # set while tfa.graphed_step captures a step
         self._steps = 0
         self._known = {}        # {param or buffer: (version after our write, bound on max|·|)}: saves reads
+        self._ok_of = (0, None)  # async: (number of flags, their AND) of the step in progress
         self._next_known = []
         super().__init__(net.parameters() if params is None else params, defaults)
         self._check_groups()
@@ -436,7 +489,7 @@ class RuleOptimizer(Optimizer):
         output = self.net.output
         mode = self.validate
         self._mode = ("async" if output.is_cuda else True) if mode is None else mode
-        self._flags, self._guarded, self._next_known = [], [], []
+        self._flags, self._guarded, self._next_known, self._ok_of = [], [], [], (0, None)
         self._steps += 1
         loss, signal = self._signal(target, out_adj)
         self._rule_step(signal)
@@ -611,15 +664,28 @@ class RuleOptimizer(Optimizer):
         return dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
 
-    def _write_sgd(self, plan, write_grad: bool = True) -> None:
-        """Write ``.grad`` and apply each group's SGD update (the last phase of a step)."""
+    def _ok(self) -> Tensor | None:
+        """Async: whether every check of this step so far passed (a 0-dim bool on the device), for writes
+        made ``where(ok, new, old)``; None in the other modes."""
+        if self._mode != "async" or not self._flags:
+            return None
+        if self._ok_of[0] != len(self._flags):
+            self._ok_of = (len(self._flags), torch.cat([f.to(torch.bool).reshape(-1) for f, _, _ in self._flags]).all())
+        return self._ok_of[1]
+
+    def _write_sgd(self, plan, write_grad: bool = True, masked: bool = True) -> None:
+        """Write ``.grad`` and apply each group's SGD update (the last phase of a step). Async: the writes are
+        masked by this step's checks (``masked``: every check is in), else guarded and restored at the end."""
+        ok = self._ok() if masked else None
         for group, params, group_grads, bufs in plan:
             for param, grad in zip(params, group_grads if write_grad else ()):
                 param.grad = grad
-            self._guard(params + bufs)
+            if ok is None:
+                self._guard(params + bufs)
             created = [i for i, buf in enumerate(bufs) if buf is None]
-            sgd_update(params, group_grads, bufs, **self._hyper(group), foreach=group["foreach"])
-            self._guard_new([bufs[i] for i in created if bufs[i] is not None])
+            sgd_update(params, group_grads, bufs, **self._hyper(group), foreach=group["foreach"], ok=ok)
+            if ok is None:
+                self._guard_new([bufs[i] for i in created if bufs[i] is not None])
             self._remember(params, bufs)
             if group["momentum"] != 0:
                 for param, buf in zip(params, bufs):
@@ -628,6 +694,9 @@ class RuleOptimizer(Optimizer):
     def _remember(self, params, bufs) -> None:
         """After a write: the bounds just checked become this optimizer's record of the new peaks (no re-read
         while nobody else writes these tensors; the version counter tells)."""
+        if self._mode is not True:  # async: a skipped step's bound is not the values' (re-read next step)
+            self._next_known = []
+            return
         pending = {param: (bound, buf_bound) for param, bound, buf_bound in self._next_known}
         for param, buf in zip(params, bufs):
             if param in pending:

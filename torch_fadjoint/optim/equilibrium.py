@@ -109,7 +109,7 @@ class EquilibriumFAdjoint(RuleOptimizer):
                     for param, buf in zip(params, bufs):
                         undo.append((param, param.clone(), param.grad, None if buf is None else buf.clone(),
                                      param in self.state))
-            self._write_sgd(plan)
+            self._write_sgd(plan, masked=False)  # upper layers are written before layer 1's checks: guarded
 
         try:
             backward_sweep(layers, out_adj, rule, update_now, reducer=self.net.reducer, wait_each=True)

@@ -141,10 +141,7 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
     def _fused_update(self, group_of, weight, factors) -> None:
         group = group_of[weight]
         bufs = [self.state.get(weight, {}).get("momentum_buffer")]
-        self._guard([weight] + bufs)
-        created = bufs[0] is None
-        fused_sgd_weight_update([weight], [factors], bufs, **self._hyper(group), foreach=False)
+        ok = self._ok()  # async: every check is in; the writes are masked by it
+        fused_sgd_weight_update([weight], [factors], bufs, **self._hyper(group), foreach=False, ok=ok)
         if group["momentum"] != 0:
             self.state[weight]["momentum_buffer"] = bufs[0]
-            if created:
-                self._guard_new(bufs)
