@@ -24,12 +24,15 @@ The update is torch.optim.SGD's (STYLE P1: a thin class over a functional core):
   bound itself leaves the dtype's range); for a delegated torch optimizer (Adam, …) by checking the new
   values and state and restoring the old ones.
 * ``"async"`` — the same checks, decided on the device (a found-non-finite flag, as torch's fused optimizers
-  and ``GradScaler`` do): the step makes no host synchronisation, the values a step overwrites are kept and
-  put back with ``torch.where`` when a flag fails (so a non-finite update is never written; ``.grad`` is),
-  and the error — naming the step and the first non-finite tensor — is raised at the next step once the
-  flags have reached the host (a non-blocking copy and an event on CUDA), or at ``opt.synchronize()``. The
-  price: one copy of the parameters and state a step writes. A delegated torch optimizer makes whatever
-  syncs it makes itself (CPU Adam reads its step count; ``capturable=True`` avoids it on CUDA).
+  and ``GradScaler`` do): the step makes no host synchronisation; every SGD write is made
+  ``where(ok, new, old)`` with ``ok`` the AND of the step's checks, one tensor at a time (so a non-finite
+  update is never written, a new momentum buffer is zeros, and no copy of the parameters is kept; ``.grad``
+  is written); the error — naming the step and the first non-finite tensor — is raised at the next step once
+  the flags have reached the host (a non-blocking copy and an event on CUDA; steps still in flight are
+  queued, none is dropped), or at ``opt.synchronize()``. Where writes happen before the last check (the
+  sequential equilibrium rule) or inside a delegated torch optimizer, the values are kept and put back with
+  ``torch.where`` instead. A delegated torch optimizer makes whatever syncs it makes itself (CPU Adam reads
+  its step count; ``capturable=True`` avoids it on CUDA).
 * ``False`` — no finite checks at all and no host sync; that is all it gives up.
 * ``None`` (the default) — ``"async"`` when the recorded output is on CUDA, ``True`` elsewhere.
 
@@ -93,10 +96,13 @@ def _masked_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, wei
             if buf is None:
                 buf = momentum_buffers[i] = torch.where(ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
             else:
-                torch.where(ok, _add(buf * momentum, grad, 1 - dampening), buf, out=buf)
+                new_buf = _add(buf * momentum, grad, 1 - dampening, inplace=True)  # one temporary at a time
+                torch.where(ok, new_buf, buf, out=buf)
+                del new_buf
             grad = _add(grad, buf, momentum) if nesterov else buf
         new = param - grad * lr if isinstance(lr, Tensor) else _add(param, grad, -lr)
         torch.where(ok, new, param, out=param)
+        del new
 
 
 def _compiling() -> bool:
@@ -165,8 +171,16 @@ def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, we
 
 
 def _amax(tensor: Tensor) -> Tensor:
-    low, high = torch.aminmax(tensor)
-    return torch.maximum(low.abs(), high.abs())
+    """max|t| in one read (the ∞-norm; NaN if t holds one)."""
+    return torch.linalg.vector_norm(tensor, float("inf"))
+
+
+def _amaxes(tensors: list[Tensor]) -> list[Tensor]:
+    """max|t| of each tensor; one ``_foreach_norm`` where the tensors share a device and dtype (one kernel
+    launch on CUDA instead of one per tensor)."""
+    if len(tensors) > 1 and len({(t.device, t.dtype) for t in tensors}) == 1:
+        return list(torch._foreach_norm(tensors, float("inf")))
+    return [_amax(t) for t in tensors]
 
 
 def peaks(tensors: list[Tensor], known: dict | None = None) -> list[Tensor]:
@@ -175,10 +189,16 @@ def peaks(tensors: list[Tensor], known: dict | None = None) -> list[Tensor]:
     known: {tensor: (version, bound)} — a bound this optimizer computed for the tensor after its last write;
     it replaces the read while the tensor's version counter says nobody has written it since.
     """
-    out = []
-    for tensor in tensors:
+    out: list = [None] * len(tensors)
+    read = []
+    for i, tensor in enumerate(tensors):
         entry = known.get(tensor) if known is not None else None
-        out.append(entry[1] if entry is not None and entry[0] == tensor._version else _amax(tensor))
+        if entry is not None and entry[0] == tensor._version:
+            out[i] = entry[1]
+        else:
+            read.append(i)
+    for i, peak in zip(read, _amaxes([tensors[i] for i in read])):
+        out[i] = peak
     return out
 
 
@@ -633,7 +653,9 @@ class RuleOptimizer(Optimizer):
     def _check_sgd_bounds(self, plan, grad_bounds: dict | None) -> None:
         bounds, params_all = [], []
         for group, params, group_grads, bufs in plan:
-            gbounds = [grad_bounds[p] if grad_bounds and p in grad_bounds else _amax(g) for p, g in zip(params, group_grads)]
+            missing = [g for p, g in zip(params, group_grads) if not (grad_bounds and p in grad_bounds)]
+            read = iter(_amaxes(missing))
+            gbounds = [grad_bounds[p] if grad_bounds and p in grad_bounds else next(read) for p in params]
             new_buffers: list = []
             group_bounds = sgd_bounds(params, gbounds, bufs, **self._hyper(group), known=self._known,
                                       new_buffers=new_buffers)
@@ -694,7 +716,7 @@ class RuleOptimizer(Optimizer):
     def _remember(self, params, bufs) -> None:
         """After a write: the bounds just checked become this optimizer's record of the new peaks (no re-read
         while nobody else writes these tensors; the version counter tells)."""
-        if self._mode is not True:  # async: a skipped step's bound is not the values' (re-read next step)
+        if self._mode is not True:  # async: a skipped step's bound is not its values' (one foreach read next step)
             self._next_known = []
             return
         pending = {param: (bound, buf_bound) for param, bound, buf_bound in self._next_known}
