@@ -119,6 +119,8 @@ VARIANTS = {
     "fadjoint_async": ("fadjoint", "async", "eager", None),
     "fadjoint_fused": ("fadjoint_fused", None, "eager", None),
     "fadjoint_graphed": ("fadjoint", False, "graphed", "sgd_graphed"),
+    "fadjoint_graphed_async": ("fadjoint", "async", "graphed", "sgd_graphed"),
+    "fadjoint_fused_graphed": ("fadjoint_fused", False, "graphed", "sgd_graphed"),
     "fadjoint_compiled": ("fadjoint", False, "compiled", "sgd_compiled"),
 }
 REFERENCE = "sgd"

@@ -176,9 +176,10 @@ def _amax(tensor: Tensor) -> Tensor:
 
 
 def _amaxes(tensors: list[Tensor]) -> list[Tensor]:
-    """max|t| of each tensor; one ``_foreach_norm`` where the tensors share a device and dtype (one kernel
-    launch on CUDA instead of one per tensor)."""
-    if len(tensors) > 1 and len({(t.device, t.dtype) for t in tensors}) == 1:
+    """max|t| of each tensor; on CUDA one ``_foreach_norm`` where the tensors share a dtype (one launch instead
+    of one per tensor; on CPU it is a slower loop than the plain ∞-norms: 8.6 ms vs 3.0 ms for a 784-256-256-10
+    MLP's six tensors, aminmax 8.3 ms, on the loaded 2-core machine)."""
+    if len(tensors) > 1 and tensors[0].is_cuda and len({(t.device, t.dtype) for t in tensors}) == 1:
         return list(torch._foreach_norm(tensors, float("inf")))
     return [_amax(t) for t in tensors]
 
