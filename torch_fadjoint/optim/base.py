@@ -74,35 +74,14 @@ def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
     device, nothing changes where it is False (a new buffer is zeros) — one tensor at a time, so no copy
     of the parameters is kept.
     """
-    if ok is not None:
-        _masked_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, ok=ok)
-        return
     if foreach is None:
         foreach = bool(params) and all(p.device.type != "cpu" for p in params)
-    impl = _foreach_sgd if foreach and not isinstance(lr, Tensor) else _single_tensor_sgd
-    impl(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-
-
-def _masked_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize, ok):
-    """``_single_tensor_sgd`` with each in-place write ``t ← where(ok, t', t)`` (the same values where ok)."""
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        if weight_decay != 0:
-            grad = _add(grad, param, weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = torch.where(ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-            else:
-                new_buf = _add(buf * momentum, grad, 1 - dampening, inplace=True)  # one temporary at a time
-                torch.where(ok, new_buf, buf, out=buf)
-                del new_buf
-            grad = _add(grad, buf, momentum) if nesterov else buf
-        new = param - grad * lr if isinstance(lr, Tensor) else _add(param, grad, -lr)
-        torch.where(ok, new, param, out=param)
-        del new
+    if foreach and ok is None and not isinstance(lr, Tensor):
+        _foreach_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    else:
+        _single_tensor_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                           weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, ok=ok)
 
 
 def _compiling() -> bool:
@@ -119,7 +98,9 @@ def _add(target: Tensor, other: Tensor, alpha: float, inplace: bool = False) -> 
     return target.add_(other, alpha=alpha) if inplace else target.add(other, alpha=alpha)
 
 
-def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                       ok=None):
+    """torch.optim.SGD's single-tensor loop; with ``ok`` every in-place write is ``t ← where(ok, t', t)``."""
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
@@ -127,11 +108,16 @@ def _single_tensor_sgd(params, grads, momentum_buffers, *, lr, momentum, dampeni
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
-                buf = momentum_buffers[i] = torch.clone(grad).detach()
-            else:
+                buf = momentum_buffers[i] = (torch.clone(grad).detach() if ok is None else
+                                             torch.where(ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)))
+            elif ok is None:
                 _add(buf.mul_(momentum), grad, 1 - dampening, inplace=True)
+            else:  # one temporary at a time
+                torch.where(ok, _add(buf * momentum, grad, 1 - dampening, inplace=True), buf, out=buf)
             grad = _add(grad, buf, momentum) if nesterov else buf
-        if isinstance(lr, Tensor):
+        if ok is not None:
+            torch.where(ok, param - grad * lr if isinstance(lr, Tensor) else _add(param, grad, -lr), param, out=param)
+        elif isinstance(lr, Tensor):
             param.addcmul_(grad, lr, value=-1)
         else:
             _add(param, grad, -lr, inplace=True)
