@@ -229,6 +229,13 @@ def test_the_emulator_catches_a_frozen_learning_rate(monkeypatch):
     assert _max_diff(eager, replayed) > 1e-3
 
 
+def _fresh(rule, validate, steps):
+    """A new MLP, its recorder, ``rule``'s optimizer and ``steps`` batches."""
+    model = _mlp()
+    net = tfa.FPropagation(model)
+    return model, net, RULES[rule](net, validate), _batches(steps, "cpu", torch.float64)
+
+
 def test_a_batch_of_another_shape_is_an_eager_step():
     batches = _batches(6, "cpu", torch.float64)
     batches[3] = (batches[3][0][:5], batches[3][1][:5])  # a partial batch
@@ -239,10 +246,7 @@ def test_a_batch_of_another_shape_is_an_eager_step():
 
 
 def test_an_optimizer_with_state_is_captured_at_once_and_its_first_replay_is_the_next_step():
-    model = _mlp()
-    net = tfa.FPropagation(model)
-    opt = RULES["fadjoint"](net, "async")
-    batches = _batches(5, "cpu", torch.float64)
+    model, net, opt, batches = _fresh("fadjoint", "async", 5)
     net(batches[0][0])
     opt.step(target=batches[0][1])  # the state exists
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
@@ -263,10 +267,7 @@ def test_an_optimizer_with_state_is_captured_at_once_and_its_first_replay_is_the
 
 
 def test_a_changed_momentum_or_mode_recaptures():
-    model = _mlp()
-    net = tfa.FPropagation(model)
-    opt = RULES["fadjoint"](net, False)
-    batches = _batches(8, "cpu", torch.float64)
+    model, net, opt, batches = _fresh("fadjoint", False, 8)
     step = graphed(net, opt, *batches[0], "cpu")
     reference = _mlp()
     ref_net = tfa.FPropagation(reference)
@@ -287,10 +288,7 @@ def test_a_changed_momentum_or_mode_recaptures():
 
 
 def test_async_replays_never_write_a_non_finite_step_and_raise_later():
-    model = _mlp()
-    net = tfa.FPropagation(model)
-    opt = RULES["fadjoint"](net, "async")
-    batches = _batches(6, "cpu", torch.float64)
+    model, net, opt, batches = _fresh("fadjoint", "async", 6)
     step = graphed(net, opt, *batches[0], "cpu")
     step(*batches[0])  # eager: the state
     step(*batches[1])  # replay: step 2
@@ -307,10 +305,7 @@ def test_async_replays_never_write_a_non_finite_step_and_raise_later():
 
 
 def test_synchronize_raises_a_replays_error():
-    model = _mlp()
-    net = tfa.FPropagation(model)
-    opt = RULES["fused"](net, "async")
-    batches = _batches(3, "cpu", torch.float64)
+    model, net, opt, batches = _fresh("fused", "async", 3)
     step = graphed(net, opt, *batches[0], "cpu")
     step(*batches[0])
     step(torch.full_like(batches[1][0], float("inf")), batches[1][1])
