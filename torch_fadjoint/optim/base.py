@@ -157,14 +157,15 @@ def _foreach_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, we
 
 
 def _amax(tensor: Tensor) -> Tensor:
-    """max|t| in one read (the ∞-norm; NaN if t holds one)."""
-    return torch.linalg.vector_norm(tensor, float("inf"))
+    """max|t| in one read (NaN if t holds one). ``aminmax``: on CPU the ∞-norm is not vectorised (1 877 µs for a
+    1024 × 1024 float32 tensor against aminmax's 104 µs, abs().amax()'s 177 µs and a temporary, 2 threads)."""
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(low.abs(), high.abs())
 
 
 def _amaxes(tensors: list[Tensor]) -> list[Tensor]:
-    """max|t| of each tensor; on CUDA one ``_foreach_norm`` where the tensors share a dtype (one launch instead
-    of one per tensor; on CPU it is a slower loop than the plain ∞-norms: 8.6 ms vs 3.0 ms for a 784-256-256-10
-    MLP's six tensors, aminmax 8.3 ms, on the loaded 2-core machine)."""
+    """max|t| of each tensor; on CUDA one ``_foreach_norm(∞)`` where the tensors share a dtype (one launch
+    instead of one per tensor)."""
     if len(tensors) > 1 and tensors[0].is_cuda and len({(t.device, t.dtype) for t in tensors}) == 1:
         return list(torch._foreach_norm(tensors, float("inf")))
     return [_amax(t) for t in tensors]
