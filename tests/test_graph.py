@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten  # tree_leaves is not in torch 2.1
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_fadjoint as tfa
@@ -51,7 +51,7 @@ class _Graph:
     def replay(self):
         for func, args, kwargs, out in self.ops:
             fresh = func(*args, **kwargs)
-            for old, new in zip(tree_leaves(out), tree_leaves(fresh)):
+            for old, new in zip(tree_flatten(out)[0], tree_flatten(fresh)[0]):
                 if isinstance(old, torch.Tensor) and old is not new and \
                         old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr():
                     old.copy_(new)

@@ -398,10 +398,10 @@ def compiled_step(net: FPropagation, opt, *, check_steps: int = 3, **compile_kwa
     error. Random ops draw from torch's generator (``fallback_random``), so Dropout masks equal eager's.
     torch >= 2.14: torch 2.4 cannot trace the fused step (a dict keyed by tensors), torch 2.1 not the ``out=``
     forms of autograd's kernels (measured 2026-12-01)."""
+    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
+        raise ValueError(f"compiled_step: check_steps must be an int >= 0, got {check_steps!r}")
     found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     if found < COMPILE_MIN_TORCH:
         raise RuntimeError(f"compiled_step: torch.compile of the whole step needs torch >= "
                            f"{'.'.join(map(str, COMPILE_MIN_TORCH))}, found {torch.__version__}; use the eager step")
-    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
-        raise ValueError(f"compiled_step: check_steps must be an int >= 0, got {check_steps!r}")
     return CompiledStep(net, opt, check_steps, compile_kwargs)
