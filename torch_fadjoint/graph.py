@@ -75,9 +75,10 @@ class _CUDA:
         torch.cuda.current_stream().wait_stream(stream)
 
     def capture(self, step):
-        """Capture ``step()``; returns (the graph, what ``step`` returned)."""
+        """Capture ``step()``; returns (the graph, what ``step`` returned). ``thread_local``: a DataLoader's
+        pin-memory thread may call CUDA while this thread captures (torch's default "global" would fail)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             result = step()
         return graph, result
 
