@@ -128,3 +128,17 @@ def test_resume_of_a_corrupted_checkpoint_stops_in_one_line(data_root, tmp_path)
     saved.write_bytes(blob[:-100])
     with pytest.raises(SystemExit, match="^" + re.escape(f"error: {saved}: ") + "corrupted or truncated checkpoint"):
         train.main(_args(data_root, tmp_path, ckpt, 2, "sgd", "--resume"))
+
+
+def test_an_optimizer_loads_a_state_dict_twice():
+    """torch's Optimizer.__setstate__ adds "differentiable" to the defaults at the first load; the second load
+    (a resumed run that resumes again) must still pass our key check."""
+    import copy
+
+    import torch_fadjoint as tfa
+    from torch import nn
+    net = tfa.FPropagation(nn.Sequential(nn.Linear(3, 2)))
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.param_groups[0]["momentum"] == 0.9

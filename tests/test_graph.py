@@ -10,6 +10,7 @@ shows it does). A host sync or a tensor made from host data inside the capture i
 The same tests run on CUDA with the real graph where one is present.
 """
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -287,6 +288,26 @@ def test_a_changed_momentum_or_mode_recaptures():
     assert _max_diff(reference, model) < 1e-12
 
 
+def test_a_loaded_optimizer_state_recaptures():
+    """load_state_dict puts new buffer tensors in place: the graph must write those, not the old ones."""
+    model, net, opt, batches = _fresh("fadjoint", False, 6)
+    ref_model, ref_net, ref_opt, _ = _fresh("fadjoint", False, 0)
+    step = graphed(net, opt, *batches[0], "cpu")
+    for i, (x, t) in enumerate(batches):
+        if i in (2, 4):  # the same tensors back (new group dicts only), then copies (new state tensors)
+            opt.load_state_dict(opt.state_dict() if i == 2 else copy.deepcopy(opt.state_dict()))
+            ref_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+            for o in (opt, ref_opt):
+                o.param_groups[0]["lr"] = 0.02  # and the new group dict's lr reaches the replays
+        step(x, t)
+        ref_net(x)
+        ref_opt.step(target=t)
+    assert step.captures == 2
+    assert _max_diff(ref_model, model) < 1e-12
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert float((opt.state[p]["momentum_buffer"] - ref_opt.state[q]["momentum_buffer"]).abs().max()) < 1e-12
+
+
 def test_async_replays_never_write_a_non_finite_step_and_raise_later():
     model, net, opt, batches = _fresh("fadjoint", "async", 6)
     step = graphed(net, opt, *batches[0], "cpu")
@@ -464,3 +485,4 @@ def test_compiled_dropout_net_passes_the_check():
     for x, t in _batches(3, "cpu", torch.float64):
         step(x, t)
     assert step.checked == 3
+

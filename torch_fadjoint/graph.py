@@ -13,8 +13,8 @@ What a replay keeps of the eager step, and how:
 * **Learning rates** are read from one 0-dim device tensor per parameter group (torch's capturable
   optimizers do the same), refreshed from ``param_groups`` before each replay with a ``fill_`` (no sync), so
   every ``torch.optim.lr_scheduler`` keeps working. Any other hyper-parameter that changes (momentum cycled
-  by ``OneCycleLR``, a new group), ``model.train()``/``eval()`` or the validate mode re-captures the graph
-  (a warning from the third re-capture on).
+  by ``OneCycleLR``, a new group), new state tensors (``opt.load_state_dict``), ``model.train()``/``eval()``
+  or the validate mode re-captures the graph (a warning from the third re-capture on).
 * **The first step of a fresh optimizer** runs eagerly: it creates the momentum buffers (``b ← g``, not
   ``μ·0 + (1 − dampening) g``), exactly as the eager step does; the capture follows on the next call. A batch
   of another shape or dtype (the last, partial batch of an epoch) also runs as an eager step. A batch may
@@ -188,7 +188,7 @@ class GraphedStep:
         self._record = torch.zeros(3, dtype=torch.int64, device=device)  # first failed step, its check, count
         self._counter = torch.zeros((), dtype=torch.int64, device=device)
         self._lrs: dict[int, Tensor] = {}
-        self._lr_values: dict[int, float] = {}
+        self._lr_values: list[float] = []
         self._parts: list = []
         self._graph = self._loss = self._key = self._inflight = None
         self._eager_first = False
@@ -234,19 +234,22 @@ class GraphedStep:
 
     # -- capture -------------------------------------------------------------------------------
     def _structure(self) -> tuple:
-        """What a replay cannot change: everything of the step but the learning rates and the batch."""
+        """What a replay cannot change: everything of the step but the learning rates and the batch (the state
+        tensors too: ``opt.load_state_dict`` puts new ones in place, which the graph would not write)."""
         groups = tuple((tuple(id(p) for p in group["params"]),
                         tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "lr")
                               and isinstance(v, (bool, int, float, str, type(None)))))
                        for group in self.opt.param_groups)
-        return groups, self.model.training, self.opt.validate
+        state = tuple(id(v) for entry in self.opt.state.values() for v in entry.values() if isinstance(v, Tensor))
+        return groups, state, self.model.training, self.opt.validate
 
     def _refresh_lrs(self) -> None:
-        for group in self.opt.param_groups:
+        """By position: ``opt.load_state_dict`` replaces the group dicts (the structure key keeps positions)."""
+        for i, (group, lr) in enumerate(zip(self.opt.param_groups, self._lrs.values())):
             value = float(group["lr"])
-            if self._lr_values.get(id(group)) != value:
-                self._lrs[id(group)].fill_(value)
-                self._lr_values[id(group)] = value
+            if self._lr_values[i] != value:
+                lr.fill_(value)
+                self._lr_values[i] = value
 
     def _state_keys(self) -> dict:
         return {p: frozenset(entry) for p, entry in self.opt.state.items()}
@@ -281,7 +284,7 @@ class GraphedStep:
         self._graph = self._loss = None
         self._lrs = {id(g): torch.tensor(float(g["lr"]), dtype=torch.float64, device=self._x.device)
                      for g in opt.param_groups}
-        self._lr_values = {id(g): float(g["lr"]) for g in opt.param_groups}
+        self._lr_values = [float(g["lr"]) for g in opt.param_groups]
         key, keys, snapshot = self._structure(), self._state_keys(), self._snapshot()
         capture = Capture(self._lrs)
         try:

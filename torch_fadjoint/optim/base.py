@@ -743,7 +743,8 @@ class RuleOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         names = param_names(self.net, params)
         for i, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
-            mine_keys, their_keys = set(self.defaults), set(theirs) - {"params"}
+            # torch's Optimizer.__setstate__ (run by every load) adds "differentiable" to the defaults
+            mine_keys, their_keys = set(self.defaults) - {"differentiable"}, set(theirs) - {"params", "differentiable"}
             odd = (mine_keys - their_keys) | (their_keys - mine_keys - set(mine) - _SCHEDULER_KEYS)
             if odd:
                 raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{i}] lacks or adds "
