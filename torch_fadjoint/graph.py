@@ -199,7 +199,7 @@ class GraphedStep:
     def __call__(self, x: Tensor, target: Tensor) -> Tensor:
         if (x.shape != self._x.shape or target.shape != self._t.shape or x.dtype != self._x.dtype
                 or target.dtype != self._t.dtype):
-            return self._eager(x.to(self._x.device), target.to(self._t.device))  # e.g. the last, partial batch
+            return self._eager(x, target)  # e.g. the last, partial batch of an epoch
         if self._eager_first:
             self._eager_first = False
             return self._eager(x, target)
@@ -228,6 +228,7 @@ class GraphedStep:
 
     def _eager(self, x: Tensor, target: Tensor) -> Tensor:
         self.eager_steps += 1
+        x, target = x.to(self._x.device, non_blocking=True), target.to(self._t.device, non_blocking=True)
         with torch.no_grad():
             self.net(x)
             return self.opt.step(target=target)
