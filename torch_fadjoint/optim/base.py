@@ -18,7 +18,7 @@ The update is torch.optim.SGD's (STYLE P1: a thin class over a functional core):
 ``validate`` (checked by one rule for every optimizer):
 
 * ``True`` — the targets are checked, and a non-finite top signal, feedback or UPDATE is refused before
-  anything is written (one host sync per step): for SGD by a bound on every new value,
+  anything is written (three host syncs per step: targets, output and signal, update bounds): for SGD by a bound on every new value,
   max|θ| + lr·bound(direction) from max|g|, max|b| and the hyper-parameters (NaN/Inf anywhere, in a
   loaded momentum buffer too, or an overflow; it may refuse an update that would just fit, only when the
   bound itself leaves the dtype's range); for a delegated torch optimizer (Adam, …) by checking the new
