@@ -410,13 +410,17 @@ class _MaxPool(_Pool):
                                                                  self._lift(indices)))
 
 
-class _AvgPool(_Pool):
+class _LinearPool(_Pool):
+    """Average poolings: linear in Y, so the backward needs only Y's shape (and LFP's ε-rule applies)."""
+
     saves = "shape"
     lfp = "epsilon"
 
     def record(self, module, y, x):
         return y.shape
 
+
+class _AvgPool(_LinearPool):
     def backward(self, module, saved, x_adj):
         kernel, stride, padding = self._geometry(module, "kernel_size", "stride", "padding")
         x_adj = self._lift(x_adj)
@@ -426,13 +430,7 @@ class _AvgPool(_Pool):
                                                     module.count_include_pad, divisor))
 
 
-class _AdaptiveAvgPool(_Pool):
-    saves = "shape"
-    lfp = "epsilon"
-
-    def record(self, module, y, x):
-        return y.shape
-
+class _AdaptiveAvgPool(_LinearPool):
     def backward(self, module, saved, x_adj):
         x_adj = self._lift(x_adj)
         return self._drop(_aten._adaptive_avg_pool2d_backward(x_adj, x_adj.new_empty(()).expand(
