@@ -255,12 +255,6 @@ class GraphedStep:
     def _state_keys(self) -> dict:
         return {p: frozenset(entry) for p, entry in self.opt.state.items()}
 
-    def _snapshot(self):
-        return _Snapshot(self.net, self.opt)
-
-    def _restore(self, snapshot, grads_too: bool) -> None:
-        snapshot.restore(grads_too)
-
     def _captured_step(self) -> Tensor:
         """The step the graph holds: the forward, the rule's step, and the async flags folded into the record."""
         self.net(self._x)
@@ -286,7 +280,7 @@ class GraphedStep:
         self._lrs = {id(g): torch.tensor(float(g["lr"]), dtype=torch.float64, device=self._x.device)
                      for g in opt.param_groups}
         self._lr_values = [float(g["lr"]) for g in opt.param_groups]
-        key, keys, snapshot = self._structure(), self._state_keys(), self._snapshot()
+        key, keys, snapshot = self._structure(), self._state_keys(), _Snapshot(self.net, self.opt)
         capture = Capture(self._lrs)
         try:
             with torch.no_grad(), opt.capturing(capture):
@@ -294,14 +288,14 @@ class GraphedStep:
                     for i in range(self.warmup):
                         self._captured_step()
                         if i == 0 and self._state_keys() != keys:  # the first step made state: not steady yet
-                            self._restore(snapshot, grads_too=True)
+                            snapshot.restore(grads_too=True)
                             self._eager_first = True
                             return
-                self._restore(snapshot, grads_too=False)
+                snapshot.restore(grads_too=False)
                 graph, loss = self._backend.capture(self._captured_step)
-            self._restore(snapshot, grads_too=False)
+            snapshot.restore(grads_too=False)
         except BaseException as exc:
-            self._restore(snapshot, grads_too=True)
+            snapshot.restore(grads_too=True)
             if isinstance(exc, Exception):
                 raise RuntimeError(f"graphed_step: capturing the {type(opt).__name__} step failed, nothing was "
                                    f"changed: {type(exc).__name__}: {exc}") from exc
