@@ -89,7 +89,7 @@ def build_mlp(widths: list[int], activation: str, output_activation: str = "", i
         if init == "xavier_normal":
             nn.init.xavier_normal_(linear.weight)
             nn.init.zeros_(linear.bias)
-        elif init == "xavier_normal_folded":  # ALGORITHMS.md §2.4: the bias is a column of W, drawn with it;
+        elif init == "xavier_normal_folded":  # docs/maths.md §2.4: the bias is a column of W, drawn with it;
             std = (2.0 / (n_in + n_out)) ** 0.5  # the reference's std uses n_in, not n_in + 1 (Digit_local.py)
             with torch.no_grad():
                 linear.weight.normal_(0.0, std)

@@ -1,4 +1,4 @@
-"""How far one equilibrium F-adjoint gradient is from backprop's, per layer, on real batches (ALGORITHMS.md §2.2-§2.4).
+"""How far one equilibrium F-adjoint gradient is from backprop's, per layer, on real batches (docs/maths.md §2.2-§2.4).
 
     python -m benchmarks.equilibrium_residual --config configs/equilibrium_reference.toml
     python -m benchmarks.equilibrium_residual --config configs/equilibrium_modern.toml

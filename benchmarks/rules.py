@@ -25,7 +25,7 @@ __all__ = ["RULES", "register_rule", "build_trainer", "AutogradSGD", "DropInTrai
 
 
 def half_sse(x_out, target, reduction: str = "sum", validate: bool = True):
-    """½ Σ‖X^L − T‖² and X*^L = X^L − T (÷ B with reduction="mean"): the reference code's loss (ALGORITHMS.md §2.4).
+    """½ Σ‖X^L − T‖² and X*^L = X^L − T (÷ B with reduction="mean"): the reference code's loss (docs/maths.md §2.4).
 
     x_out: (B, n_L); target: (B,) class indices (T = onehot) or a float (B, n_L). With reduction "sum"
     and lr α this is exactly the reference's update (its X*^L = X^L − y, summed over the batch, no 1/B);

@@ -1,4 +1,4 @@
-"""The F-adjoint on 320 random CNNs equals autograd (issue 14; ALGORITHMS.md §6.2).
+"""The F-adjoint on 320 random CNNs equals autograd (issue 14; docs/maths.md §6.2).
 
 Conv1d and Conv2d with every geometry option (stride, padding ints / "same", dilation, groups, bias on
 and off), max / average / adaptive pooling, BatchNorm in train and eval mode, LayerNorm, activations and

@@ -1,4 +1,4 @@
-"""Every rule's §6 property on small CNNs (ALGORITHMS.md §6.3–§6.6), float64, against independent oracles.
+"""Every rule's §6 property on small CNNs (docs/maths.md §6.3–§6.6), float64, against independent oracles.
 
 The oracles are autograd (through ``tests/oracles.py``, or ``torch.autograd.grad`` on a forward written out
 here), closed forms derived in each docstring, ``F.unfold``, and line-by-line transcriptions of the IL

@@ -1,4 +1,4 @@
-"""Consequentialism / NLMS (ALGORITHMS.md §4): the defining property, base optimizers, state, errors."""
+"""Consequentialism / NLMS (docs/maths.md §4): the defining property, base optimizers, state, errors."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""The equilibrium F-adjoint and its local rule (ALGORITHMS.md §2.1–§2.4), float64.
+"""The equilibrium F-adjoint and its local rule (docs/maths.md §2.1–§2.4), float64.
 
 Oracles: the §2.2 relaxation typed out by hand for a 3-layer sigmoid net, the F-adjoint (§1.2, itself
 tested against autograd), and autograd on a graph whose forward values are the recorded ones while

@@ -1,4 +1,4 @@
-"""The equilibrium study's setup (issue 4, ALGORITHMS.md §2.4): every variant of
+"""The equilibrium study's setup (issue 4, docs/maths.md §2.4): every variant of
 configs/equilibrium_reference.toml takes exactly the reference code's step.
 
 The oracle is a hand-written transcription of the reference's local update (``Digit_local.py``,

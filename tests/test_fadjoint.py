@@ -1,4 +1,4 @@
-"""The F-adjoint equals backpropagation (ALGORITHMS.md §1.2): every gradient against autograd."""
+"""The F-adjoint equals backpropagation (docs/maths.md §1.2): every gradient against autograd."""
 import pytest
 import torch
 import torch.nn.functional as F

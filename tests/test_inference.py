@@ -1,4 +1,4 @@
-"""Inference learning and IL-prox (ALGORITHMS.md §5), float64, against closed forms typed here."""
+"""Inference learning and IL-prox (docs/maths.md §5), float64, against closed forms typed here."""
 import copy
 
 import pytest

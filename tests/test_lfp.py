@@ -1,4 +1,4 @@
-"""LFP (ALGORITHMS.md §3): closed forms, the §3.4 identity with backprop, Step nets, the optimizer contract."""
+"""LFP (docs/maths.md §3): closed forms, the §3.4 identity with backprop, Step nets, the optimizer contract."""
 import copy
 import statistics
 

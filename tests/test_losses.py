@@ -1,4 +1,4 @@
-"""Output adjoints in closed form (ALGORITHMS.md §1.3), typed here by hand, and against autograd."""
+"""Output adjoints in closed form (docs/maths.md §1.3), typed here by hand, and against autograd."""
 import pytest
 import torch
 import torch.nn.functional as F

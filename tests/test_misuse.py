@@ -1,4 +1,4 @@
-"""The misuse catalogue (issues 6, 13, 14; ALGORITHMS.md §6.7): every case is EXACT or REFUSED.
+"""The misuse catalogue (issues 6, 13, 14; docs/maths.md §6.7): every case is EXACT or REFUSED.
 
 Exact: F-adjoint gradients equal autograd's (float64 ≤ 1e-10) and a step equals torch SGD's (≤ 1e-12).
 Refused: a one-line error naming the module, parameter or op and what is expected, raised before
@@ -21,6 +21,7 @@ import torch_fadjoint as tfa
 from benchmarks.rules import build_trainer
 
 from . import oracles
+from .state import assert_untouched, snapshot
 
 DT = torch.float64
 RULES = ["fadjoint", "fadjoint_fused", "equilibrium", "equilibrium_parallel", "lfp", "consequentialism", "nlms",
@@ -63,31 +64,6 @@ def trained(model=None):
     net(x)
     opt.step(target=t)
     return model, net, opt
-
-
-def snapshot(model, opt=None):
-    return (copy.deepcopy([(p.detach().clone(), None if p.grad is None else p.grad.clone())
-                           for p in model.parameters()]),
-            None if opt is None else copy.deepcopy(opt.state_dict()))
-
-
-def assert_untouched(model, before, opt=None):
-    """Parameters, .grad and the optimizer's state_dict are bit-identical to the snapshot."""
-    params, state = before
-    for p, (value, grad) in zip(model.parameters(), params):
-        assert torch.equal(p, value)
-        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad)
-    if opt is not None:
-        now = opt.state_dict()
-        assert now["param_groups"] == state["param_groups"]
-        assert now["state"].keys() == state["state"].keys()
-        for key, entry in state["state"].items():
-            assert now["state"][key].keys() == entry.keys()
-            for name, value in entry.items():
-                if isinstance(value, torch.Tensor):  # bit-identical, NaN included (a loaded NaN buffer stays)
-                    torch.testing.assert_close(now["state"][key][name], value, rtol=0, atol=0, equal_nan=True)
-                else:
-                    assert now["state"][key][name] == value
 
 
 def raises_one_line(exc, match, fn):
@@ -204,7 +180,7 @@ def test_unsupported_structure_is_refused_at_the_first_forward(bad, exc, match):
     before = snapshot(bad, opt)
     raises_one_line(exc, match, lambda: net(batch()[0]))
     assert net.layers == []
-    assert_untouched(bad, before, opt)
+    assert_untouched(before, bad, opt)
 
 
 @pytest.mark.parametrize("bad,exc,match", [
@@ -268,7 +244,7 @@ def test_a_hook_added_after_wrapping_is_refused_at_the_next_forward():
                     lambda: net(batch()[0]))
     handle.remove()
     net(batch()[0])  # back to what attach saw
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_parametrizations_api_is_refused_by_its_type():
@@ -346,7 +322,7 @@ def test_the_sequential_equilibrium_rule_refuses_a_parameter_used_twice():
     net(batch()[0])
     raises_one_line(ValueError, r"^EquilibriumFAdjoint\(sequential=True\): a.weight is used by two layers",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -389,7 +365,7 @@ def test_an_inplace_map_that_overwrites_another_record_is_refused_at_the_sweep(s
     net(batch()[0])
     raises_one_line(RuntimeError, r"^FPropagation: the record of 1 \(Tanh\) was modified in place after the forward",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
     raises_one_line(RuntimeError, r"no recorded forward", lambda: opt.step(target=batch()[1]))  # records cleared
 
 
@@ -407,7 +383,7 @@ def test_a_record_modified_after_the_forward_is_refused():
     raises_one_line(RuntimeError, r"^FPropagation: (X\^1, the input of 2 \(Linear\)|the record of 1 \(ReLU\)) was "
                     r"modified in place after the forward recorded it; records cleared, nothing was changed",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_a_parameter_changed_between_forward_and_step_is_refused():
@@ -419,7 +395,7 @@ def test_a_parameter_changed_between_forward_and_step_is_refused():
     before = snapshot(model, opt)
     raises_one_line(RuntimeError, r"^FPropagation: 2.weight was modified in place after the forward recorded it",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("form", ["module", "functional"])
@@ -474,7 +450,7 @@ def test_step_function_net_is_refused_by_the_fadjoint():
     net(batch()[0])
     raises_one_line(TypeError, r"^1 \(Step\): derivative is 0 almost everywhere.*use tfa.optim.LFP",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_logsoftmax_is_refused_by_lfp():
@@ -485,7 +461,7 @@ def test_logsoftmax_is_refused_by_lfp():
     net(batch()[0])
     raises_one_line(TypeError, r"^3 \(LogSoftmax\): LFP cannot pass its signal through this map",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_optimizer_on_the_bare_model_is_refused():
@@ -499,7 +475,7 @@ def test_step_without_a_recorded_forward():
     before = snapshot(model, opt)
     raises_one_line(RuntimeError, r"no recorded forward; call net\(x\) first", lambda: opt.step(target=batch()[1]))
     raises_one_line(RuntimeError, r"no recorded forward", lambda: net.adjoint(torch.zeros(4, 3, dtype=DT)))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_second_adjoint_after_one_forward_is_an_error():
@@ -510,7 +486,7 @@ def test_second_adjoint_after_one_forward_is_an_error():
     net.adjoint(out_adj)
     before = snapshot(model, opt)
     raises_one_line(RuntimeError, r"no recorded forward.*records are freed by each sweep", lambda: net.adjoint(out_adj))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_retain_records_is_the_documented_second_adjoint_and_it_accumulates():
@@ -538,7 +514,7 @@ def test_model_changed_after_wrapping_is_refused(change):
         model[0].weight = nn.Parameter(old_weight.detach().clone())
     raises_one_line(RuntimeError, r"changed after wrapping; call net.attach\(\)", lambda: net(batch()[0]))
     model[2], model[0].weight = old_module, old_weight
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 # -- shapes, dtypes and devices of the input ---------------------------------------------------------
@@ -554,7 +530,7 @@ def test_input_mismatch_names_the_layer(x, match):
     before = snapshot(model, opt)
     raises_one_line(ValueError, match, lambda: net(x))
     assert net.layers == []
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("x,match", [
@@ -585,7 +561,7 @@ def test_out_adj_mismatch(out_adj, match):
     net(batch()[0])
     before = snapshot(model, opt)
     raises_one_line(ValueError, match, lambda: opt.step(out_adj=out_adj))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("target,match", [
@@ -599,7 +575,7 @@ def test_bad_targets(target, match):
     net(batch()[0])
     before = snapshot(model, opt)
     raises_one_line(ValueError, match, lambda: opt.step(target=target))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("convert", [lambda t: t.tolist(), lambda t: t.numpy(), lambda t: t.to(torch.int32)],
@@ -621,7 +597,7 @@ def test_an_empty_batch_is_refused():
     before = snapshot(model, opt)
     raises_one_line(ValueError, r"^step: the recorded forward has batch size 0", lambda: opt.step(
         target=torch.zeros(0, dtype=torch.long)))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_step_contract():
@@ -633,7 +609,7 @@ def test_step_contract():
     raises_one_line(TypeError, r"^step\(\): the positional argument is a closure .*pass targets as step\(target=t\)",
                     lambda: opt.step(t))
     raises_one_line(ValueError, r"^step\(\) needs target= \(or the top signal as out_adj=\)", lambda: opt.step())
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
     assert opt.step(lambda: net(x), target=t) is not None  # a positional closure runs the forward
 
 
@@ -645,7 +621,7 @@ def test_a_loss_callable_that_does_not_return_a_pair_is_named():
     before = snapshot(model, opt)
     raises_one_line(TypeError, r"^loss <lambda>: expected a callable returning \(loss, out_adj\), got Tensor",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 # -- hyper-parameters --------------------------------------------------------------------------------
@@ -680,7 +656,7 @@ def test_a_non_finite_hyper_parameter_set_later_is_refused_at_the_step(rule):
     before = snapshot(model)
     raises_one_line(ValueError, r"^lr must be a finite number in \[0, inf\], got nan", lambda: opt.step(
         target=batch()[1]))
-    assert_untouched(model, before)
+    assert_untouched(before, model)
 
 
 # -- non-finite values: never written -------------------------------------------------------------
@@ -691,7 +667,7 @@ def test_every_rule_refuses_a_nan_input(rule):
     net(torch.full((4, 6), float("nan"), dtype=DT))
     raises_one_line(RuntimeError, r"non-finite values in (X\^L, the recorded output of 2 \(Linear\)|0\.weight)",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("rule", [r for r in RULES if not r.startswith("il")])  # IL takes no top signal
@@ -702,7 +678,7 @@ def test_every_rule_refuses_an_overflowing_update(rule):
     net(batch()[0])
     raises_one_line(RuntimeError, r"(gradients|step): non-finite values in (the update of )?\d\.(weight|bias)",
                     lambda: opt.step(out_adj=torch.full((4, 3), 1e308, dtype=DT)))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def _float32_stepped(rule, **cfg):
@@ -722,7 +698,7 @@ def test_a_learning_rate_that_does_not_fit_the_dtype_is_refused(rule):
     before = snapshot(model, opt)
     raises_one_line(ValueError, r"^lr=1e\+39 overflows torch.float32, the dtype of 0.weight$",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "equilibrium", "equilibrium_parallel", "lfp"])
@@ -735,7 +711,7 @@ def test_a_finite_gradient_whose_update_overflows_is_refused(rule):
     before = snapshot(model, opt)
     raises_one_line(RuntimeError, r"step: non-finite values in the update of \d\.(weight|bias)",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "equilibrium", "lfp", "consequentialism"])
@@ -749,7 +725,7 @@ def test_a_nan_in_a_loaded_momentum_buffer_is_refused(rule):
     before = snapshot(model, opt)
     raises_one_line(RuntimeError, r"step: non-finite values in (the update of |the new value of |the optimizer)",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_validate_false_gives_up_the_finite_checks_only():
@@ -769,7 +745,7 @@ def test_failed_factorisation_names_the_layer():
     net(batch()[0] * 1e300)
     raises_one_line(RuntimeError, r"^2 \(Linear\): consequentialism's K = .* is not positive definite",
                     lambda: opt.step(target=batch()[1]))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 # -- exception safety (STYLE P11): intact or cleared, never half ------------------------------------
@@ -809,7 +785,7 @@ def test_an_exception_inside_the_sweep_changes_nothing_and_clears_the_records(ru
     InterruptingMap.raises = 1
     with pytest.raises(KeyboardInterrupt):
         opt.step(target=t)
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
     raises_one_line(RuntimeError, r"no recorded forward", lambda: opt.step(target=t))  # cleared: a clear retry
     net(x)
     opt.step(target=t)  # and the next forward trains as usual
@@ -825,7 +801,7 @@ def test_an_unsupported_dtype_inside_the_sweep_changes_nothing():
     before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="BFloat16"):
         opt.step(target=t)
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
     raises_one_line(RuntimeError, r"no recorded forward", lambda: opt.step(target=t))
 
 
@@ -865,7 +841,7 @@ def test_load_state_dict_from_another_architecture_is_refused_before_anything_ch
     before = snapshot(model, opt)
     raises_one_line(ValueError, r"^FAdjoint.load_state_dict: 0.weight: momentum_buffer has shape \(5, 6\), expected "
                     r"\(4, 6\) \(another architecture\?\)", lambda: opt.load_state_dict(small.state_dict()))
-    assert_untouched(model, before, opt)
+    assert_untouched(before, model, opt)
 
 
 def test_load_state_dict_from_another_rule_is_refused_before_anything_changes():
@@ -874,6 +850,7 @@ def test_load_state_dict_from_another_rule_is_refused_before_anything_changes():
     before = snapshot(model, opt)
     raises_one_line(ValueError, r"^EquilibriumFAdjoint.load_state_dict: param_groups\[0\] lacks or adds .*another "
                     r"rule's state_dict", lambda: opt.load_state_dict(lfp.state_dict()))
+    assert_untouched(before, model, opt)
     _, _, adam = stepped("il_prox_adam")
     model, net, opt = stepped("consequentialism")
     raises_one_line(ValueError, r"load_state_dict: ", lambda: opt.load_state_dict(adam.state_dict()))

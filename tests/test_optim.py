@@ -1,4 +1,4 @@
-"""tfa.optim.FAdjoint keeps torch.optim.SGD's contract and trajectory (ALGORITHMS.md §1.4)."""
+"""tfa.optim.FAdjoint keeps torch.optim.SGD's contract and trajectory (docs/maths.md §1.4)."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""F-propagation recorder (ALGORITHMS.md §1.1, §6.1): what it records, for modules and functionals, and its hooks.
+"""F-propagation recorder (docs/maths.md §1.1, §6.1): what it records, for modules and functionals, and its hooks.
 
 Every refusal (non-chains, unsupported modules, in-place ops, foreign hooks, changes after wrapping) is in
 the misuse catalogue, tests/test_misuse.py.

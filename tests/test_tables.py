@@ -1,4 +1,4 @@
-"""Every entry of the two tables against autograd, one BackPACK-style harness (STYLE P9, T1; ALGORITHMS.md §6.1).
+"""Every entry of the two tables against autograd, one BackPACK-style harness (STYLE P9, T1; docs/maths.md §6.1).
 
 Maps: ``backward`` (and ``backward_``, ``df_at``) = autograd's vector-Jacobian product of the module at
 the same input. Layers: ``input_adjoint`` and ``param_feedback`` = autograd's grads w.r.t. the input and

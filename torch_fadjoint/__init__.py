@@ -1,4 +1,4 @@
-"""torch_fadjoint: train PyTorch networks without autograd (ALGORITHMS.md §1–§6).
+"""torch_fadjoint: train PyTorch networks without autograd (docs/maths.md §1–§6).
 
 The flow, top to bottom: the recorder (``FPropagation``) → the tables (``layers``: parametric layers,
 ``maps``: parameter-free maps) → the one backward sweep (``sweep``: the F-adjoint) → the rules and

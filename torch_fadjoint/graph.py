@@ -1,6 +1,6 @@
 """A whole training step as one CUDA graph (``graphed_step``) or one compiled function (``compiled_step``).
 
-Issue 16. The maths is the rules' own (ALGORITHMS.md §1–§4 and the SGD update of §1.4); this module only
+Issue 16. The maths is the rules' own (docs/maths.md §1–§4 and the SGD update of §1.4); this module only
 changes *when the host takes part*: never, between the copy of a batch into the static buffers and the replay
 of forward + sweep + update.
 

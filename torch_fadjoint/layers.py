@@ -1,4 +1,4 @@
-"""The table of parametric layers: Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, LayerNorm (ALGORITHMS.md §6.1).
+"""The table of parametric layers: Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d, LayerNorm (docs/maths.md §6.1).
 
 One small class per layer type (BackPACK's ``BaseParameterDerivatives`` pattern, STYLE P9), looked up by
 exact type; the N-d convolution is one class configured by its dimension. Every entry speaks the same
@@ -40,7 +40,7 @@ _aten = torch.ops.aten
 
 @dataclass
 class LayerRecord:
-    """Layer k of the chain (ALGORITHMS.md §6.1): a parametric layer A_k and the maps after it.
+    """Layer k of the chain (docs/maths.md §6.1): a parametric layer A_k and the maps after it.
 
     x_prev X^{k-1} (what A_k received), y Y^k (its output, when a rule or a map needs it), x X^k (the
     output of the last map: the next layer's input, or the model's output), maps (one MapRecord each),
@@ -156,7 +156,7 @@ class _Linear(Layer):
         return energy + 1.0 if rec.module.bias is not None else energy
 
     def gram(self, rec) -> Tensor:
-        """K_0 = X̃ X̃ᵀ (B, B) with X̃ = [X^{k-1}, 1] (ALGORITHMS.md §4); 2-d inputs only."""
+        """K_0 = X̃ X̃ᵀ (B, B) with X̃ = [X^{k-1}, 1] (docs/maths.md §4); 2-d inputs only."""
         gram = rec.x_prev.mm(rec.x_prev.t())
         return gram + 1.0 if rec.module.bias is not None else gram
 

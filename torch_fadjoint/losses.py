@@ -1,4 +1,4 @@
-"""Losses with their closed-form output adjoints X*^L = ∂J/∂X^L (ALGORITHMS.md §1.3).
+"""Losses with their closed-form output adjoints X*^L = ∂J/∂X^L (docs/maths.md §1.3).
 
 Each function returns ``(loss, out_adj)``: the loss exactly as ``torch.nn.functional`` computes it
 (same ``reduction`` semantics) and its gradient with respect to the model output, without autograd.
@@ -62,7 +62,7 @@ def cross_entropy(
     reduction: str = "mean",
     validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Cross-entropy on logits and X*^L (ALGORITHMS.md §1.3).
+    """Cross-entropy on logits and X*^L (docs/maths.md §1.3).
 
     x_out: (B, C) logits X^L; target: (B,) integer classes. Returns (loss: scalar, out_adj: (B, C)).
         X*^L = (softmax(X^L) − q) / B,  q = (1 − ε) onehot(t) + ε / C
@@ -95,7 +95,7 @@ def cross_entropy(
 
 
 def nll(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:
-    """Negative log-likelihood on log-probabilities (after ``nn.LogSoftmax``), ALGORITHMS.md §1.3.
+    """Negative log-likelihood on log-probabilities (after ``nn.LogSoftmax``), docs/maths.md §1.3.
 
     x_out: (B, C) log-probabilities; target: (B,). Returns (loss, out_adj (B, C)).
         X*^L = −onehot(t) / B
@@ -117,7 +117,7 @@ def _nll_adjoint(log_probs: Tensor, target: Tensor, reduction: str) -> Tensor:
 
 
 def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:
-    """Mean squared error and X*^L (ALGORITHMS.md §1.3).
+    """Mean squared error and X*^L (docs/maths.md §1.3).
 
     x_out: (B, n_L); target: a float tensor of x_out's shape, or (B,) integer classes (T = onehot(t)).
         X*^L = 2 (X^L − T) / (B · n_L)

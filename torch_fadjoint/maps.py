@@ -1,4 +1,4 @@
-"""The table of parameter-free maps: activations, pooling, views, Dropout, LogSoftmax (ALGORITHMS.md §1.1, §6.1).
+"""The table of parameter-free maps: activations, pooling, views, Dropout, LogSoftmax (docs/maths.md §1.1, §6.1).
 
 One small class per map on a shared base (BackPACK's per-module derivatives, STYLE P7), looked up by
 the module's exact type (a subclass may change ``forward``, STYLE P8) — or, for a functional forward
@@ -88,7 +88,7 @@ class Map:
         return None
 
     def backward(self, module: nn.Module, saved, x_adj: Tensor) -> Tensor:
-        """Y* = J^T X*, in Y's shape (step 1 of ALGORITHMS.md §1.2)."""
+        """Y* = J^T X*, in Y's shape (step 1 of docs/maths.md §1.2)."""
         raise NotImplementedError
 
     def backward_(self, module: nn.Module, saved, x_adj: Tensor) -> Tensor:
@@ -237,7 +237,7 @@ class _LogSoftmax(Map):
         return x
 
     def backward(self, module, saved, x_adj):
-        # autograd's kernel: Y* = X* − exp(X) Σ_j X*_j (ALGORITHMS.md §1.3)
+        # autograd's kernel: Y* = X* − exp(X) Σ_j X*_j (docs/maths.md §1.3)
         return _aten._log_softmax_backward_data(x_adj, saved, 1, saved.dtype)
 
 
@@ -534,7 +534,7 @@ def register_entry(table: dict, other: dict, base: type, kind: str, module_type:
 
 
 def register_map(module_type: type, entry: Map, overwrite: bool = False) -> None:
-    """Add a parameter-free module type to the table (ALGORITHMS.md §1.1); refuses a silent overwrite.
+    """Add a parameter-free module type to the table (docs/maths.md §1.1); refuses a silent overwrite.
 
     >>> class Square(nn.Module):
     ...     def forward(self, y): return y * y

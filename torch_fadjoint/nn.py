@@ -1,4 +1,4 @@
-"""Modules for networks that only autograd-free rules can train (ALGORITHMS.md §3.4).
+"""Modules for networks that only autograd-free rules can train (docs/maths.md §3.4).
 
 ``Step`` is the Heaviside activation of the LFP reference code: step(y) = 1 for y > 0, else 0.
 Its derivative is 0 almost everywhere, so autograd, the F-adjoint and the equilibrium rule cannot
@@ -23,7 +23,7 @@ class _StepFunction(torch.autograd.Function):
     def backward(ctx, x_adj):
         raise RuntimeError(
             "Step has derivative 0 almost everywhere: autograd cannot train through it; "
-            "use tfa.optim.LFP (ALGORITHMS.md §3)"
+            "use tfa.optim.LFP (docs/maths.md §3)"
         )
 
 

@@ -1,4 +1,4 @@
-"""F-propagation: record what each layer received and produced (ALGORITHMS.md §1.1, §6.1, §6.7).
+"""F-propagation: record what each layer received and produced (docs/maths.md §1.1, §6.1, §6.7).
 
 ``FPropagation(model)`` wraps the user's model (not a copy; its ``forward`` runs as written) and keeps
 one handle per hook it registers (zennit's ``Hook.register``/``remove``, STYLE P4). While ``net(x)``
@@ -101,7 +101,7 @@ class _ChainMode(TorchFunctionMode):
 
 
 class FPropagation(nn.Module):
-    """Wrap ``model`` and record its F-propagation (ALGORITHMS.md §1.1, §6.1); ``net(x) == model(x)``.
+    """Wrap ``model`` and record its F-propagation (docs/maths.md §1.1, §6.1); ``net(x) == model(x)``.
 
     Args:
         model: the user's module (not copied). Its executed layers and maps must form a chain of
@@ -122,7 +122,7 @@ class FPropagation(nn.Module):
     ...     [layer.name for layer in net.layers]
     ['0', '2']
 
-    ``net.adjoint(out_adj)`` runs the F-adjoint sweep (ALGORITHMS.md §1.2, §6.2) and accumulates into
+    ``net.adjoint(out_adj)`` runs the F-adjoint sweep (docs/maths.md §1.2, §6.2) and accumulates into
     ``.grad`` exactly as ``loss.backward()`` would.
     """
 
@@ -556,7 +556,7 @@ class FPropagation(nn.Module):
     def adjoint(self, out_adj: Tensor, *, validate: bool = True, retain_records: bool = False) -> None:
         """Run the F-adjoint sweep from X*^L = ``out_adj`` and accumulate ∂J/∂θ into ``.grad``.
 
-        out_adj: the output's shape, dtype and device (ALGORITHMS.md §1.2, §6.2). Equal to
+        out_adj: the output's shape, dtype and device (docs/maths.md §1.2, §6.2). Equal to
         ``loss.backward()`` (to rounding; bit for bit where autograd's kernels are used), without
         autograd. Frozen parameters (``requires_grad=False``) get no ``.grad``. Nothing is written
         when it raises.

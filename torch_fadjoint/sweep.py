@@ -1,4 +1,4 @@
-"""The backward sweep k = L..1, written once, and the F-adjoint on it (ALGORITHMS.md §1.2, §6.1–§6.2).
+"""The backward sweep k = L..1, written once, and the F-adjoint on it (docs/maths.md §1.2, §6.1–§6.2).
 
 A rule says what it sends down and what it makes of each layer (STYLE P6); the sweep owns the
 traversal and speaks to the layers only through the tables' verbs (``tfa.layers``, ``tfa.maps``)::
@@ -34,7 +34,7 @@ __all__ = ["Rule", "FAdjointRule", "backward_sweep", "sweep_grads", "fadjoint_gr
 
 
 class Rule:
-    """The F-adjoint's two-step rule through the tables' verbs (ALGORITHMS.md §1.2, §6.2)."""
+    """The F-adjoint's two-step rule through the tables' verbs (docs/maths.md §1.2, §6.2)."""
 
     name = "the F-adjoint"
     needs_y = False

@@ -1,4 +1,4 @@
-"""``Consequentialism``: §4 / §6.5's normalised directions handed to any torch optimizer (ALGORITHMS.md §4).
+"""``Consequentialism``: §4 / §6.5's normalised directions handed to any torch optimizer (docs/maths.md §4).
 
 A thin optimizer over :mod:`torch_fadjoint.rules.consequentialism`.
 """

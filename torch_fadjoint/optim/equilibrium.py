@@ -1,4 +1,4 @@
-"""``EquilibriumFAdjoint``: the local, sequential learning rule of the equilibrium F-adjoint (ALGORITHMS.md §2.3).
+"""``EquilibriumFAdjoint``: the local, sequential learning rule of the equilibrium F-adjoint (docs/maths.md §2.3).
 
 A thin optimizer over :mod:`torch_fadjoint.rules.equilibrium` (the relaxation on the shared sweep).
 """
@@ -18,7 +18,7 @@ __all__ = ["EquilibriumFAdjoint", "equilibrium_grads"]
 
 
 class EquilibriumFAdjoint(RuleOptimizer):
-    r"""The local learning rule of the equilibrium F-adjoint (ALGORITHMS.md §2.3, §6.3) with SGD's update (§1.4).
+    r"""The local learning rule of the equilibrium F-adjoint (docs/maths.md §2.3, §6.3) with SGD's update (§1.4).
 
     .. code-block:: text
 

@@ -1,4 +1,4 @@
-"""``InferenceLearning``: IL and IL-prox's local updates handed to a torch optimizer (ALGORITHMS.md §5, §6.6).
+"""``InferenceLearning``: IL and IL-prox's local updates handed to a torch optimizer (docs/maths.md §5, §6.6).
 
 A thin optimizer over :mod:`torch_fadjoint.rules.inference`.
 """
@@ -17,7 +17,7 @@ __all__ = ["InferenceLearning", "inference_grads", "VARIANTS"]
 
 
 class InferenceLearning(DelegatingRuleOptimizer):
-    r"""IL / IL-prox (ALGORITHMS.md §5, §6.6): T inference iterations, then a local update via a base optimizer.
+    r"""IL / IL-prox (docs/maths.md §5, §6.6): T inference iterations, then a local update via a base optimizer.
 
     .. code-block:: text
 

@@ -1,4 +1,4 @@
-"""``LFP``: layer-wise feedback propagation's feedback + clipping + SGD (ALGORITHMS.md §3, §6.4).
+"""``LFP``: layer-wise feedback propagation's feedback + clipping + SGD (docs/maths.md §3, §6.4).
 
 A thin optimizer over :mod:`torch_fadjoint.rules.lfp` (the ε-rule on the shared sweep).
 """
@@ -18,7 +18,7 @@ __all__ = ["LFP", "lfp_grads", "lfp_backward"]
 
 
 class LFP(RuleOptimizer):
-    r"""LFP's feedback (ALGORITHMS.md §3, §6.4) + global grad-norm clipping + ``torch.optim.SGD``'s update.
+    r"""LFP's feedback (docs/maths.md §3, §6.4) + global grad-norm clipping + ``torch.optim.SGD``'s update.
 
     .. code-block:: text
 

@@ -1,4 +1,4 @@
-"""Consequentialism and NLMS mini-batch updates on exact F-adjoint deltas (ALGORITHMS.md §4).
+"""Consequentialism and NLMS mini-batch updates on exact F-adjoint deltas (docs/maths.md §4).
 
 The backward signals are the F-adjoint's (§1.2): Δ^k = Y*^k (B, n_k). Each layer's update direction
 is then normalised by the inputs it saw. With X̃ = [X^{k-1}, 1] (B, n_{k-1}+1; the bias folded in)
@@ -97,7 +97,7 @@ class ConsequentialismRule(Rule):
 def consequentialism_grads(net, out_adj: Tensor, mode: str = "consequentialism",
                            delta: float | None = None, *, delta_rel: float = 1e-3, validate: bool = True,
                            retain_records: bool = False, on_failures=None) -> dict[Tensor, Tensor]:
-    """The §4 update directions G^k, split into weight and bias grads, from X*^L (ALGORITHMS.md §4).
+    """The §4 update directions G^k, split into weight and bias grads, from X*^L (docs/maths.md §4).
 
     out_adj: (B, n_L) X*^L of the batch-mean loss; mode: "consequentialism" | "nlms" | "lms";
     delta: absolute δ, or None for ``delta_rel`` · mean_b ‖x̃_b‖² per layer.

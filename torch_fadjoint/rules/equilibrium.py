@@ -1,4 +1,4 @@
-"""The equilibrium F-adjoint: its relaxation on the shared sweep (ALGORITHMS.md §2.1–§2.4, §6.3).
+"""The equilibrium F-adjoint: its relaxation on the shared sweep (docs/maths.md §2.1–§2.4, §6.3).
 
 Each parametric layer's adjoint state Z^k lives in X^k's shape and is a leaky integrator driven by the
 layer above; after K forward-Euler steps of size τ (§2.2) it is, exactly,

@@ -1,4 +1,4 @@
-"""Inference learning (IL) and its implicit-SGD variant IL-prox (ALGORITHMS.md §5).
+"""Inference learning (IL) and its implicit-SGD variant IL-prox (docs/maths.md §5).
 
 IL does not send an adjoint down: it clamps the output to the target and lets every hidden activity
 settle (T parallel iterations, batched, under ``torch.no_grad()``), then updates each layer locally
@@ -35,7 +35,7 @@ IL-prox's step has no learning rate: it is written as ``.grad = −step`` and th
 it (``base="sgd"`` with the default lr = 1 is the authors' plain step; ``base="adam"`` is their
 ``mom=True`` "IL-prox Adam").
 
-Choices, as ALGORITHMS.md §5 names them: batch means where the code mixes means and sums; IL-prox's
+Choices, as docs/maths.md §5 names them: batch means where the code mixes means and sums; IL-prox's
 N is a batch MEAN (the code's is a batch sum: equal at batch 1), so α means the same at every batch
 size; ρ is not applied to the input x (the code applies it; identical for x ≥ 0). Where §5's text
 leaves room we follow the authors' code (the source of truth): IL re-clamps x̂^L = n onehot +
@@ -121,7 +121,7 @@ def _chain(layers: list[LayerRecord]) -> list[_Block]:
     for i, layer in enumerate(layers):
         if layer.entry.normalization:
             raise TypeError(f"{layer.describe}: normalisation layers are not defined for inference learning "
-                            "(ALGORITHMS.md §6.6)")
+                            "(docs/maths.md §6.6)")
         top = i == len(layers) - 1
         rho, struct = [], []
         for rec in layer.maps:

@@ -1,4 +1,4 @@
-"""Layer-wise Feedback Propagation, LFP: learning by propagating a reward, never σ' (ALGORITHMS.md §3).
+"""Layer-wise Feedback Propagation, LFP: learning by propagating a reward, never σ' (docs/maths.md §3).
 
 LFP maximises a reward. The output reward R^L goes down the network by LRP-ε on every Linear and
 unchanged through every activation; each parameter's feedback is its relevance times sign(θ)::
@@ -15,7 +15,7 @@ Every F comes from the recorded forward in one sweep, before any parameter chang
 never uses σ', it trains networks of :class:`torch_fadjoint.nn.Step` units (§3.4), which autograd
 and the F-adjoint refuse.
 
-Choices (ALGORITHMS.md §3 names them; these are ours where it leaves room):
+Choices (docs/maths.md §3 names them; these are ours where it leaves room):
 
 * Y^k (bias included) is needed, so LFP needs ``FPropagation(model, keep_pre_activations=True)``.
   :class:`LFP` switches it on for the net it is given (it only affects later forwards);
@@ -86,7 +86,7 @@ def _get_reward(reward) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def lfp_reward(x_out: Tensor, target: Tensor, reward="softmax", validate: bool = True) -> Tensor:
-    """The output reward R^L (ALGORITHMS.md §3.1) of logits ``x_out`` (B, C) for targets (B,).
+    """The output reward R^L (docs/maths.md §3.1) of logits ``x_out`` (B, C) for targets (B,).
 
     >>> lfp_reward(torch.zeros(2, 3), torch.tensor([0, 2])).shape
     torch.Size([2, 3])
@@ -107,7 +107,7 @@ def _stab(y: Tensor, eps: float) -> Tensor:
 
 
 class LFPRule(Rule):
-    """LFP-ε on the shared backward sweep (ALGORITHMS.md §3.2–§3.3, §6.4); the signal is the reward.
+    """LFP-ε on the shared backward sweep (docs/maths.md §3.2–§3.3, §6.4); the signal is the reward.
 
     ``through_maps`` takes R from the layer's chain output back to A_k's output (identity through
     activations, the ordinary backward through max pooling, views and Dropout, the ε-rule through average
@@ -176,7 +176,7 @@ def clip_grads_(grads: list[Tensor], max_norm: float) -> Tensor:
 def lfp_grads(net, target: Tensor | None = None, *, reward="softmax", eps: float = 1e-6,
               batch_reduction: str = "mean", norm_backward=False, clip_norm: float | None = None,
               validate: bool = True, retain_records: bool = False) -> dict[Tensor, Tensor]:
-    """LFP's gradients −F/B for every parameter of the recorded layers (ALGORITHMS.md §3).
+    """LFP's gradients −F/B for every parameter of the recorded layers (docs/maths.md §3).
 
     net: an ``FPropagation`` built with ``keep_pre_activations=True`` after ``net(x)``.
     target: (B,) class indices; reward: "softmax" | "sigmoid" | "correct_class" | a callable
