@@ -1,6 +1,6 @@
 """Snapshot a model (and its optimizer) and later assert that nothing changed, bit for bit.
 
-The "refused before anything is written" contract (ALGORITHMS.md §6.7) is checked with one pair::
+The "refused before anything is written" contract (docs/maths.md §6.7) is checked with one pair::
 
     before = snapshot(model, opt)
     ...  # a step that must be refused
