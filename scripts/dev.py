@@ -7,7 +7,9 @@
 Needs only python3 (>= 3.11, standard library). Creates ``.venv`` in the clone, or reuses it, and installs the
 pinned torch and torchvision and this package (editable, with the ``bench`` and ``dev`` extras) into it; a stamp
 file in the environment, keyed on setup.py, pyproject.toml and the pins, skips that step when nothing changed.
-Runs from the clone's root, whatever the current folder. Environment variables:
+Runs from the clone's root, whatever the current folder. The editable install is for development;
+``python3 scripts/check_package.py`` checks what a lab gets (the wheel and the sdist, installed into a fresh
+environment; CI runs it). Environment variables:
 
 * ``FADJOINT_DATA``: the data root (default ``./data``; torchvision downloads MNIST / Fashion-MNIST there);
 * ``FADJOINT_VENV``: another environment folder (scripts/check_torch_version.py uses a scratch one);
