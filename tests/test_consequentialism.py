@@ -8,6 +8,8 @@ from torch import nn
 import torch_fadjoint as tfa
 from torch_fadjoint.optim import Consequentialism, consequentialism_grads, fadjoint_grads
 
+from .state import assert_untouched, snapshot
+
 DT = torch.float64
 
 
@@ -147,8 +149,7 @@ def test_errors_leave_parameters_and_state_untouched():
     with torch.no_grad():
         net(x)
     opt.step(target=target)
-    before = [p.clone() for p in model.parameters()]
-    state = copy.deepcopy(opt.state_dict())
+    before = snapshot(model, opt)
     with torch.no_grad():
         net(x)
     with pytest.raises(RuntimeError, match="non-finite"):
@@ -157,9 +158,7 @@ def test_errors_leave_parameters_and_state_untouched():
         net(x)
     with pytest.raises(ValueError, match="out_adj: expected shape"):
         opt.step(out_adj=torch.zeros(4, 2, dtype=DT))
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
-    assert str(opt.state_dict()) == str(state)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("kwargs", [dict(mode="apa"), dict(delta=0.0), dict(delta_rel=-1.0), dict(base="lbfgs"),

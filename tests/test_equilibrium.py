@@ -16,6 +16,8 @@ import torch_fadjoint as tfa
 from torch_fadjoint.optim.equilibrium import EquilibriumFAdjoint, equilibrium_grads
 from torch_fadjoint.rules.equilibrium import relaxation_factor
 
+from .state import assert_untouched, snapshot
+
 DT = torch.float64
 
 
@@ -285,26 +287,6 @@ def test_bad_arguments(kwargs):
         EquilibriumFAdjoint(tfa.FPropagation(make_model()), **kwargs)
 
 
-def snapshot(model, opt):
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    bufs = {i: opt.state[p]["momentum_buffer"].clone() for i, p in enumerate(model.parameters())
-            if p in opt.state and "momentum_buffer" in opt.state[p]}
-    return params, grads, bufs
-
-
-def assert_unchanged(model, opt, before):
-    params, grads, bufs = before
-    for i, p in enumerate(model.parameters()):
-        assert torch.equal(p, params[i])
-        assert (p.grad is None and grads[i] is None) or torch.equal(p.grad, grads[i])
-    now = {i: opt.state[p]["momentum_buffer"] for i, p in enumerate(model.parameters())
-           if p in opt.state and "momentum_buffer" in opt.state[p]}
-    assert now.keys() == bufs.keys()
-    for i in bufs:
-        assert torch.equal(now[i], bufs[i])
-
-
 def test_no_forward_and_step_module_refused():
     net = tfa.FPropagation(make_model())
     opt = EquilibriumFAdjoint(net, lr=0.1)
@@ -314,10 +296,10 @@ def test_no_forward_and_step_module_refused():
     net = tfa.FPropagation(model)
     opt = EquilibriumFAdjoint(net, lr=0.1)
     net(torch.randn(3, 6, dtype=DT))
-    before = [p.clone() for p in model.parameters()]
+    before = snapshot(model, opt)
     with pytest.raises(TypeError, match="Step"):
         opt.step(target=torch.tensor([0, 1, 2]))
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
@@ -331,7 +313,7 @@ def test_nan_out_adj_leaves_everything_untouched(sequential):
     adj[3, 1] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.step(out_adj=adj)
-    assert_unchanged(model, opt, before)
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.parametrize("steps_before", [0, 2], ids=["first_step", "mid_run"])
@@ -350,10 +332,10 @@ def test_overflow_in_bottom_layer_rolls_back_updated_upper_layers(steps_before):
     assert out.isfinite().all()
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.step(target=t)
-    assert_unchanged(model, opt, before)
+    assert_untouched(before, model, opt)
     # the same step with validate=False does write (so the rollback above was real)
     opt.validate = False
     opt.net(x)
     opt.step(target=t)
-    assert not torch.equal(model[4].weight, before[0][4])
+    assert not torch.equal(model[4].weight, before.params["4.weight"])
     assert not model[0].weight.isfinite().all()

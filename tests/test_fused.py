@@ -14,7 +14,8 @@ import torch_fadjoint as tfa
 from benchmarks import speed
 from benchmarks.rules import build_trainer
 
-from .test_optim import _assert_untouched, _snapshot, autograd_run, batches, make_model
+from .state import assert_untouched, snapshot
+from .test_optim import autograd_run, batches, make_model
 
 SETTINGS = {
     "plain": dict(lr=0.1),
@@ -108,11 +109,11 @@ def test_nesterov_is_refused_at_construction_and_when_a_group_adds_it():
     net(x)
     opt.step(target=t)
     opt.add_param_group({"params": model[2].parameters(), "nesterov": True})
-    snapshot = _snapshot(model, opt)
+    before = snapshot(model, opt)
     net(x)
     with pytest.raises(ValueError, match="Nesterov"):
         opt.step(target=t)
-    _assert_untouched(model, opt, snapshot)
+    assert_untouched(before, model, opt)
 
 
 def _stepped_fused():
@@ -134,7 +135,7 @@ def test_non_finite_or_overflowing_fused_update_is_refused_before_any_write(case
     if case == "overflow-below-the-top":
         with torch.no_grad():
             model[4].weight.mul_(1e10)
-    snapshot = _snapshot(model, opt)
+    before = snapshot(model, opt)
     net(torch.full_like(x, float("nan")) if case == "nan-input" else x)
     top = {"nan-input": 1.0, "overflow-at-the-top": 1e308, "overflow-below-the-top": 1e300}[case]
     match = {"nan-input": r"^step: non-finite values in X\^L",
@@ -143,7 +144,7 @@ def test_non_finite_or_overflowing_fused_update_is_refused_before_any_write(case
     with pytest.raises(RuntimeError, match=match) as info:
         opt.step(out_adj=torch.full((12, 4), top, dtype=torch.float64))
     assert "\n" not in str(info.value) and str(info.value).endswith("nothing was changed")
-    _assert_untouched(model, opt, snapshot)
+    assert_untouched(before, model, opt)
 
 
 def test_fused_refuses_a_process_group(monkeypatch):

@@ -24,6 +24,8 @@ import torch_fadjoint as tfa
 from torch_fadjoint.graph import GraphedStep
 from torch_fadjoint.optim.base import RuleOptimizer
 
+from .state import assert_untouched, snapshot
+
 _FORBIDDEN = {torch.ops.aten._local_scalar_dense.default: "a host sync", torch.ops.aten.item.default: "a host sync",
               torch.ops.aten.is_nonzero.default: "a host sync",
               torch.ops.aten.lift_fresh.default: "a tensor made from host data",
@@ -250,10 +252,10 @@ def test_an_optimizer_with_state_is_captured_at_once_and_its_first_replay_is_the
     model, net, opt, batches = _fresh("fadjoint", "async", 5)
     net(batches[0][0])
     opt.step(target=batches[0][1])  # the state exists
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model, opt, grads=False)  # the capture's warm-up leaves its .grad (the next step rewrites it)
     step = graphed(net, opt, *batches[1], "cpu")
     assert step.captures == 1 and opt._steps == 1  # warm-up and capture undone
-    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    assert_untouched(before, model, opt)
     for x, t in batches[1:]:
         step(x, t)
     assert step.replays == 4 and step.eager_steps == 0
@@ -313,11 +315,9 @@ def test_async_replays_never_write_a_non_finite_step_and_raise_later():
     step = graphed(net, opt, *batches[0], "cpu")
     step(*batches[0])  # eager: the state
     step(*batches[1])  # replay: step 2
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    before = snapshot(model, opt, grads=False)  # .grad is the step's scratch: written, then not applied
     step(torch.full_like(batches[2][0], float("nan")), batches[2][1])  # step 3: decided on the device
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(bufs, model.parameters()))
+    assert_untouched(before, model, opt)
     with pytest.raises(RuntimeError, match=r"^step 3 \(validate='async'\): step: non-finite values in X\^L, the "
                                            r"recorded output of 4 \(Linear\)"):
         step(*batches[3])  # the next call reads the record before replaying
@@ -341,8 +341,7 @@ def test_a_failed_capture_changes_nothing(monkeypatch):
     x, t = _batches(1, "cpu", torch.float64)[0]
     net(x)
     opt.step(target=t)
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    before = snapshot(model, opt)
     grads = [p.grad for p in model.parameters()]
     original = tfa.losses.cross_entropy
 
@@ -356,8 +355,7 @@ def test_a_failed_capture_changes_nothing(monkeypatch):
                                            r"RuntimeError: aten._local_scalar_dense.default during the capture: a "
                                            r"host sync$"):
         graphed(net, opt, x, t, "cpu")
-    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
-    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(bufs, model.parameters()))
+    assert_untouched(before, model, opt)
     assert all(g is p.grad for g, p in zip(grads, model.parameters())) and opt._steps == 1
 
 
@@ -373,11 +371,12 @@ X, T = torch.randn(8, 6), torch.randint(0, 5, (8,))
 @pytest.mark.skipif(CUDA, reason="the CPU refusal")
 def test_on_cpu_graphed_step_is_refused_in_one_line():
     net, opt = _net_opt(lambda n: tfa.optim.FAdjoint(n, lr=0.1, validate=False))
-    before = [p.clone() for p in net.parameters()]
+    before = snapshot(net, opt)
     with pytest.raises(RuntimeError, match=r"^graphed_step: CUDA graphs need CUDA tensors; the example input is on "
                                            r"cpu \(on CPU use opt.step\(\), or tfa.compiled_step\)$"):
         tfa.graphed_step(net, opt, X, T)
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before)) and not opt.state
+    assert_untouched(before, net, opt)
+    assert not opt.state
 
 
 @pytest.mark.parametrize("make, message", [
@@ -457,13 +456,13 @@ def test_compiled_step_refuses_a_miscompiled_step_and_changes_nothing(monkeypatc
     model = _mlp()
     net = tfa.FPropagation(model)
     opt = RULES["fused_plain"](net, False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model, opt)
     step = tfa.compiled_step(net, opt)
     x, t = _batches(1, "cpu", torch.float64)[0]
     with pytest.raises(RuntimeError, match=r"^compiled_step: torch.compile changed step 1: 0.weight differs from the "
                                            r"eager step's by .*; nothing was changed; use the eager step"):
         step(x, t)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_untouched(before, model, opt)
 
 
 @pytest.mark.slow

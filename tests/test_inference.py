@@ -9,6 +9,8 @@ from torch import nn
 import torch_fadjoint as tfa
 from torch_fadjoint.optim import InferenceLearning, inference_grads
 
+from .state import assert_untouched, snapshot
+
 DT = torch.float64
 
 
@@ -323,7 +325,8 @@ def test_errors_leave_everything_untouched():
     model = mlp(act=nn.ReLU)
     net = tfa.FPropagation(model)
     opt = InferenceLearning(net, variant="il", T=3)
-    before = [p.clone() for p in model.parameters()]
+    before = snapshot(model, opt)
+    assert all(p.grad is None for p in model.parameters())
     with pytest.raises(RuntimeError, match="no recorded forward|forward"):
         opt.step(target=torch.tensor([0, 1]))
     x, t = data(batch=4)
@@ -335,8 +338,7 @@ def test_errors_leave_everything_untouched():
         net(torch.full_like(x, float("nan")))
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.step(target=t)
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q) and p.grad is None
+    assert_untouched(before, model, opt)
     assert len(opt.state) == 0
 
 

@@ -13,6 +13,7 @@ from torch_fadjoint.optim.lfp import LFP, lfp_backward, lfp_grads
 from torch_fadjoint.rules.lfp import lfp_reward
 
 from . import oracles
+from .state import assert_untouched, snapshot
 
 DT = torch.float64
 
@@ -282,9 +283,8 @@ def test_errors_leave_everything_untouched():
     with torch.no_grad():
         net(x)
     opt.step(target=t)  # creates momentum buffers and .grad
-    before = [p.detach().clone() for p in model.parameters()]
-    grads = [p.grad.clone() for p in model.parameters()]
-    state = copy.deepcopy(opt.state_dict())
+    before = snapshot(model, opt)
+    assert all(p.grad is not None for p in model.parameters())
     bad = [
         (ValueError, lambda: opt.step(target=torch.full_like(t, 7))),         # target out of range
         (ValueError, lambda: opt.step(target=t[:3])),                         # wrong batch
@@ -297,9 +297,7 @@ def test_errors_leave_everything_untouched():
             net(x)
         with pytest.raises(exc):
             call()
-        for p, b, g in zip(model.parameters(), before, grads):
-            assert torch.equal(p, b) and torch.equal(p.grad, g)
-        assert str(opt.state_dict()) == str(state)
+        assert_untouched(before, model, opt)
     with pytest.raises(RuntimeError, match="no recorded forward"):
         net.clear()
         opt.step(target=t)

@@ -9,6 +9,8 @@ from torch import nn
 import torch_fadjoint as tfa
 from torch_fadjoint.optim.base import _foreach_sgd, _single_tensor_sgd
 
+from .state import assert_untouched, snapshot
+
 SGD_SETTINGS = {
     "plain": dict(lr=0.1),
     "momentum": dict(lr=0.05, momentum=0.9),
@@ -191,25 +193,6 @@ def test_optimizer_needs_an_fpropagation():
         tfa.optim.FAdjoint(make_model(), lr=0.1)
 
 
-def _snapshot(model, opt):
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    state = copy.deepcopy(opt.state_dict())
-    return params, grads, state
-
-
-def _assert_untouched(model, opt, snapshot):
-    params, grads, state = snapshot
-    for p, before, g in zip(model.parameters(), params, grads):
-        assert torch.equal(p, before)
-        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
-    after = opt.state_dict()
-    assert after["param_groups"] == state["param_groups"]
-    assert after["state"].keys() == state["state"].keys()
-    for key in state["state"]:
-        assert torch.equal(after["state"][key]["momentum_buffer"], state["state"][key]["momentum_buffer"])
-
-
 def _bad_cases():
     x = torch.randn(12, 8, dtype=torch.float64)
     t = torch.randint(0, 4, (12,))
@@ -238,14 +221,14 @@ def test_bad_input_is_a_clear_error_and_leaves_everything_untouched(case):
     opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
     net(data[0][0])
     opt.step(target=data[0][1])  # momentum buffers exist
-    snapshot = _snapshot(model, opt)
+    before = snapshot(model, opt)
     x, kwargs, error, message = _bad_cases()[case]
     if x is not None:
         net(x)
     with pytest.raises(error, match=message) as info:
         opt.step(**kwargs)
     assert "\n" not in str(info.value)
-    _assert_untouched(model, opt, snapshot)
+    assert_untouched(before, model, opt)
 
 
 def test_non_finite_gradient_is_refused_before_any_write():
@@ -254,11 +237,11 @@ def test_non_finite_gradient_is_refused_before_any_write():
     opt = tfa.optim.FAdjoint(net, lr=0.1)
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")  # finite output adjoint, non-finite gradients below layer 2
-    snapshot = _snapshot(model, opt)
+    before = snapshot(model, opt)
     net(torch.randn(3, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.step(out_adj=torch.ones(3, 4, dtype=torch.float64))
-    _assert_untouched(model, opt, snapshot)
+    assert_untouched(before, model, opt)
 
 
 def test_check_finite_fast_path_has_no_false_alarm_and_misses_nothing():
