@@ -1,15 +1,17 @@
-"""The package's layout (issue 14): imports follow the flow recorder → tables → sweep → rules → optimizers
-one way, with no cycle; a rule reaches a layer only through the tables' verbs."""
+"""The package's layout (issues 14, 20): imports follow the flow recorder → tables → sweep → rules → optimizers
+one way, with no cycle (not even a lazy import inside a function); a rule reaches a layer only through the
+tables' verbs."""
 import ast
 import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "torch_fadjoint"
 
-# module → the package modules it may import (at any level of the file)
+# module → the package modules it may import (at any level of the file, a function's body included)
 ALLOWED = {
-    "nn": set(), "losses": set(), "data": set(), "distributed": set(),
-    "maps": {"nn", "layers"}, "layers": {"maps"},  # layers/maps: only each other's names, lazily in register_*
+    "nn": set(), "losses": set(), "data": set(), "distributed": set(), "tables": set(),
+    "maps": {"nn", "tables"},
+    "layers": {"maps", "tables"},  # a layer's record holds its maps' records (MapRecord)
     "sweep": {"layers"},
     "recorder": {"layers", "maps", "sweep", "losses", "distributed"},
     "rules": {"sweep", "layers", "maps", "losses"},
@@ -36,13 +38,57 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _graph() -> dict[str, set[str]]:
+    """group → the package groups its files import (``__init__`` files left out: they only re-export)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            graph.setdefault(_group(path), set()).update(_imports(path) - {_group(path)})
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path ``[a, b, …, a]``, or None."""
+    done: set[str] = set()
+
+    def visit(node, path):
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(graph.get(node, ())):
+            found = visit(nxt, path + [node])
+            if found:
+                return found
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        found = visit(start, [])
+        if found:
+            return found
+    return None
+
+
 def test_imports_follow_the_flow():
     for path in PACKAGE.rglob("*.py"):
         group = _group(path)
         if group == "__init__":
             continue
+        assert group in ALLOWED, f"{path.relative_to(PACKAGE)}: a new module; say in ALLOWED what it may import"
         extra = _imports(path) - ALLOWED[group] - {group}
         assert not extra, f"{path.relative_to(PACKAGE)} imports {sorted(extra)}"
+
+
+def test_no_import_cycle():
+    """Neither the imports allowed above nor those in the files go round: no exception, lazy or not."""
+    assert _cycle(ALLOWED) is None, f"ALLOWED has the cycle {' → '.join(_cycle(ALLOWED))}"
+    assert _cycle(_graph()) is None, f"the package imports go round: {' → '.join(_cycle(_graph()))}"
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert _cycle({"maps": {"nn", "layers"}, "layers": {"maps"}, "nn": set()}) == ["layers", "maps", "layers"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_rules_speak_only_the_tables_verbs():

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .maps import MapRecord
+from .tables import LAYERS, register
 
 __all__ = ["Layer", "LayerRecord", "LAYERS", "register_layer", "layer_for", "supported_layers"]
 
@@ -310,7 +311,7 @@ class _LayerNorm(_Normalization):
 
 
 
-LAYERS: dict[type, Layer] = {
+LAYERS.update({
     nn.Linear: _Linear(),
     nn.Conv1d: _Conv(1),
     nn.Conv2d: _Conv(2),
@@ -319,7 +320,7 @@ LAYERS: dict[type, Layer] = {
     nn.BatchNorm2d: _BatchNorm((4,)),
     nn.BatchNorm3d: _BatchNorm((5,)),
     nn.LayerNorm: _LayerNorm(),
-}
+})
 
 
 def register_layer(module_type: type, entry: Layer, overwrite: bool = False) -> None:
@@ -335,9 +336,7 @@ def register_layer(module_type: type, entry: Layer, overwrite: bool = False) -> 
     ...     def param_feedback(self, rec, y_adj): return {rec.module.weight: (y_adj * rec.x_prev).sum(0)}
     >>> register_layer(Scale, ScaleLayer())
     """
-    from .maps import MAPS, register_entry
-
-    register_entry(LAYERS, MAPS, Layer, "layer", module_type, entry, overwrite)
+    register("layer", module_type, entry, Layer, overwrite)  # refuses a type of tfa.maps.MAPS
 
 
 def layer_for(module: nn.Module) -> Layer | None:

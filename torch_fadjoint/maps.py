@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import nn as tfa_nn
+from .tables import MAPS, register
 
 __all__ = ["Map", "Derivative", "MapRecord", "MAPS", "FUNCTIONALS", "VIEWS", "TRANSPARENT", "Reshape", "register_map",
            "register_derivative", "map_for", "supported_maps"]
@@ -437,7 +438,7 @@ class _AdaptiveAvgPool(_LinearPool):
             self._lifted_shape(saved))))
 
 
-MAPS: dict[type, Map] = {
+MAPS.update({
     nn.Identity: _Identity(),
     nn.ReLU: _ReLU(),
     nn.LeakyReLU: _LeakyReLU(),
@@ -462,7 +463,7 @@ MAPS: dict[type, Map] = {
     nn.AdaptiveAvgPool2d: _AdaptiveAvgPool(2),
     tfa_nn.InputNoise: _Noise(),
     tfa_nn.Step: _Step(),
-}
+})
 
 # Modules whose own forward the recorder lets run under its function mode, so that the functional inside
 # (F.dropout) is the one recorded: Dropout must draw its mask once, also with inplace=True (§6.7).
@@ -520,19 +521,6 @@ VIEWS = frozenset({torch.flatten, Tensor.flatten, Tensor.view, Tensor.reshape, t
                    torch.unflatten})
 
 
-def register_entry(table: dict, other: dict, base: type, kind: str, module_type: type, entry,
-                   overwrite: bool) -> None:
-    """Add ``module_type → entry`` to ``table``; refuses a type of the ``other`` table and a silent overwrite."""
-    if not isinstance(entry, base):
-        raise TypeError(f"expected a {base.__name__} instance, got {type(entry).__name__}")
-    if module_type in other:
-        other_kind = "parametric layer (tfa.layers.LAYERS)" if kind == "map" else "parameter-free map (tfa.maps.MAPS)"
-        raise ValueError(f"{module_type.__name__} is a {other_kind}, not a {kind}")
-    if module_type in table and not overwrite:
-        raise ValueError(f"{module_type.__name__} already has a {kind} entry; pass overwrite=True to replace it")
-    table[module_type] = entry
-
-
 def register_map(module_type: type, entry: Map, overwrite: bool = False) -> None:
     """Add a parameter-free module type to the table (docs/maths.md §1.1); refuses a silent overwrite.
 
@@ -543,9 +531,7 @@ def register_map(module_type: type, entry: Map, overwrite: bool = False) -> None
     ...     def backward(self, module, y, x_adj): return 2 * y * x_adj
     >>> register_map(Square, SquareMap())
     """
-    from .layers import LAYERS  # the two tables must not share a type
-
-    register_entry(MAPS, LAYERS, Map, "map", module_type, entry, overwrite)
+    register("map", module_type, entry, Map, overwrite)  # refuses a type of tfa.layers.LAYERS
 
 
 register_derivative = register_map
