@@ -34,7 +34,6 @@ KWARGS = {
     "Consequentialism": dict(lr=0.1, base="adam"),
     "InferenceLearning": dict(variant="il_prox", T=5),
 }
-BASES = {"RuleOptimizer"}  # base classes in __all__, not optimizers of their own
 
 
 def fail(message: str) -> None:
@@ -70,11 +69,12 @@ def import_every_module(package, folder: Path) -> list[str]:
 
 
 def optimizer_classes(tfa, torch) -> dict:
-    classes = {}
-    for name in tfa.optim.__all__:
-        obj = getattr(tfa.optim, name)
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and name not in BASES:
-            classes[name] = obj
+    exported = {name: getattr(tfa.optim, name) for name in tfa.optim.__all__}
+    exported = {name: obj for name, obj in exported.items()
+                if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)}
+    # a base class (RuleOptimizer) is exported too: the optimizers are the classes no other one derives from
+    classes = {name: cls for name, cls in exported.items()
+               if not any(other is not cls and issubclass(other, cls) for other in exported.values())}
     missing = sorted(set(KWARGS) - set(classes))
     if missing:
         fail(f"torch_fadjoint.optim.__all__ lacks the optimizers {missing}")
