@@ -28,6 +28,7 @@ from torch_fadjoint.rules.inference import inference_grads
 from torch_fadjoint.rules.lfp import lfp_grads
 
 from . import oracles
+from .models import labelled, recorded
 
 DT = torch.float64
 
@@ -84,17 +85,8 @@ def make_cnn(form: str = "functional", pool: str = "max", bias: bool = True, see
 
 
 def images(batch: int, shape=(2, 8, 8), classes: int = 3, seed: int = 1, nonneg: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch,) + tuple(shape), generator=gen, dtype=DT)
-    t = torch.randint(0, classes, (batch,), generator=gen)
+    x, t = labelled(batch, shape, classes, seed=seed)
     return (x.abs() if nonneg else x), t
-
-
-def recorded(model, x, **kwargs):
-    net = tfa.FPropagation(model, **kwargs)
-    with torch.no_grad():
-        net(x)
-    return net
 
 
 def assert_nonzero(tensor, floor=1e-4):

@@ -17,6 +17,7 @@ from torch import nn
 import torch_fadjoint as tfa
 from torch_fadjoint.sweep import Rule, backward_sweep
 
+from .models import labelled_batches, mlp
 from .state import changes, snapshot
 
 STEPS, BATCH, WORLD = 20, 64, 2
@@ -26,14 +27,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 
 def make_model(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+    return mlp((10, 16, 12, 4), [nn.Tanh, nn.ReLU], seed=seed)
 
 
 def data():
-    gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(BATCH, 10, generator=gen, dtype=torch.float64), torch.randint(0, 4, (BATCH,), generator=gen))
-            for _ in range(STEPS)]
+    return labelled_batches(STEPS, BATCH, 10, 4, seed=7)
 
 
 def shard(tensor, rank, world):

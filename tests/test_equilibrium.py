@@ -16,23 +16,18 @@ import torch_fadjoint as tfa
 from torch_fadjoint.optim.equilibrium import EquilibriumFAdjoint, equilibrium_grads
 from torch_fadjoint.rules.equilibrium import relaxation_factor
 
+from .models import labelled_batches, mlp
 from .state import assert_untouched, snapshot
 
 DT = torch.float64
 
 
 def make_model(output_act=True, seed=1):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, 9), nn.Sigmoid(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 4)]
-    if output_act:
-        layers.append(nn.Sigmoid())
-    return nn.Sequential(*layers).to(DT)
+    return mlp((6, 9, 7, 4), [nn.Sigmoid, nn.Tanh], last=nn.Sigmoid if output_act else None, seed=seed)
 
 
 def batches(n, seed=2, b=10):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, 6, generator=gen, dtype=DT) * 1.5, torch.randint(0, 4, (b,), generator=gen))
-            for _ in range(n)]
+    return labelled_batches(n, b, 6, 4, seed=seed, scale=1.5)
 
 
 def mse_adj(out, t):

@@ -24,6 +24,7 @@ import torch_fadjoint as tfa
 from torch_fadjoint.graph import GraphedStep
 from torch_fadjoint.optim.base import RuleOptimizer
 
+from .models import labelled_batches, mlp
 from .state import assert_untouched, snapshot
 
 _FORBIDDEN = {torch.ops.aten._local_scalar_dense.default: "a host sync", torch.ops.aten.item.default: "a host sync",
@@ -98,8 +99,7 @@ def graphed(net, opt, x, t, device, **kwargs):
 
 
 def _mlp(seed=0, dtype=torch.float64, device="cpu"):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).to(device, dtype)
+    return mlp((6, 16, 16, 5), [nn.Tanh, nn.ReLU], seed=seed, dtype=dtype, device=device)
 
 
 class _CNN(nn.Module):
@@ -137,10 +137,7 @@ RULES = {
 
 
 def _batches(n, device, dtype, cnn=False, batch=8, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, 1, 8, 8) if cnn else (batch, 6)
-    return [(torch.randn(*shape, generator=gen, dtype=dtype).to(device),
-             torch.randint(0, 5, (batch,), generator=gen).to(device)) for _ in range(n)]
+    return labelled_batches(n, batch, (1, 8, 8) if cnn else 6, 5, seed=seed, dtype=dtype, device=device)
 
 
 def _run(rule, device, graph, steps=100, validate="async", cnn=False, scheduler=True, batches=None, batch=8):

@@ -9,31 +9,19 @@ from torch import nn
 import torch_fadjoint as tfa
 from torch_fadjoint.optim import InferenceLearning, inference_grads
 
+from .models import labelled, recorded
+from .models import mlp as _mlp
 from .state import assert_untouched, snapshot
 
 DT = torch.float64
 
 
 def mlp(widths=(6, 9, 7, 4), act=nn.Tanh, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(DT)
+    return _mlp(widths, act, seed=seed)
 
 
 def data(batch=5, n_in=6, classes=4, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, n_in, generator=gen, dtype=DT), torch.randint(0, classes, (batch,), generator=gen)
-
-
-def recorded(model, x):
-    net = tfa.FPropagation(model)
-    with torch.no_grad():
-        net(x)
-    return net
+    return labelled(batch, n_in, classes, seed=seed)
 
 
 # -- IL (§5.1) -----------------------------------------------------------------------------------

@@ -13,39 +13,26 @@ from torch_fadjoint.optim.lfp import LFP, lfp_backward, lfp_grads
 from torch_fadjoint.rules.lfp import lfp_reward
 
 from . import oracles
+from .models import labelled, mlp, recorded
 from .state import assert_untouched, snapshot
 
 DT = torch.float64
 
 
 def relu_mlp(bias=True, widths=(6, 9, 7, 4)):
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(n_in, n_out, bias=bias))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers).to(DT)
+    return mlp(widths, nn.ReLU, bias=bias)
 
 
 def step_mlp(widths=(6, 12, 10, 4)):
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(widths) - 2:
-            layers.append(tfa.nn.Step())
-    return nn.Sequential(*layers).to(DT)
+    return mlp(widths, tfa.nn.Step)
 
 
 def data(batch=10, n_in=6, classes=4, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, n_in, generator=gen, dtype=DT), torch.randint(0, classes, (batch,), generator=gen)
+    return labelled(batch, n_in, classes, seed=seed)
 
 
 def record(model, x):
-    net = tfa.FPropagation(model, keep_pre_activations=True)
-    with torch.no_grad():
-        net(x)
-    return net
+    return recorded(model, x, keep_pre_activations=True)
 
 
 # -- §3.4: on ReLU, ε → 0, no bias, LFP is backprop rescaled by |W| ----------------------------------

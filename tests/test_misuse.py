@@ -21,6 +21,7 @@ import torch_fadjoint as tfa
 from benchmarks.rules import build_trainer
 
 from . import oracles
+from .models import labelled, mlp
 from .state import assert_untouched, snapshot
 
 DT = torch.float64
@@ -30,13 +31,11 @@ CFG = dict(lr=0.1, momentum=0.9, loss="cross_entropy")
 
 
 def model_():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(DT)
+    return mlp((6, 5, 3), nn.ReLU, seed=0)
 
 
 def batch(n=4):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, 6, generator=gen, dtype=DT), torch.randint(0, 3, (n,), generator=gen)
+    return labelled(n, 6, 3, seed=1)
 
 
 def trainer_(rule, model=None, **cfg):

@@ -9,6 +9,7 @@ from torch import nn
 import torch_fadjoint as tfa
 from torch_fadjoint.optim.base import _foreach_sgd, _single_tensor_sgd
 
+from .models import labelled_batches, mlp
 from .state import assert_untouched, snapshot
 
 SGD_SETTINGS = {
@@ -22,14 +23,11 @@ SGD_SETTINGS = {
 
 
 def make_model(dtype=torch.float64):
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    return mlp((8, 16, 16, 4), [nn.Tanh, nn.ReLU], seed=1, dtype=dtype)
 
 
 def batches(n_steps, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(2)
-    return [(torch.randn(12, 8, generator=gen, dtype=dtype), torch.randint(0, 4, (12,), generator=gen))
-            for _ in range(n_steps)]
+    return labelled_batches(n_steps, 12, 8, 4, seed=2, dtype=dtype)
 
 
 def autograd_run(model, data, scheduler=None, **kwargs):
