@@ -3,8 +3,8 @@
 Exact: F-adjoint gradients equal autograd's (float64 ≤ 1e-10) and a step equals torch SGD's (≤ 1e-12).
 Refused: a one-line error naming the module, parameter or op and what is expected, raised before
 anything is written — parameters, ``.grad`` and optimizer state stay bit-identical (``assert_untouched``).
-Cases that concern every rule run for every rule of the registry the benchmarks use
-(``benchmarks.rules.RULES``). Decisions recorded here: a second ``adjoint`` after one forward is an error
+Cases that concern every rule run for every rule, built as the benchmarks build them
+(``tests/trainers.py``). Decisions recorded here: a second ``adjoint`` after one forward is an error
 (the sweep frees the records; ``retain_records=True`` is the documented second sweep); tied weights and
 a module run twice accumulate both contributions (as autograd); frozen parameters get no ``.grad`` and
 no update; ``validate=False`` gives up the finite checks only.
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_fadjoint as tfa
-from benchmarks.rules import build_trainer
 
 from . import oracles
 from .models import labelled, mlp
 from .state import assert_untouched, snapshot
+from .trainers import build
 
 DT = torch.float64
 RULES = ["fadjoint", "fadjoint_fused", "equilibrium", "equilibrium_parallel", "lfp", "consequentialism", "nlms",
@@ -39,12 +39,8 @@ def batch(n=4):
 
 
 def trainer_(rule, model=None, **cfg):
-    """A trainer of the shared registry; equilibrium_parallel is equilibrium with sequential=False."""
-    model = model_() if model is None else model
-    cfg = {**CFG, **cfg}
-    if rule == "equilibrium_parallel":
-        rule, cfg = "equilibrium", {**cfg, "sequential": False}
-    return build_trainer(rule, model, cfg)
+    """The rule's trainer of tests/trainers.py (equilibrium_parallel: equilibrium with sequential=False)."""
+    return build(rule, model_() if model is None else model, **{**CFG, **cfg})
 
 
 def stepped(rule, model=None, **cfg):

@@ -162,3 +162,21 @@ def test_profile_step_lists_every_rules_ops_and_gemms():
     assert "aten::addmm" in text and "GEMM (mm, addmm, addmm_)" in text and "fadjoint_fused" in text
     self_ms, calls, wall = result["sgd"]
     assert wall[0] > 0 and any(key.startswith("aten::mm") for key in self_ms)
+
+
+@pytest.mark.parametrize("widths, batch, fused_below", [([50, 64, 64, 10], 256, False), ([40, 300, 300, 10], 16, True)],
+                         ids=["factors-larger", "factors-smaller"])
+def test_fused_step_peak_is_at_most_the_unfused_and_autograds(widths, batch, fused_below):
+    """Exact byte counts (no timing). The fused step keeps a weight's factors only where they are smaller
+    than its gradient, so its peak never exceeds the unfused F-adjoint's (equal where every layer's factors
+    are larger, below where they are smaller), which stays within B·n_L bytes of autograd's."""
+    x, t = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    cfg = dict(lr=0.01, momentum=0.9, foreach=True, validate=False, activation="relu")
+    peaks = {}
+    for rule in ("sgd", "fadjoint", "fadjoint_fused"):
+        model, trainer = speed._make(cfg, rule, widths, torch.device("cpu"), torch.float32)
+        trainer.step(x, t)  # momentum buffers exist: a steady-state step
+        peaks[rule] = speed.peak_step_bytes(trainer, x, t)["peak_bytes"]
+    assert peaks["fadjoint"] <= peaks["sgd"] + 4 * batch * widths[-1], peaks
+    assert (peaks["fadjoint_fused"] < peaks["fadjoint"]) if fused_below else \
+        (peaks["fadjoint_fused"] <= peaks["fadjoint"]), peaks
