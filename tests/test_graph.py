@@ -182,7 +182,7 @@ def test_replays_equal_the_eager_steps_over_100_steps_with_a_scheduler(rule, dev
         assert (buf_a is None) == (buf_b is None)
         if buf_a is not None:
             assert float((buf_a - buf_b).abs().max()) < 1e-10
-    assert opt._steps == eager_opt._steps == 100
+    assert opt.guard.steps == eager_opt.guard.steps == 100
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,7 +251,7 @@ def test_an_optimizer_with_state_is_captured_at_once_and_its_first_replay_is_the
     opt.step(target=batches[0][1])  # the state exists
     before = snapshot(model, opt, grads=False)  # the capture's warm-up leaves its .grad (the next step rewrites it)
     step = graphed(net, opt, *batches[1], "cpu")
-    assert step.captures == 1 and opt._steps == 1  # warm-up and capture undone
+    assert step.captures == 1 and opt.guard.steps == 1  # warm-up and capture undone
     assert_untouched(before, model, opt)
     for x, t in batches[1:]:
         step(x, t)
@@ -353,7 +353,7 @@ def test_a_failed_capture_changes_nothing(monkeypatch):
                                            r"host sync$"):
         graphed(net, opt, x, t, "cpu")
     assert_untouched(before, model, opt)
-    assert all(g is p.grad for g, p in zip(grads, model.parameters())) and opt._steps == 1
+    assert all(g is p.grad for g, p in zip(grads, model.parameters())) and opt.guard.steps == 1
 
 
 # -- refusals ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_fadjoint as tfa
-from torch_fadjoint.optim.base import _foreach_sgd, _single_tensor_sgd
+from torch_fadjoint.optim.functional import _foreach_sgd, _single_tensor_sgd
 
 from .models import labelled_batches, mlp
 from .state import assert_untouched, snapshot

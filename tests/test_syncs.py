@@ -2,7 +2,8 @@
 
 A ``TorchDispatchMode`` counts the ops that read a device value back to the host (``_local_scalar_dense``:
 ``.item()``, ``bool(t)``, ``int(t)``; ``is_nonzero``) over the recorder's forward and one optimizer step, on
-CPU, where the count is the same as it would be on CUDA. ``validate=True`` makes its one documented sync.
+CPU, where the count is the same as it would be on CUDA. ``validate=True`` makes its one documented sync (the
+step guard's read-back, counted by wrapping it).
 """
 import pytest
 import torch
@@ -67,9 +68,38 @@ def test_validate_false_makes_no_host_sync(rule, model):
     assert _count(rule, False, make()) == 0
 
 
-def test_validate_true_makes_its_documented_syncs():
-    """The counter sees syncs where there are some (so the zero above is a measurement, not a blind spot)."""
-    assert _count("fadjoint", True, nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))) >= 1
+def _count_reads(rule, validate, model, monkeypatch):
+    """Host syncs of one steady-state step: dispatched reads (``.item()``, ``bool(t)``) plus the step guard's
+    read-backs (``.tolist()`` of its one vector, which dispatches nothing on CPU and is one copy on CUDA)."""
+    from torch_fadjoint.optim import guard
+
+    reads = []
+    read_back = guard._read_back
+    monkeypatch.setattr(guard, "_read_back", lambda *a: reads.append(1) or read_back(*a))
+    net = tfa.FPropagation(model)
+    opt = RULES[rule](net, validate)
+    x, t = torch.randn(4, *(1, 8, 8) if isinstance(model, Net) else (6,)), torch.randint(0, 5, (4,))
+    net(x)
+    opt.step(target=t)
+    reads.clear()
+    with CountSyncs() as counter:
+        net(x)
+        opt.step(target=t)
+    return counter.count + len(reads)
+
+
+@pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "equilibrium", "lfp"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_validate_true_makes_one_host_sync(rule, model, monkeypatch):
+    """Issue 20: the checked step decides targets, output, signal and every update bound with ONE read back."""
+    make = Net if model == "cnn" else lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    assert _count_reads(rule, True, make(), monkeypatch) == 1
+
+
+def test_validate_true_makes_its_documented_syncs(monkeypatch):
+    """The counters see syncs where there are some (so the zero above is a measurement, not a blind spot):
+    the delegated rules read their own checks back too."""
+    assert _count_reads("nlms", True, nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)), monkeypatch) >= 2
 
 
 # -- validate="async" (issue 16): decided on the device, never written, raised at the next step ------------
@@ -177,7 +207,7 @@ def test_the_default_on_cpu_is_the_immediate_check():
 def test_async_errors_of_steps_still_in_flight_are_kept_in_order(monkeypatch):
     """On CUDA the CPU runs ahead: several steps' flags can be on their way at once. None may be dropped: the
     first failed step is raised once its flags arrive (here: held back until ``synchronize``)."""
-    from torch_fadjoint.optim.base import PendingFlags
+    from torch_fadjoint.optim.guard import PendingFlags
     monkeypatch.setattr(PendingFlags, "ready", lambda self: False)  # nothing has arrived yet
     net = tfa.FPropagation(_mlp())
     opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, validate="async")
@@ -185,13 +215,13 @@ def test_async_errors_of_steps_still_in_flight_are_kept_in_order(monkeypatch):
     for inputs in (x, torch.full_like(x, float("nan")), x, torch.full_like(x, float("inf")), x):
         net(inputs)
         opt.step(target=t)  # steps 1..5: none raises, the flags are "in flight"
-    assert [p.step for p in opt._pending] == [1, 2, 3, 4, 5]
+    assert [p.step for p in opt.guard.pending] == [1, 2, 3, 4, 5]
     with pytest.raises(RuntimeError, match=r"^step 2 \(validate='async'\)"):
         opt.synchronize()
     with pytest.raises(RuntimeError, match=r"^step 4 \(validate='async'\)"):
         opt.synchronize()
     opt.synchronize()
-    assert not opt._pending
+    assert not opt.guard.pending
 
 
 def _wide():

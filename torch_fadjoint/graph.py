@@ -46,7 +46,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .optim.base import Capture, RuleOptimizer, _async_message, _host_bytes
+from .optim.base import RuleOptimizer
+from .optim.guard import Capture, async_message, host_bytes
 from .recorder import FPropagation
 from .sweep import param_names
 
@@ -107,12 +108,12 @@ class _RecordOnTheWay:
         self.event.synchronize()
 
     def message(self) -> str | None:
-        step, first, failed = struct.unpack("<qqq", _host_bytes(self.host))
+        step, first, failed = struct.unpack("<qqq", host_bytes(self.host))
         if failed == 0:
             return None
         self.graphed._record.zero_()  # reported: later failures are counted afresh
         later = f" ({failed - 1} later replay(s) failed as well and wrote nothing)" if failed > 1 else ""
-        return _async_message(step, self.graphed._parts, first) + later
+        return async_message(step, self.graphed._parts, first) + later
 
 
 class _Snapshot:
@@ -127,7 +128,8 @@ class _Snapshot:
         self.values = [(t, t.detach().clone()) for t in tensors.values()]
         self.state = {p: dict(entry) for p, entry in state.items()}
         self.grads = {p: p.grad for p in net.model.parameters()}
-        self.steps = getattr(opt, "_steps", None)
+        guard = getattr(opt, "guard", None)
+        self.steps = guard.steps if guard is not None else None
 
     def restore(self, grads_too: bool = True) -> None:
         with torch.no_grad():
@@ -140,7 +142,7 @@ class _Snapshot:
             state[p].clear()
             state[p].update(entry)
         if self.steps is not None:
-            self.opt._steps = self.steps
+            self.opt.guard.steps = self.steps
         if grads_too:
             for p, grad in self.grads.items():
                 p.grad = grad
@@ -208,18 +210,18 @@ class GraphedStep:
             if self._graph is None:
                 return self._eager(x, target)
         opt = self.opt
-        opt._raise_pending(wait=False)
-        opt._check_groups()
+        guard = opt.guard
+        guard.raise_pending(wait=False)
+        opt.check_groups()
         self._refresh_lrs()
         self._x.copy_(x, non_blocking=True)  # from the device, or from (pinned) host memory
         self._t.copy_(target, non_blocking=True)
-        opt._steps += 1
+        guard.steps += 1
         self._graph.replay()
-        opt._known.clear()  # the replay wrote behind the version counters
         self.replays += 1
-        if opt._mode == "async" and self._parts and (self._inflight is None or self._inflight not in opt._pending):
+        if guard.mode == "async" and self._parts and (self._inflight is None or self._inflight not in guard.pending):
             self._inflight = _RecordOnTheWay(self)
-            opt._pending.append(self._inflight)
+            guard.add_pending(self._inflight)
         return self._loss
 
     def synchronize(self) -> None:
@@ -260,7 +262,7 @@ class GraphedStep:
         self.net(self._x)
         loss = self.opt.step(target=self._t)
         self._counter.add_(1)
-        capture = self.opt._capture
+        capture = self.opt.guard.capture
         if capture.flags is not None:
             failed = ~capture.flags
             first = failed.to(torch.int64).argmax()
@@ -283,7 +285,7 @@ class GraphedStep:
         key, keys, snapshot = self._structure(), self._state_keys(), _Snapshot(self.net, self.opt)
         capture = Capture(self._lrs)
         try:
-            with torch.no_grad(), opt.capturing(capture):
+            with torch.no_grad(), opt.guard.capturing(capture):
                 with self._backend.side_stream():
                     for i in range(self.warmup):
                         self._captured_step()
@@ -302,7 +304,7 @@ class GraphedStep:
             raise
         finally:
             self._record.zero_()
-            self._counter.fill_(opt._steps)
+            self._counter.fill_(opt.guard.steps)
         self._graph, self._loss, self._key = graph, loss, key
         self._inflight = None
         self.captures += 1

@@ -10,7 +10,10 @@ Each function returns ``(loss, out_adj)``: the loss exactly as ``torch.nn.functi
 (``reduction="sum"`` drops the division by B, resp. B · n_L.)
 
 ``validate=True`` checks the target's dtype, shape and class range; the range check reads one value
-back from the device (a host sync): pass ``validate=False`` inside a captured CUDA graph.
+back from the device (a host sync). ``validate="no_sync"`` checks the same without reading anything back:
+the class range by one ``gather`` on CPU (torch's CPU kernels refuse an index outside [0, C)), not at all on
+CUDA (the caller clamps and flags it, as the optimizers do). ``validate=False`` checks nothing (inside a
+captured CUDA graph).
 """
 from __future__ import annotations
 
@@ -39,6 +42,13 @@ def _check_logits(x_out: Tensor, target: Tensor, what: str, validate: bool) -> N
     if target.device != x_out.device:
         raise ValueError(f"{what}: targets on {target.device}, output on {x_out.device}")
     n_classes = x_out.shape[1]
+    if validate == "no_sync":  # torch's CPU kernels refuse an index outside [0, C): one gather, nothing read back
+        if not x_out.is_cuda and target.numel():
+            try:
+                x_out.gather(1, target.long()[:, None])
+            except (IndexError, RuntimeError):
+                raise ValueError(f"{what}: targets must lie in [0, {n_classes - 1}]") from None
+        return
     if target.numel() and bool(((target < 0) | (target >= n_classes)).any()):
         raise ValueError(f"{what}: targets must lie in [0, {n_classes - 1}]")
 

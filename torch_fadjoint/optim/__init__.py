@@ -4,7 +4,8 @@ All share :class:`~torch_fadjoint.optim.base.RuleOptimizer` (the ``torch.optim.O
 Each ``*_grads`` / ``*_backward`` function computes the same feedback without updating, for any
 torch optimizer.
 """
-from .base import RuleOptimizer, sgd_update
+from .base import RuleOptimizer
+from .functional import sgd_update
 from .consequentialism import Consequentialism, consequentialism_grads
 from .equilibrium import EquilibriumFAdjoint, equilibrium_grads
 from .fadjoint import FAdjoint, fadjoint_grads

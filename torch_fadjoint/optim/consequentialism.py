@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..recorder import FPropagation
 from ..rules.consequentialism import MODES, check_mode, consequentialism_grads
-from .base import BASES, DelegatingRuleOptimizer
+from .delegating import BASES, DelegatingRuleOptimizer
 
 __all__ = ["Consequentialism", "consequentialism_grads", "MODES", "BASES"]
 
@@ -56,12 +56,13 @@ class Consequentialism(DelegatingRuleOptimizer):
         check_mode(group["mode"], group["delta"], group["delta_rel"])
 
     def _rule_step(self, out_adj: Tensor) -> None:
+        self.guard.commit()  # the signal's checks first: this rule decides its own with host reads
         group = self.param_groups[0]
         self._apply_base(consequentialism_grads(self.net, out_adj, group["mode"], group["delta"],
-                                                delta_rel=group["delta_rel"], validate=self._checks_now,
-                                                on_failures=self._flag_failures if self._mode == "async" else None))
+                                                delta_rel=group["delta_rel"], validate=self.guard.checks_on_host,
+                                                on_failures=self._flag_failures if self.guard.mode == "async" else None))
 
     def _flag_failures(self, infos, layers) -> None:
         """Async: a failed Cholesky factorisation (info ≠ 0) is a flag decided on the device."""
-        self._flags.append((torch.stack(infos).eq(0), "consequentialism", [
-            f"{layer}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?)" for layer in layers]))
+        self.guard.require(torch.stack(infos).eq(0), "consequentialism", [
+            f"{layer}: K = X̃X̃ᵀ + δI is not positive definite (δ too small?)" for layer in layers])

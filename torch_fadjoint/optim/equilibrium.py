@@ -12,7 +12,7 @@ from torch import Tensor
 from ..recorder import FPropagation
 from ..rules.equilibrium import EquilibriumRule, check_relaxation, equilibrium_grads
 from ..sweep import backward_sweep, check_rule, param_names
-from .base import RuleOptimizer, peaks, sgd_bounds
+from .base import RuleOptimizer
 
 __all__ = ["EquilibriumFAdjoint", "equilibrium_grads"]
 
@@ -92,24 +92,19 @@ class EquilibriumFAdjoint(RuleOptimizer):
         if tied:
             raise ValueError(f"EquilibriumFAdjoint(sequential=True): {param_names(self.net, tied)[0]} is used by two "
                              "layers, and the sequential rule updates each layer during the sweep; use sequential=False")
-        checks: list[Tensor] = []
-        checked: list[str] = []
         undo: list[tuple] = []  # (param, old value, old .grad, old momentum buffer, had state) of updated layers
 
         def update_now(layer, feedback) -> None:
-            plan = self._sgd_plan(feedback, check=False)  # checked all at once before layer 1's write
-            if self._mode is not False:
-                for group, params, grads, bufs in plan:  # max|g| is in each bound: NaN/Inf gradients included
-                    checks.append(sgd_bounds(params, peaks(grads), bufs, **self._hyper(group), known=self._known))
-                    checked.extend(f"the update of {n}" for n in param_names(self.net, params))
-                if layer is layers[0]:  # every g and bound is known: check before the last write
-                    self._check_bounds(torch.cat(checks), "EquilibriumFAdjoint step", checked)
+            plan = self._sgd_plan(feedback)
+            self._require_sgd_bounds(plan, "EquilibriumFAdjoint step")  # max|g| is in each bound: NaN/Inf g too
+            if layer is layers[0]:  # every g and bound is known: decide before the last write
+                self.guard.commit()
             if layer is not layers[0]:
                 for _, params, _, bufs in plan:
                     for param, buf in zip(params, bufs):
                         undo.append((param, param.clone(), param.grad, None if buf is None else buf.clone(),
                                      param in self.state))
-            self._write_sgd(plan, masked=False)  # upper layers are written before layer 1's checks: guarded
+            self._write_sgd(plan, masked=layer is layers[0])  # upper layers are written before the checks: kept
 
         try:
             backward_sweep(layers, out_adj, rule, update_now, reducer=self.net.reducer, wait_each=True)

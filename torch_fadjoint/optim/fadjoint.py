@@ -1,4 +1,4 @@
-"""``FAdjoint``: the F-adjoint sweep + torch.optim.SGD's update (ALGORITHMS.md §1.2–§1.4, §6.2).
+"""``FAdjoint``: the F-adjoint sweep + torch.optim.SGD's update (docs/maths.md §1.2–§1.4, §6.2).
 
 The rule itself is :func:`torch_fadjoint.sweep.fadjoint_grads` (below the optimizers); this module is
 the thin optimizer over it, and the fused variant that folds SGD into the weight-gradient GEMM.
@@ -12,7 +12,9 @@ from torch import Tensor
 
 from ..recorder import FPropagation
 from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_rule, fadjoint_grads, param_names
-from .base import RuleOptimizer, _amax, fused_sgd_weight_update, sgd_bounds
+from .base import RuleOptimizer
+from .functional import fused_sgd_weight_update, sgd_update_bound
+from .guard import Term
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -43,7 +45,7 @@ class _FactoredRule(FAdjointRule):
 
 
 class FAdjoint(RuleOptimizer):
-    r"""F-adjoint sweep + ``torch.optim.SGD``'s update (ALGORITHMS.md §1.2–§1.4, §6.2).
+    r"""F-adjoint sweep + ``torch.optim.SGD``'s update (docs/maths.md §1.2–§1.4, §6.2).
 
     .. code-block:: text
 
@@ -122,26 +124,32 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             self.net.clear()
             raise
         self.net.clear()
-        if self._mode is not False and fused:
-            bounds, weights = [], []
-            for weight, (y_adj, x_prev) in fused:
-                buf = self.state.get(weight, {}).get("momentum_buffer")
-                product = _amax(y_adj) * _amax(x_prev) * y_adj.shape[0]  # bounds every entry of Y*ᵀX
-                bounds.append(sgd_bounds([weight], [product], [buf], **self._hyper(group_of[weight])))
-                weights.append(weight)
-            self._check_bounds(torch.cat(bounds), "F-adjoint step", lambda: [
-                f"the update of {name} (fused: B·max|Y*|·max|X| and its momentum buffer bound it)"
-                for name in param_names(self.net, weights)])
-        self._check(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self.net, grads))
-        plan = self._sgd_plan(grads)  # validate: bounds every materialised update
+        if self.guard.active and fused:
+            entries = []
+            for weight, (y_adj, x_prev) in fused:  # every entry of Y*ᵀX: ≤ B·max|Y*|·max|X|, ≤ ‖Y*‖·‖X‖
+                group = group_of[weight]
+                terms = [Term(1, y_adj, x_prev, rows=y_adj.shape[0])]
+                buf = self._momentum_buffer(weight, group)
+                entries.append((weight, sgd_update_bound(weight, terms, buf, **self._hyper(group))))
+            self.guard.require_bounded(entries, "F-adjoint step", lambda: [
+                f"the update of {name} (fused: Y*ᵀX's factors and its momentum buffer bound it)"
+                for name in param_names(self.net, [w for w, _ in fused])])
+        self.guard.require_finite(list(grads.values()), "F-adjoint gradients",  # top layer first (read once)
+                                  names=lambda: param_names(self.net, grads))
+        plan = self._sgd_plan(grads)
+        self._require_sgd_bounds(plan)  # bounds every materialised update
+        self.guard.commit()
         for item in fused:
             self._fused_update(group_of, *item)
         self._write_sgd(plan, write_grad=False)
 
     def _fused_update(self, group_of, weight, factors) -> None:
         group = group_of[weight]
-        bufs = [self.state.get(weight, {}).get("momentum_buffer")]
-        ok = self._ok()  # async: every check is in; the writes are masked by it
+        bufs = [self._momentum_buffer(weight, group)]
+        guard = self.guard
+        ok = guard.ok()  # async: every check is in; the writes are masked by it
+        if guard.mode == "async":
+            guard.undo.append(self._undo_of([], [weight] if group["momentum"] and bufs[0] is None else []))
         fused_sgd_weight_update([weight], [factors], bufs, **self._hyper(group), foreach=False, ok=ok)
         if group["momentum"] != 0:
             self.state[weight]["momentum_buffer"] = bufs[0]

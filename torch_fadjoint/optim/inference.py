@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..recorder import FPropagation
 from ..rules.inference import VARIANTS, _gammas, check_inference, inference_grads
 from ..losses import _check_logits
-from .base import DelegatingRuleOptimizer, _as_target
+from .base import _as_target
+from .delegating import DelegatingRuleOptimizer
 
 __all__ = ["InferenceLearning", "inference_grads", "VARIANTS"]
 
@@ -75,11 +76,12 @@ class InferenceLearning(DelegatingRuleOptimizer):
         output = self.net.output
         if output.shape[0] == 0:
             raise ValueError("step: the recorded forward has batch size 0; nothing to learn from")
-        _check_logits(output, target, f"{self.param_groups[0]['variant']} target", self._checks_now)
+        _check_logits(output, target, f"{self.param_groups[0]['variant']} target", self._target_validate())
         target = self._safe_target(output, target)
         return F.cross_entropy(output, target.long()), target
 
     def _rule_step(self, target: Tensor) -> None:
+        self.guard.commit()  # the signal's checks first: this rule decides its own with host reads
         group = self.param_groups[0]
         self._apply_base(inference_grads(self.net, target, **{k: group[k] for k in self._RULE_KEYS},
-                                         validate=self._checks_now))
+                                         validate=self.guard.checks_on_host))

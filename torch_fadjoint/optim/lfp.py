@@ -72,7 +72,7 @@ class LFP(RuleOptimizer):
 
     def _top_signal(self, output: Tensor, target: Tensor):
         target = self._safe_target(output, target)
-        reward = lfp_reward(output, target, self._reward_fn, validate=self._checks_now)
+        reward = lfp_reward(output, target, self._reward_fn, validate=self._target_validate())
         return F.cross_entropy(output, target.long()), reward
 
     def _rule_step(self, reward: Tensor) -> None:
