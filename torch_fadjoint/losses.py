@@ -165,6 +165,10 @@ def get_loss(loss) -> Callable[..., tuple[Tensor, Tensor]]:
     (``F.nll_loss`` → :func:`nll`), or a callable returning ``(loss, out_adj)``."""
     if loss in TORCH_LOSSES:
         return TORCH_LOSSES[loss]
+    if callable(loss) and getattr(loss, "__module__", None) == F.__name__:
+        raise TypeError(f"loss: torch's {loss.__name__} has no closed-form output adjoint here; expected one of "
+                        f"{sorted(f.__name__ for f in TORCH_LOSSES)}, {sorted(LOSSES)} or a callable returning "
+                        "(loss, out_adj)")
     if callable(loss):
         return loss
     if loss not in LOSSES:

@@ -574,7 +574,16 @@ class FPropagation(nn.Module):
         >>> output = net(torch.randn(2, 4))
         >>> loss = net.backward(torch.nn.functional.nll_loss, torch.tensor([0, 2]))
         """
-        value, out_adj = get_loss(loss)(self.output, target, **loss_kwargs)
+        loss_fn = get_loss(loss)
+        output = self.output
+        if output.shape[0] == 0:
+            raise ValueError("FPropagation.backward: the recorded forward has batch size 0; nothing to learn from")
+        result = loss_fn(output, target, **loss_kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor)):
+            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            raise TypeError(f"FPropagation.backward: {name} returned {type(result).__name__}, expected (loss, out_adj) "
+                            "(a closed-form loss: 'cross_entropy', 'nll', 'mse' or torch's functional of one of them)")
+        value, out_adj = result
         self.adjoint(out_adj)
         return value
 

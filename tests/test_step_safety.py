@@ -1,0 +1,217 @@
+"""The step's safety net has no holes (issue 20; docs/maths.md §6.7): per rule and validate mode.
+
+* Stale trust: whatever the step reads is read in that step. A momentum buffer or a parameter changed behind
+  its version counter (``.data``, ``.numpy()``, ``vector_to_parameters``) after a step is checked like any
+  other: a non-finite or overflowing update is refused, nothing is written.
+* Refused, but written: a malformed loaded state (a 0-dim or Python-number momentum buffer) is refused at
+  ``load_state_dict`` and at ``step`` before anything changes; under ``validate="async"`` a refused step's
+  ``.grad`` and new momentum buffers are gone once its error is raised, so training continues exactly as a
+  run that never saw it (dampening ≠ 0 included).
+* Errors that name what was given and what is expected, in one line.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_fadjoint as tfa
+
+from .state import assert_untouched, snapshot
+
+DT = torch.float64
+
+RULES = {
+    "fadjoint": lambda net, v, **kw: tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, validate=v, **kw),
+    "fused": lambda net, v, **kw: tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, fuse_update=True, validate=v, **kw),
+    "lfp": lambda net, v, **kw: tfa.optim.LFP(net, lr=0.1, momentum=0.9, validate=v, **kw),
+    "equilibrium": lambda net, v, **kw: tfa.optim.EquilibriumFAdjoint(net, lr=0.1, momentum=0.9, loss="cross_entropy",
+                                                                      validate=v, **kw),
+    "equilibrium_parallel": lambda net, v, **kw: tfa.optim.EquilibriumFAdjoint(
+        net, lr=0.1, momentum=0.9, loss="cross_entropy", sequential=False, validate=v, **kw),
+}
+MODES = [True, "async"]
+
+
+def _setup(rule, validate, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 5)).to(DT)
+    net = tfa.FPropagation(model)
+    opt = RULES[rule](net, validate, **kw)
+    x = torch.randn(3, 6, dtype=DT)  # batch 3: the fused rule keeps 0.weight's factors (3·(40+6) < 40·6)
+    t = torch.tensor([0, 3, 4])
+    net(x)
+    opt.step(target=t)
+    return model, net, opt, x, t
+
+
+def _refused(net, opt, x, t, validate, model, before, match):
+    """The next step is refused (now, or under async at the following call) and nothing was written."""
+    net(x)
+    if validate is True:
+        with pytest.raises(RuntimeError, match=match):
+            opt.step(target=t)
+    else:
+        opt.step(target=t)  # decided on the device: writes masked
+        with pytest.raises(RuntimeError, match=match):
+            opt.synchronize()
+    assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("validate", MODES)
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_a_momentum_buffer_poked_through_data_is_refused(rule, validate):
+    """The issue's red-team case: one step, then a NaN written into a buffer through ``.data`` (no version bump);
+    the old step trusted a cached bound and wrote NaN into the weight."""
+    model, net, opt, x, t = _setup(rule, validate)
+    opt.state[model[0].weight]["momentum_buffer"].data[0, 0] = float("nan")
+    before = snapshot(model, opt, grads=validate is True)
+    _refused(net, opt, x, t, validate, model, before, r"non-finite values in .*0\.weight")
+
+
+@pytest.mark.parametrize("validate", MODES)
+@pytest.mark.parametrize("how", ["data", "numpy", "vector_to_parameters"])
+@pytest.mark.parametrize("rule", ["fadjoint", "fused", "lfp"])
+def test_a_parameter_changed_behind_its_version_counter_is_refused(rule, how, validate):
+    """A bias set to 1e308 after the forward, behind the version counter: with weight decay λ = 2 and lr = 1 its
+    update overflows (the old step trusted its own bound from the last write and wrote −inf)."""
+    model, net, opt, x, t = _setup(rule, validate, weight_decay=2.0)
+    for group in opt.param_groups:
+        group["lr"] = 1.0
+    net(x)
+    bias = model[2].bias
+    if how == "data":
+        bias.data.fill_(1e308)
+    elif how == "numpy":
+        bias.detach().numpy()[:] = 1e308
+    else:
+        vector = nn.utils.parameters_to_vector(model.parameters()).clone()
+        vector[-5:] = 1e308
+        nn.utils.vector_to_parameters(vector, model.parameters())
+    before = snapshot(model, opt, grads=validate is True)
+    if validate is True:
+        with pytest.raises(RuntimeError, match=r"non-finite values in the update of 2\.bias"):
+            opt.step(target=t)
+    else:
+        opt.step(target=t)
+        with pytest.raises(RuntimeError, match=r"2\.bias"):
+            opt.synchronize()
+    assert_untouched(before, model, opt)
+    assert bias.eq(1e308).all()
+
+
+@pytest.mark.parametrize("validate", MODES)
+@pytest.mark.parametrize("rule", ["fadjoint", "fused", "lfp"])
+def test_a_weight_poked_to_nan_through_numpy_is_refused(rule, validate):
+    model, net, opt, x, t = _setup(rule, validate)
+    net(x)  # the forward saw finite weights; the poke comes between forward and step
+    model[0].weight.detach().numpy()[1, 1] = np.nan
+    before = snapshot(model, opt, grads=validate is True)
+    if validate is True:
+        with pytest.raises(RuntimeError, match=r"non-finite values in the update of 0\.weight"):
+            opt.step(target=t)
+    else:
+        opt.step(target=t)
+        with pytest.raises(RuntimeError, match=r"0\.weight"):
+            opt.synchronize()
+    assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("value", [torch.tensor(0.5, dtype=DT), 0.5], ids=["0-dim", "float"])
+def test_a_malformed_momentum_buffer_is_refused_at_load_and_at_step(rule, value):
+    """A 0-dim buffer passed the shape check and the step failed with torch's broadcast error after 0.weight was
+    stepped; a Python float gave "aminmax(): argument 'input' must be Tensor"."""
+    model, net, opt, x, t = _setup(rule, True)
+    state = opt.state_dict()
+    state["state"][0]["momentum_buffer"] = value  # 0.weight: the first parameter
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"^\w+\.load_state_dict: 0\.weight: momentum_buffer .*, expected a floating "
+                                         r"tensor of shape \(40, 6\)$"):
+        opt.load_state_dict(state)
+    assert_untouched(before, model, opt)
+    opt.state[model[0].weight]["momentum_buffer"] = value  # set by hand: refused by the step, named
+    net(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"^\w+\.step: the momentum_buffer of 0\.weight is a .*, expected a tensor of "
+                                         r"shape \(40, 6\), torch.float64 on cpu .*; nothing was changed$"):
+        opt.step(target=t)
+    assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("rule", ["fadjoint", "fused", "lfp", "equilibrium", "equilibrium_parallel"])
+def test_an_async_refused_first_step_leaves_nothing_that_changes_training(rule):
+    """validate="async", dampening 0.5: the first step is refused (a NaN top signal). Once its error is raised,
+    ``.grad`` is what it was and no momentum buffer exists, so the next steps equal those of a run that never
+    saw the refused step, bit for bit (with a zero buffer left behind, b = 0.9·0 + 0.5·g instead of b = g)."""
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 5)).to(DT)
+        net = tfa.FPropagation(model)
+        return model, net, RULES[rule](net, "async", dampening=0.5)
+
+    x, t = torch.randn(3, 6, dtype=DT), torch.tensor([0, 3, 4])
+    model, net, opt = fresh()
+    twin, twin_net, twin_opt = fresh()
+    out = net(x)
+    opt.step(out_adj=torch.full_like(out, float("nan")))
+    net(x)
+    with pytest.raises(RuntimeError, match=r"^step 1 \(validate='async'\): step: non-finite values in (out_adj|reward) "):
+        opt.step(target=t)  # the error of step 1, raised before step 2 does anything
+    assert all(p.grad is None for p in model.parameters())
+    assert not opt.state
+    for _ in range(3):
+        net(x)
+        opt.step(target=t)
+        twin_net(x)
+        twin_opt.step(target=t)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)  # fused weights have none
+
+
+def test_an_async_refused_later_step_gives_back_the_previous_grad():
+    model, net, opt, x, t = _setup("fadjoint", "async")
+    grads = [p.grad for p in model.parameters()]
+    out = net(x)
+    opt.step(out_adj=torch.full_like(out, float("nan")))
+    with pytest.raises(RuntimeError, match=r"^step 2 \(validate='async'\)"):
+        opt.synchronize()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+
+
+# -- errors that name what was given -----------------------------------------------------------------------
+def _recorded():
+    net = tfa.FPropagation(nn.Sequential(nn.Linear(4, 3)).to(DT))
+    net(torch.randn(2, 4, dtype=DT))
+    return net
+
+
+def test_backward_with_a_loss_that_has_no_closed_form_names_it():
+    net = _recorded()
+    with pytest.raises(TypeError, match=r"^loss: torch's binary_cross_entropy_with_logits has no closed-form output "
+                                        r"adjoint here; expected one of \['cross_entropy', 'mse_loss', 'nll_loss'\]"):
+        net.backward(F.binary_cross_entropy_with_logits, torch.rand(2, 3, dtype=DT))
+
+
+def test_backward_with_a_loss_returning_one_tensor_names_it():
+    net = _recorded()
+    with pytest.raises(TypeError, match=r"^FPropagation.backward: <lambda> returned Tensor, expected \(loss, out_adj\)"):
+        net.backward(lambda out, t: (out - t).pow(2).mean(), torch.rand(2, 3, dtype=DT))
+
+
+def test_backward_on_an_empty_batch_names_it():
+    net = tfa.FPropagation(nn.Sequential(nn.Linear(4, 3)).to(DT))
+    net(torch.randn(0, 4, dtype=DT))
+    with pytest.raises(ValueError, match=r"^FPropagation.backward: the recorded forward has batch size 0"):
+        net.backward(F.cross_entropy, torch.zeros(0, dtype=torch.long))
+
+
+def test_a_target_equal_to_torchs_ignore_index_is_refused_not_ignored():
+    """-100 is torch's ignore_index: its kernels skip that row silently, while the step's 1/B counts it."""
+    model, net, opt, x, t = _setup("fadjoint", True)
+    net(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"^cross_entropy: targets must lie in \[0, 4\]$"):
+        opt.step(target=torch.tensor([0, -100, 4]))
+    assert_untouched(before, model, opt)
