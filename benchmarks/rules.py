@@ -239,6 +239,11 @@ RULES: dict[str, Callable[[nn.Module, dict], object]] = {
     "fadjoint": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(net, **_sgd_kwargs(cfg))),
     "fadjoint_fused": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
         net, **_sgd_kwargs(cfg), fuse_update=True)),
+    # the same, whatever the config's validate: the default step's two opt-outs beside it (issue 20's table)
+    "fadjoint_unchecked": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
+        net, **{**_sgd_kwargs(cfg), "validate": False})),
+    "fadjoint_fused_unchecked": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
+        net, **{**_sgd_kwargs(cfg), "validate": False}, fuse_update=True)),
     "equilibrium": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
         net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg))),
     "equilibrium_ref": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(

@@ -271,8 +271,8 @@ class RuleOptimizer(Optimizer):
         for group, params, grads, bufs in plan:
             hyper = self._hyper(group)
             for param, grad, buf in zip(params, grads, bufs):
-                terms = (grad_terms or {}).get(param) or [Term(1, grad)]
-                entries.append((param, sgd_update_bound(param, terms, buf, **hyper)))
+                term = (grad_terms or {}).get(param) or Term(1, grad)
+                entries.append((param, sgd_update_bound(param, term, buf, **hyper)))
             params_all += params
         self.guard.require_bounded(entries, what or f"{type(self).__name__} step", lambda: [
             f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..recorder import FPropagation
-from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_rule, fadjoint_grads, param_names
+from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_out_adj, check_rule, fadjoint_grads, param_names, sweep_grads
 from .base import RuleOptimizer
 from .functional import fused_sgd_weight_update, sgd_update_bound
 from .guard import Term
@@ -42,6 +42,32 @@ class _FactoredRule(FAdjointRule):
         if bias is not None and bias.requires_grad:
             feedback[bias] = y_adj.reshape(-1, y_adj.shape[-1]).sum(0)
         return feedback
+
+
+class _BoundedRule(FAdjointRule):
+    """The F-adjoint sweep, noting for each weight whose gradient G = Y*ᵀX has smaller factors than itself
+    the factors' norms: every |G_ij| ≤ ‖Y*‖·‖X‖, so the update's bound reads B·(n + m) numbers, not n·m."""
+
+    def __init__(self):
+        self.terms: dict[Tensor, Term] = {}
+        self.uses: Counter = Counter()
+
+    def param_feedback(self, layer, y_adj):
+        feedback = super().param_feedback(layer, y_adj)
+        factors = getattr(layer.entry, "weight_factors", None)
+        weight = getattr(layer.module, "weight", None)
+        if weight is None or weight not in feedback:
+            return feedback
+        self.uses[weight] += 1
+        if factors is not None:
+            y_adj2d, x_prev2d = factors(layer, y_adj)
+            if y_adj2d.numel() + x_prev2d.numel() < weight.numel():  # norms now: Y* may be overwritten below
+                self.terms[weight] = Term(1, *torch._foreach_norm([y_adj2d, x_prev2d]))
+        return feedback
+
+    def grad_terms(self) -> dict[Tensor, Term]:
+        """Factor bounds of weights used once (a tied weight's gradient is read)."""
+        return {w: terms for w, terms in self.terms.items() if self.uses[w] == 1}
 
 
 class FAdjoint(RuleOptimizer):
@@ -88,8 +114,21 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
         if self.fuse_update:
             self._fused_step(out_adj)
         else:
-            # validate: the bound on each update reads max|g| (NaN/Inf included): no separate gradient check
+            self._unfused_step(out_adj)
+
+    def _unfused_step(self, out_adj: Tensor) -> None:
+        """The sweep, then SGD; with validate each update is bounded from the weights' factors where they are
+        smaller than the gradient (no process group: there the update reads the averaged gradient), else
+        from the gradient itself (NaN/Inf in either make the bound fail: no separate gradient check)."""
+        if not self.guard.active or self.net.reducer is not None:
             self._apply_sgd(fadjoint_grads(self.net, out_adj, validate=False))
+            return
+        layers = self.net.recorded_layers()
+        check_out_adj(self.net, out_adj)
+        check_rule(FADJOINT, layers)
+        rule = _BoundedRule()
+        grads = sweep_grads(self.net, layers, out_adj, rule, what="F-adjoint gradients", validate=False)
+        self._apply_sgd(grads, grad_terms=rule.grad_terms())
 
     def _check_fusable(self) -> None:
         if self.net.reducer is not None:
@@ -128,9 +167,9 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             entries = []
             for weight, (y_adj, x_prev) in fused:  # every entry of Y*ᵀX: ≤ B·max|Y*|·max|X|, ≤ ‖Y*‖·‖X‖
                 group = group_of[weight]
-                terms = [Term(1, y_adj, x_prev, rows=y_adj.shape[0])]
+                term = Term(1, y_adj, x_prev, rows=y_adj.shape[0])
                 buf = self._momentum_buffer(weight, group)
-                entries.append((weight, sgd_update_bound(weight, terms, buf, **self._hyper(group))))
+                entries.append((weight, sgd_update_bound(weight, term, buf, **self._hyper(group))))
             self.guard.require_bounded(entries, "F-adjoint step", lambda: [
                 f"the update of {name} (fused: Y*ᵀX's factors and its momentum buffer bound it)"
                 for name in param_names(self.net, [w for w, _ in fused])])

@@ -182,23 +182,21 @@ def _masked_fused_update(weights, factors, momentum_buffers, *, lr, momentum, da
 
 
 
-def _scaled(terms: list[Term], factor) -> list[Term]:
-    return [Term(coef * factor, *tensors, rows=rows) for coef, tensors, rows in terms]
-
-
-def sgd_update_bound(param: Tensor, grad_terms: list[Term], buf: Tensor | None, *, lr, momentum: float = 0.0,
+def sgd_update_bound(param: Tensor, grad_term: Term, buf: Tensor | None, *, lr, momentum: float = 0.0,
                      dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, **_) -> list[Term]:
-    """Terms whose sum bounds every new value |θ'| of :func:`sgd_update` (or of the fused update), from terms
-    bounding the gradient (``Term(1, g)``, or ``Term(1, Y*, X, rows=B)`` for g = Y*ᵀX)::
+    """Terms whose sum bounds every new value |θ'| of :func:`sgd_update` (or of the fused update), from a term
+    bounding the gradient, G (``Term(1, g)``, or ``Term(1, Y*, X, rows=B)`` for g = Y*ᵀX)::
 
         |g'| ≤ G + λ|θ|;   |b'| ≤ μ|b| + |1 − dampening| |g'|  (a new buffer: |g'|)
         |d| ≤ |g'| + μ|b'| (Nesterov) | |b'|;   |θ'| ≤ |θ| + lr |d|
-    """
-    grad = list(grad_terms) + ([Term(weight_decay, param)] if weight_decay else [])
-    direction = grad
+
+    so |θ'| ≤ a|θ| + c|b| + e G, with a, c, e from the hyper-parameters (``lr`` may be a 0-dim tensor)."""
+    grad_scale, buf_scale = 1.0, 0.0  # |d| ≤ grad_scale·|g'| + buf_scale·|b|
     if momentum:
-        new_buf = grad if buf is None else [Term(momentum, buf)] + _scaled(grad, abs(1 - dampening))
-        direction = grad + _scaled(new_buf, momentum) if nesterov else new_buf
-    return [Term(1, param)] + _scaled(direction, lr)
-
-
+        new_grad, new_buf = (1.0, 0.0) if buf is None else (abs(1 - dampening), momentum)  # |b'| ≤ new_buf|b| + new_grad|g'|
+        grad_scale, buf_scale = ((1.0 + momentum * new_grad, momentum * new_buf) if nesterov else (new_grad, new_buf))
+    coef, tensors, rows = grad_term
+    terms = [Term(1 + lr * grad_scale * weight_decay, param), Term(coef * lr * grad_scale, *tensors, rows=rows)]
+    if buf_scale:
+        terms.append(Term(lr * buf_scale, buf))
+    return terms

@@ -47,13 +47,12 @@ def check_validate(validate):
     return validate
 
 
-class Term(tuple):
+def Term(coef, *tensors: Tensor, rows: int = 1) -> tuple:
     """One term of a bound: ``coef · rows · Π ‖t‖`` over ``tensors`` (``rows``: the contracted length of a
     product Y*ᵀX, whose entries are bounded by B·max|Y*|·max|X| or by ‖Y*‖·‖X‖). ``coef`` may be a 0-dim
-    device tensor (a captured learning rate)."""
-
-    def __new__(cls, coef, *tensors: Tensor, rows: int = 1):
-        return super().__new__(cls, (coef, tensors, rows))
+    device tensor (a captured learning rate). A plain tuple (coef, tensors, rows): the step makes a few per
+    parameter."""
+    return coef, tensors, rows
 
 
 # -- peaks ---------------------------------------------------------------------------------------
