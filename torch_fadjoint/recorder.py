@@ -25,6 +25,10 @@ after wrapping; an in-place map that overwrites the input its own derivative nee
 the version counter it was taken at, and the sweep refuses a record (or a parameter it reads) that
 was modified in place after the forward. Tied parameters (one parameter in two layers, or a module
 run twice) accumulate both contributions, as autograd does; frozen parameters get no feedback.
+
+Over 400 lines for a reason that is also a debt: ``FPropagation`` is today the façade, the attach-time plan and
+the per-forward chain record in one class. Issue 21 replaces the chain by a tape of the user's graph and splits
+the three (the plan, the tape, a thin ``nn.Module``).
 """
 from __future__ import annotations
 
