@@ -18,7 +18,7 @@ def test_fadjoint_grads_equal_autograd_on_cuda(problem, dtype, tol):
     net = tfa.FPropagation(model)
     params = dict(model.named_parameters())
     torch.manual_seed(problem.seed)
-    want = oracles.autograd_grads(lambda: net(x), params, problem.loss, target, problem.label_smoothing)
+    want = oracles.autograd_grads(lambda: model(x), params, problem.loss, target, problem.label_smoothing)
     torch.manual_seed(problem.seed)
     with torch.no_grad():
         out = net(x)

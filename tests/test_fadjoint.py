@@ -24,7 +24,7 @@ def fadjoint_grads(problem: Problem, dtype=torch.float64):
     params = dict(model.named_parameters())
     kwargs = {"label_smoothing": problem.label_smoothing} if problem.loss == "cross_entropy" else {}
     torch.manual_seed(problem.seed)
-    want = oracles.autograd_grads(lambda: net(x), params, problem.loss, target, problem.label_smoothing)
+    want = oracles.autograd_grads(lambda: model(x), params, problem.loss, target, problem.label_smoothing)
     torch.manual_seed(problem.seed)
     with torch.no_grad():
         out = net(x)

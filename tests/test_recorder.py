@@ -188,3 +188,68 @@ def test_state_dict_is_the_wrapped_models():
     fresh = mlp()
     net.load_state_dict(fresh.state_dict())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+
+
+# -- the forward (issue 21): no autograd graph, named inputs, a refused forward changes nothing, no leak ---------
+def test_the_recorded_forward_builds_no_autograd_graph_even_with_grad_enabled():
+    """A stock loop calls net(x) with grad enabled: nothing uses autograd's graph, so none is built (the output
+    has requires_grad=False; the model's own forward outside the recorder is unchanged)."""
+    model = mlp()
+    net = tfa.FPropagation(model)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    assert torch.is_grad_enabled()
+    out = net(x)
+    assert not out.requires_grad and out.grad_fn is None
+    assert model(x).grad_fn is not None  # not the recorder's: autograd as usual
+    net.backward(F.cross_entropy, torch.tensor([0, 1, 2, 0]))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_input_that_requires_grad_is_refused_in_one_line():
+    """Autograd would fill x.grad; the F-adjoint fills only the parameters': refused, not silently left None."""
+    net = tfa.FPropagation(mlp())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^FPropagation: input 0 requires grad: autograd would fill its \.grad, the "
+                                         r"F-adjoint fills the parameters' only; pass it detached \(x\.detach\(\)\)$"):
+        net(x)
+    net(x.detach())
+
+
+class _ScaledBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * 2  # arithmetic after the BatchNorm: refused, after bn updated its statistics
+
+
+def test_a_refused_forward_leaves_batchnorm_statistics_as_they_were():
+    model = _ScaledBatchNorm().double().train()
+    net = tfa.FPropagation(model)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    with pytest.raises(ValueError, match="not a map of the chain"):
+        net(torch.randn(8, 6, dtype=torch.float64))
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+    assert model.bn.num_batches_tracked.item() == 0
+
+
+class _ScheduledDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.p = nn.Linear(6, 5), nn.Linear(5, 3), 0.0
+
+    def forward(self, x):
+        return self.fc2(F.dropout(self.fc1(x), self.p, self.training))
+
+
+def test_functional_stand_ins_are_not_kept_one_per_scheduled_value():
+    """F.dropout(h, self.p, …) with a scheduled p made one cached stand-in module per step (201 after 200 steps)."""
+    model = _ScheduledDropout().double()
+    net = tfa.FPropagation(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for step in range(200):
+        model.p = step / 1000
+        net(x)
+    assert len(net._standins) <= 64

@@ -69,6 +69,21 @@ def _ours(hook):
     return hook
 
 
+_STANDINS_KEPT = 64  # functional stand-ins cached per call signature, least recently used evicted first
+
+
+def _running_statistics(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, a copy) of every running statistic a train-mode normalisation layer updates in its own forward
+    (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
+    kept = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+                if buffer is not None:
+                    kept.append((buffer, buffer.clone()))
+    return kept
+
+
 def _foreign_hooks(module: nn.Module) -> list:
     return [h for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values()
             if not getattr(h, "_fadjoint", False)]
@@ -482,9 +497,12 @@ class FPropagation(nn.Module):
             hash(key)
         except TypeError:
             return builder(*args, **kwargs)
-        module = self._standins.get(key)
+        module = self._standins.pop(key, None)
         if module is None:
-            module = self._standins[key] = builder(*args, **kwargs)
+            module = builder(*args, **kwargs)
+            if len(self._standins) >= _STANDINS_KEPT:  # a scheduled argument (dropout's p) makes a new key each step
+                del self._standins[next(iter(self._standins))]
+        self._standins[key] = module  # most recently used last
         return module
 
     # -- forward -------------------------------------------------------------------------------
@@ -500,13 +518,21 @@ class FPropagation(nn.Module):
             raise RuntimeError("FPropagation: a global module forward hook is registered "
                                "(nn.modules.module.register_module_forward_hook); it may change outputs unseen")
         self.clear()
+        for i, value in enumerate(tree_flatten((args, kwargs))[0]):
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
+                                 "fills the parameters' only; pass it detached (x.detach())")
+        statistics = _running_statistics(self.model)  # what a refused forward must put back
         self._recording = True
         try:
-            with _ChainMode(self) if self._needs_mode else contextlib.nullcontext():
+            # no autograd graph: nothing would use it (the sweep is ours); the output has requires_grad=False
+            with torch.no_grad(), (_ChainMode(self) if self._needs_mode else contextlib.nullcontext()):
                 output = self.model(*args, **kwargs)
             self._finish(output)
         except BaseException:
             self.clear()
+            for buffer, value in statistics:
+                buffer.copy_(value)
             raise
         finally:
             self._recording = False
