@@ -1,0 +1,202 @@
+"""Junction entries for activations, softmax and attention, called as functions (docs/maths.md §7.1).
+
+Added to :data:`torch_fadjoint.junctions.JUNCTIONS` on import; the verbs, keys and in-place rules are
+``junctions.py``'s. These overlap tfa.maps (a module table); this table is by function. Each activation's
+adjoint is autograd's own kernel on what autograd keeps (so float32 results are bit-identical):
+
+    =========================================  =============================  ===========================
+    function                                   kernel                         record
+    =========================================  =============================  ===========================
+    F.relu, torch.relu, relu_                  threshold_backward             the output
+    F.hardtanh, F.relu6                        hardtanh_backward              the output (same mask)
+    torch.sigmoid, torch.tanh (and ``_``)      sigmoid_backward, tanh_backward  the output
+    F.hardswish, F.hardsigmoid, F.silu, F.mish  hardswish_backward, …         the input (a copy, inplace)
+    F.gelu (approximate "none" / "tanh")       gelu_backward                  the input
+    softmax, log_softmax (dim; dtype=None)     _softmax_backward_data, …      the output
+    F.scaled_dot_product_attention            composed: P = softmax(q kᵀ s + mask); v* = Pᵀ O*,
+                                               S* = softmax'ᵀ(O* vᵀ), q* = s S* k, k* = s S*ᵀ q   q, k, v, mask
+    =========================================  =============================  ===========================
+
+``inplace=True`` on an activation that reads its input (SiLU, Hardswish, Hardsigmoid, Mish: torchvision's
+EfficientNet and MobileNetV3) needs the input from before the write: :meth:`Junction.run` clones it first,
+as autograd does. Attention keeps q, k, v (autograd: q, k, v and the output with its log-sum-exp) and
+recomputes P in the backward; its float32 adjoints equal autograd's to rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .junctions import FIRST, JUNCTIONS, Junction, argument, entries, fit, is_floating
+
+_aten = torch.ops.aten
+
+
+class _Activation(Junction):
+    """σ entry by entry: the adjoint is :meth:`kernel` (autograd's) on the record, the call's output
+    (``saves = "output"``) or its input (``"input"``, copied first by ``run`` when the call is in place)."""
+
+    saves = "output"
+
+    def reads_first(self, args, kwargs):
+        return self.saves == "input"
+
+    def options(self, args, kwargs) -> tuple:
+        """The call's own constants the kernel needs (hardtanh's bounds, gelu's approximation)."""
+        return ()
+
+    def record(self, args, kwargs, out):
+        self._check_kept(args, kwargs, out)
+        key, x = argument(args, kwargs, 0, FIRST)
+        return key, (x if self.saves == "input" else out), self.options(args, kwargs)
+
+    def input_adjoints(self, saved, out_adj):
+        key, value, options = saved
+        return {key: self.kernel(out_adj, value, *options)}
+
+    def kernel(self, out_adj: Tensor, value: Tensor, *options) -> Tensor:
+        raise NotImplementedError
+
+
+class _ReLU(_Activation):
+    def kernel(self, out_adj, out):
+        return _aten.threshold_backward(out_adj, out, 0)
+
+
+class _Hardtanh(_Activation):
+    """The mask min < · < max is the same on the output as on the input: the output is the record."""
+
+    def options(self, args, kwargs):
+        return argument(args, kwargs, 1, "min_val", -1.0)[1], argument(args, kwargs, 2, "max_val", 1.0)[1]
+
+    def kernel(self, out_adj, out, low, high):
+        return _aten.hardtanh_backward(out_adj, out, low, high)
+
+
+class _ReLU6(_Hardtanh):
+    def options(self, args, kwargs):
+        return 0.0, 6.0
+
+
+class _Sigmoid(_Activation):
+    def kernel(self, out_adj, out):
+        return _aten.sigmoid_backward(out_adj, out)
+
+
+class _Tanh(_Activation):
+    def kernel(self, out_adj, out):
+        return _aten.tanh_backward(out_adj, out)
+
+
+class _Hardswish(_Activation):
+    saves, inplace = "input", 1
+
+    def kernel(self, out_adj, x):
+        return _aten.hardswish_backward(out_adj, x)
+
+
+class _Hardsigmoid(_Hardswish):
+    def kernel(self, out_adj, x):
+        return _aten.hardsigmoid_backward(out_adj, x)
+
+
+class _SiLU(_Hardswish):
+    def kernel(self, out_adj, x):
+        return _aten.silu_backward(out_adj, x)
+
+
+class _Mish(_Hardswish):
+    def kernel(self, out_adj, x):
+        return _aten.mish_backward(out_adj, x)
+
+
+class _GELU(_Activation):
+    saves = "input"
+
+    def options(self, args, kwargs):
+        return (argument(args, kwargs, 1, "approximate", "none")[1],)
+
+    def kernel(self, out_adj, x, approximate):
+        return _aten.gelu_backward(out_adj, x, approximate=approximate)
+
+
+class _Softmax(Junction):
+    """softmax(z, dim) and (``log=True``) log_softmax: autograd's ``_softmax_backward_data`` /
+    ``_log_softmax_backward_data`` on the output. ``dim=None`` (F.softmax's implicit dim) is resolved as torch
+    does; a ``dtype`` that changes the dtype is refused."""
+
+    def __init__(self, log=False):
+        self.kernel = _aten._log_softmax_backward_data if log else _aten._softmax_backward_data
+
+    def check(self, args, kwargs):
+        dtype = kwargs.get("dtype") or next((a for a in args[2:] if isinstance(a, torch.dtype)), None)
+        if dtype is not None and dtype != argument(args, kwargs, 0, FIRST)[1].dtype:
+            raise ValueError(f"{self.name}: dtype={dtype} changes the dtype; expected dtype=None")
+
+    def record(self, args, kwargs, out):
+        self.check(args, kwargs)
+        key, z = argument(args, kwargs, 0, FIRST)
+        dim = argument(args, kwargs, 1, "dim", None)[1]
+        dim = (0 if z.dim() in (0, 1, 3) else 1) if dim is None else dim
+        return key, out, dim % max(z.dim(), 1)
+
+    def input_adjoints(self, saved, out_adj):
+        key, out, dim = saved
+        return {key: self.kernel(out_adj, out, dim, out.dtype)}
+
+
+class _Attention(Junction):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale)``, composed from the
+    math (see the module's table); a boolean or causal mask is a constant, an additive float mask gets the
+    adjoint of the scores, S*, as autograd gives it (the tape ignores it where the mask is a constant)."""
+
+    def check(self, args, kwargs):
+        dropout = argument(args, kwargs, 4, "dropout_p", 0.0)[1]
+        if dropout > 0:
+            raise ValueError(f"{self.name}: dropout_p={dropout} drops at random and keeps no mask; expected "
+                             "dropout_p=0.0")
+        if kwargs.get("enable_gqa", False):
+            raise ValueError(f"{self.name}: enable_gqa=True is not in the table; expected enable_gqa=False")
+
+    def record(self, args, kwargs, out):
+        self.check(args, kwargs)
+        qkv = [argument(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value"))]
+        mask = argument(args, kwargs, 3, "attn_mask", None)
+        causal = bool(argument(args, kwargs, 5, "is_causal", False)[1])
+        scale = kwargs.get("scale")
+        return qkv, mask, causal, 1 / math.sqrt(qkv[0][1].shape[-1]) if scale is None else scale
+
+    def input_adjoints(self, saved, out_adj):
+        ((kq, q), (kk, k), (kv, v)), (km, mask), causal, scale = saved
+        scores = (q @ k.mT) * scale
+        if causal:  # top-left aligned, as torch's
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+        attn = torch.softmax(scores, -1)
+        scores_adj = _aten._softmax_backward_data(out_adj @ v.mT, attn, -1, attn.dtype)
+        adjs = {kv: fit(attn.mT @ out_adj, v.shape, v.dtype)}
+        if is_floating(mask):  # an additive mask (a relative-position bias may be a parameter)
+            adjs[km] = fit(scores_adj, mask.shape, mask.dtype)
+        scores_adj = scores_adj * scale
+        adjs.update({kq: fit(scores_adj @ k, q.shape, q.dtype), kk: fit(scores_adj.mT @ q, k.shape, k.dtype)})
+        return adjs
+
+
+JUNCTIONS.update(entries({
+    "F.relu torch.relu Tensor.relu F.relu_ torch.relu_ Tensor.relu_": _ReLU,
+    "F.hardtanh F.hardtanh_": _Hardtanh,
+    "F.relu6": _ReLU6,
+    "torch.sigmoid Tensor.sigmoid F.sigmoid torch.sigmoid_ Tensor.sigmoid_": _Sigmoid,
+    "torch.tanh Tensor.tanh F.tanh torch.tanh_ Tensor.tanh_": _Tanh,
+    "F.hardswish": _Hardswish,
+    "F.hardsigmoid": _Hardsigmoid,
+    "F.silu": _SiLU,
+    "F.mish": _Mish,
+    "F.gelu": _GELU,
+    "torch.softmax Tensor.softmax F.softmax": _Softmax,
+    "torch.log_softmax Tensor.log_softmax F.log_softmax": lambda: _Softmax(log=True),
+    "F.scaled_dot_product_attention": _Attention,
+}))
