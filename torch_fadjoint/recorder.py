@@ -72,6 +72,31 @@ def _ours(hook):
 _STANDINS_KEPT = 64  # functional stand-ins cached per call signature, least recently used evicted first
 
 
+_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+_SETTING_KEYS: dict[type, tuple] = {}
+
+
+def _settings(module: nn.Module) -> tuple:
+    """What a backward reads from a module besides its records: its plain settings (``eps``, ``negative_slope``,
+    ``stride``, ``count_include_pad``, ``training``, …) and which tensors its parameters and buffers are."""
+    keys = _SETTING_KEYS.get(type(module))
+    if keys is None:  # the names a freshly made module of this type holds (torch's own table modules)
+        keys = _SETTING_KEYS[type(module)] = tuple(
+            k for k, v in module.__dict__.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
+    values = module.__dict__
+    return (tuple(values.get(k) for k in keys), tuple(map(id, module._parameters.values())),
+            tuple(map(id, module._buffers.values())))
+
+
+def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
+    """The first difference between two ``_settings`` of ``module``, in words."""
+    keys = _SETTING_KEYS[type(module)]
+    for key, a, b in zip(keys, then[0], now[0]):
+        if a != b:
+            return f"{key}: {a!r} → {b!r}"
+    return "a parameter or buffer was replaced"
+
+
 def _running_statistics(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """(buffer, a copy) of every running statistic a train-mode normalisation layer updates in its own forward
     (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
@@ -146,7 +171,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch",
+    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
                               "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
 
     def __setattr__(self, name, value):
@@ -254,6 +279,7 @@ class FPropagation(nn.Module):
         self._last_from = ""
         self._calls: dict[int, int] = {}
         self._watch: list[tuple[Tensor, int, str]] = []
+        self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
         self._depth = 0
         self._transparent = None
 
@@ -374,6 +400,7 @@ class FPropagation(nn.Module):
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
                         self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
+                self._configs.append((module, rec.describe, _settings(module)))
                 self._layers.append(rec)
                 self._advance(output, rec.describe)
             finally:
@@ -432,6 +459,7 @@ class FPropagation(nn.Module):
             for item in saved:
                 self._watch_tensor(item, f"the record of {what}")
         rec = MapRecord(name, module, entry, saved)
+        self._configs.append((module, what, _settings(module)))
         if self.keep_pre_activations:
             rec.y, rec.x = _detach(y), _detach(x)
             self._watch_tensor(rec.y, f"the input of {what}")
@@ -581,6 +609,14 @@ class FPropagation(nn.Module):
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
                                    "records cleared, nothing was changed (run the forward again)")
+        for module, what, then in self._configs:
+            now = _settings(module)
+            if now != then:
+                change = _setting_change(module, then, now)
+                self.clear()
+                raise RuntimeError(f"FPropagation: {what} was changed between the forward and the sweep ({change}); "
+                                   "the sweep would use what the forward did not; records cleared, nothing was "
+                                   "changed (run the forward again)")
         return self._layers
 
     def adjoint(self, out_adj: Tensor, *, validate: bool = True, retain_records: bool = False) -> None:
