@@ -29,3 +29,17 @@ def autograd_grads(forward, params: dict, loss: str, target, label_smoothing: fl
     for p in params.values():
         p.grad = None
     return grads
+
+
+def vjp(fn, inputs, out_adj):
+    """``(out, grads)``: ``out = fn(*inputs)`` and autograd's J^T O* for each input, the gradient of
+    ``Σ (out ⊙ O*)`` (tests/test_junctions.py). ``out_adj``: a tensor, or for a tuple output a tuple with None
+    where an output gets no adjoint. A grad is None where autograd does not reach that input."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.enable_grad():
+        out = fn(*leaves)
+        outs, adjs = (out, out_adj) if isinstance(out, tuple) else ((out,), (out_adj,))
+        loss = sum((o * a).sum() for o, a in zip(outs, adjs) if a is not None)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    detached = tuple(o.detach() for o in outs)
+    return (detached if isinstance(out, tuple) else detached[0]), list(grads)
