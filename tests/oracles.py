@@ -31,6 +31,44 @@ def autograd_grads(forward, params: dict, loss: str, target, label_smoothing: fl
     return grads
 
 
+def autograd_module_loss(forward, params: dict, criterion, target) -> tuple:
+    """``(criterion(forward(), target), {name: ∂J/∂p})`` by ``.backward()``: one of torch's loss modules with its
+    own settings (``nn.CrossEntropyLoss(label_smoothing=0.1)``, …); ``.grad`` is left as it was found (None)."""
+    for p in params.values():
+        p.grad = None
+    with torch.enable_grad():
+        value = criterion(forward(), target)
+        value.backward()
+    grads = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+    for p in params.values():
+        p.grad = None
+    return value.detach(), grads
+
+
+def autograd_sgd_steps(model, criterion, batches, lr: float) -> list:
+    """``torch.optim.SGD(model.parameters(), lr)`` after ``criterion(model(x), t).backward()`` for each (x, t)
+    of ``batches`` (``model`` is trained in place); returns the losses, detached."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for x, t in batches:
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            value = criterion(model(x), t)
+            value.backward()
+        opt.step()
+        losses.append(value.detach())
+    return losses
+
+
+def autograd_output_grad(criterion, out, target) -> tuple:
+    """``(criterion(out, target), ∂J/∂out)`` by ``.backward()`` on a leaf copy of ``out``."""
+    leaf = out.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        value = criterion(leaf, target)
+        value.backward()
+    return value.detach(), leaf.grad
+
+
 def vjp(fn, inputs, out_adj):
     """``(out, grads)``: ``out = fn(*inputs)`` and autograd's J^T O* for each input, the gradient of
     ``Σ (out ⊙ O*)`` (tests/test_junctions.py). ``out_adj``: a tensor, or for a tuple output a tuple with None

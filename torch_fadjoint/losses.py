@@ -9,6 +9,10 @@ Each function returns ``(loss, out_adj)``: the loss exactly as ``torch.nn.functi
 
 (``reduction="sum"`` drops the division by B, resp. B · n_L.)
 
+torch's loss modules ``nn.CrossEntropyLoss``, ``nn.NLLLoss`` and ``nn.MSELoss`` map to the same closed forms
+with their own settings (:class:`ModuleLoss`, read from the module at each call); what a closed form cannot
+honour (class ``weight``, ``ignore_index`` ≠ −100, ``reduction="none"``, a subclass, hooks) is refused.
+
 ``validate=True`` checks the target's dtype, shape and class range; the range check reads one value
 back from the device (a host sync). ``validate="no_sync"`` checks the same without reading anything back:
 the class range by one ``gather`` on CPU (torch's CPU kernels refuse an index outside [0, C)), not at all on
@@ -17,13 +21,14 @@ captured CUDA graph).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["cross_entropy", "nll", "mse", "get_loss", "LOSSES", "TORCH_LOSSES"]
+__all__ = ["cross_entropy", "nll", "mse", "get_loss", "ModuleLoss", "LOSSES", "TORCH_LOSSES", "MODULE_LOSSES"]
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -87,15 +92,15 @@ def cross_entropy(
     target = target.long()
     batch, n_classes = x_out.shape
     log_probs = torch.log_softmax(x_out, dim=1)
-    scale = 1.0 / batch if reduction == "mean" else 1.0
-    # ∂J/∂log_probs = −q/B, then through log_softmax: g − softmax · Σ g. Without smoothing these are
-    # autograd's own kernels (nll_loss_backward, _log_softmax_backward_data): loss.backward()'s bits.
+    # ∂J/∂log_probs = −q/B, then through log_softmax: g − softmax · Σ g. These are autograd's own kernels
+    # (nll_loss_backward, _log_softmax_backward_data) on the constants it derives from J = (1 − ε) nll + (ε/C) ·
+    # mean(−Σ_c log_probs), in its order: loss.backward()'s bits, with or without smoothing.
+    log_probs_adj = _nll_adjoint(log_probs, target, reduction, 1.0 - label_smoothing)
     if label_smoothing:
-        log_probs_adj = log_probs.new_full(log_probs.shape, -label_smoothing / n_classes * scale)
-        log_probs_adj.scatter_add_(1, target[:, None],
-                                   log_probs.new_full((batch, 1), -(1.0 - label_smoothing) * scale))
-    else:
-        log_probs_adj = _nll_adjoint(log_probs, target, reduction)
+        smooth = log_probs.new_full((), label_smoothing / n_classes)
+        if reduction == "mean":  # by a tensor, as autograd does: CUDA divides by a host scalar as x · (1/B)
+            smooth = smooth / log_probs.new_full((), float(batch))
+        log_probs_adj = log_probs_adj - smooth
     out_adj = torch.ops.aten._log_softmax_backward_data(log_probs_adj, log_probs, 1, log_probs.dtype)
     if label_smoothing:
         loss = F.cross_entropy(x_out, target, label_smoothing=label_smoothing, reduction=reduction)
@@ -110,7 +115,7 @@ def nll(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     x_out: (B, C) log-probabilities; target: (B,). Returns (loss, out_adj (B, C)).
         X*^L = −onehot(t) / B
     >>> nll(torch.log_softmax(torch.zeros(2, 3), 1), torch.tensor([0, 2]))[1][0]
-    tensor([-0.5000, 0.0000, 0.0000])
+    tensor([-0.5000,  0.0000,  0.0000])
     """
     _check_reduction(reduction)
     _check_logits(x_out, target, "nll", validate)
@@ -119,9 +124,9 @@ def nll(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     return loss, _nll_adjoint(x_out, target, reduction)
 
 
-def _nll_adjoint(log_probs: Tensor, target: Tensor, reduction: str) -> Tensor:
-    """−onehot(t) / B (or −onehot(t)) with autograd's own kernel, so the bits are loss.backward()'s."""
-    return torch.ops.aten.nll_loss_backward(log_probs.new_ones(()), log_probs, target, None,
+def _nll_adjoint(log_probs: Tensor, target: Tensor, reduction: str, grad: float = 1.0) -> Tensor:
+    """−grad · onehot(t) / B (or −grad · onehot(t)) with autograd's own kernel, so the bits are loss.backward()'s."""
+    return torch.ops.aten.nll_loss_backward(log_probs.new_full((), grad), log_probs, target, None,
                                             1 if reduction == "mean" else 2, -100,
                                             log_probs.new_full((), float(log_probs.shape[0])))  # a fill: no host copy
 
@@ -160,9 +165,85 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 TORCH_LOSSES: dict = {F.cross_entropy: cross_entropy, F.nll_loss: nll, F.mse_loss: mse}
 
 
+# torch's loss modules (this exact type) → the closed form of the same loss (ModuleLoss passes it their settings)
+MODULE_LOSSES: dict = {nn.CrossEntropyLoss: cross_entropy, nn.NLLLoss: nll, nn.MSELoss: mse}
+_SUPPORTED_MODULES = ("nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss (reduction 'mean' or 'sum', label_smoothing; "
+                      "weight=None, ignore_index=-100)")
+
+
+class ModuleLoss:
+    """One of torch's loss modules (``nn.CrossEntropyLoss``, ``nn.NLLLoss``, ``nn.MSELoss``) as its closed form.
+    Any other loss module, a subclass of these included, is refused (TypeError naming it).
+
+    ``ModuleLoss(criterion)(output, target, validate=True) -> (loss, out_adj)``: the closed form of
+    ``criterion``'s loss called with ``criterion``'s settings (``reduction``; ``label_smoothing`` for
+    cross-entropy), read from the module at each call, as ``criterion(output, target)`` reads them: a setting
+    changed between steps applies, one that became unsupported is refused (ValueError, nothing computed). The
+    module is the only source of its settings: no keyword other than ``validate`` is taken.
+    >>> loss, out_adj = ModuleLoss(nn.CrossEntropyLoss(label_smoothing=0.1))(torch.zeros(2, 3), torch.tensor([0, 2]))
+    """
+
+    def __init__(self, module: nn.Module):
+        kind = type(module)
+        if kind not in MODULE_LOSSES:
+            name = f"nn.{kind.__name__}" if kind.__module__.startswith("torch.nn") else kind.__name__
+            parent = next((base for base in MODULE_LOSSES if isinstance(module, base)), None)
+            if parent is not None:  # exact types only: a subclass's forward may compute another loss
+                raise TypeError(f"loss: {name}, a subclass of nn.{parent.__name__}, is not supported (its forward "
+                                f"may differ); pass nn.{parent.__name__} itself or a callable returning (loss, out_adj)")
+            raise TypeError(f"loss: {name} has no closed-form output adjoint here; supported modules: "
+                            f"{_SUPPORTED_MODULES}")
+        self.module = module
+        self.closed_form = MODULE_LOSSES[kind]
+        self.__name__ = f"nn.{kind.__name__}"
+        self.settings()  # refuses now (get_loss, an optimizer's construction) what the closed form cannot honour
+
+    # what inspect.signature reports (an optimizer's loss_kwargs are checked against it): no settings
+    __signature__ = inspect.Signature([
+        inspect.Parameter("output", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("validate", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=True)])
+
+    def settings(self) -> dict:
+        """The closed form's keyword arguments from the module's settings now; ValueError for one it cannot honour."""
+        module, name = self.module, self.__name__
+        if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
+            raise ValueError(f"loss: {name} with hooks is not supported (they would not run); remove them or pass a "
+                             "callable returning (loss, out_adj)")
+        reduction = module.reduction
+        if reduction not in _REDUCTIONS:
+            why = " (no scalar loss)" if reduction == "none" else ""
+            raise ValueError(f"loss: {name} with reduction={reduction!r} is not supported{why}; use 'mean' or 'sum'")
+        kwargs = {"reduction": reduction}
+        if isinstance(module, nn.modules.loss._WeightedLoss) and module.weight is not None:
+            raise ValueError(f"loss: {name} with a class weight is not supported (no closed form here); use weight=None")
+        if hasattr(module, "ignore_index") and module.ignore_index != -100:
+            raise ValueError(f"loss: {name} with ignore_index={module.ignore_index!r} is not supported; use torch's "
+                             "default -100 (a target equal to it is refused, not ignored)")
+        if hasattr(module, "label_smoothing"):
+            smoothing = module.label_smoothing
+            if not (isinstance(smoothing, (int, float)) and 0.0 <= smoothing <= 1.0):
+                raise ValueError(f"loss: {name} with label_smoothing={smoothing!r} is not supported; it must lie in "
+                                 "[0, 1]")
+            kwargs["label_smoothing"] = float(smoothing)
+        return kwargs
+
+    def __call__(self, output: Tensor, target: Tensor, validate=True, **settings) -> tuple[Tensor, Tensor]:
+        if settings:
+            raise TypeError(f"loss: {self.__name__} takes its settings from the module, not as arguments "
+                            f"{sorted(settings)}; set them on the module (criterion.reduction = 'sum')")
+        return self.closed_form(output, target, validate=validate, **self.settings())
+
+    def __repr__(self) -> str:
+        return f"ModuleLoss({self.module!r})"
+
+
 def get_loss(loss) -> Callable[..., tuple[Tensor, Tensor]]:
     """A loss by name (``"cross_entropy"``, ``"nll"``, ``"mse"``), torch's functional of one of them
-    (``F.nll_loss`` → :func:`nll`), or a callable returning ``(loss, out_adj)``."""
+    (``F.nll_loss`` → :func:`nll`), an instance of ``nn.CrossEntropyLoss``, ``nn.NLLLoss`` or ``nn.MSELoss``
+    (→ a :class:`ModuleLoss` with its settings), or a callable returning ``(loss, out_adj)``."""
+    if isinstance(loss, nn.modules.loss._Loss):  # any loss module: ours by exact type, the others refused
+        return ModuleLoss(loss)
     if loss in TORCH_LOSSES:
         return TORCH_LOSSES[loss]
     if callable(loss) and getattr(loss, "__module__", None) == F.__name__:

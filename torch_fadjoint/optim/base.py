@@ -215,7 +215,7 @@ class RuleOptimizer(Optimizer):
 
     def _top_signal(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         kwargs = dict(self.loss_kwargs)
-        if self._loss_fn in LOSSES.values():
+        if getattr(self._loss_fn, "closed_form", self._loss_fn) in LOSSES.values():  # ours, or a ModuleLoss
             kwargs["validate"] = self._target_validate()
             target = self._safe_target(output, target)
         result = self._loss_fn(output, target, **kwargs)
