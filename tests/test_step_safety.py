@@ -9,6 +9,8 @@
   run that never saw it (dampening ≠ 0 included).
 * Errors that name what was given and what is expected, in one line.
 """
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -214,4 +216,216 @@ def test_a_target_equal_to_torchs_ignore_index_is_refused_not_ignored():
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"^cross_entropy: targets must lie in \[0, 4\]$"):
         opt.step(target=torch.tensor([0, -100, 4]))
+    assert_untouched(before, model, opt)
+
+
+# -- the red team of issue 20's guard (each case broke the first version of it) ---------------------------------
+@pytest.mark.parametrize("validate", MODES)
+@pytest.mark.parametrize("rule", ["fadjoint", "fused", "lfp", "equilibrium_parallel"])
+def test_an_overflow_on_the_way_is_refused_though_the_new_value_would_fit(rule, validate):
+    """lr = 0.1, λ = 2, a bias poked to 1e308: g' = g + λθ overflows before θ − lr·g' would fit (1.2e308); the
+    first guard bounded only θ' and wrote −inf."""
+    model, net, opt, x, t = _setup(rule, validate, weight_decay=2.0)
+    net(x)
+    model[2].bias.data.fill_(1e308)
+    before = snapshot(model, opt, grads=validate is True)
+    if validate is True:
+        with pytest.raises(RuntimeError, match=r"non-finite values in the update of 2\.bias"):
+            opt.step(target=t)
+    else:
+        opt.step(target=t)
+        with pytest.raises(RuntimeError, match=r"2\.bias"):
+            opt.synchronize()
+    assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_float16_momentum_buffer_that_would_overflow_is_refused(nesterov):
+    """μ = 0.99 and gradients ~1e4 in float16: the buffer passes 65504 after a few steps (with Nesterov the
+    direction g' + μb' first) while lr·d still fits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=1e-4, momentum=0.99, nesterov=nesterov)
+    x = torch.randn(8, 4).half()
+    refused = False
+    for _ in range(12):
+        out = net(x)
+        before = snapshot(model, opt)
+        try:
+            opt.step(out_adj=torch.full_like(out, 2e3))
+        except RuntimeError as exc:
+            assert "non-finite values in the update of 0." in str(exc)
+            assert_untouched(before, model, opt)
+            refused = True
+            break
+        assert all(p.isfinite().all() and opt.state[p]["momentum_buffer"].isfinite().all()
+                   for p in model.parameters())
+    assert refused
+
+
+def test_a_hyper_parameter_past_the_dtype_is_refused():
+    model = nn.Sequential(nn.Linear(6, 5))
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=1e-20, momentum=0.9)
+    opt.param_groups[0]["momentum"] = 1e39  # a float32 inf inside torch's kernels: every parameter became NaN
+    net(torch.randn(3, 6))
+    t = torch.tensor([0, 3, 4])
+    with pytest.raises(ValueError, match=r"^momentum=1e\+39 overflows torch.float32, the dtype of 0\.weight$"):
+        opt.step(target=t)
+
+
+def test_async_undo_leaves_a_checkpoint_loaded_after_the_refused_step():
+    """The undo of a refused async step removes only what that step left: a state_dict loaded (or zero_grad called)
+    in between stays."""
+    model, net, opt, x, t = _setup("fadjoint", "async")
+    checkpoint = copy.deepcopy(opt.state_dict())
+    out = net(x)
+    opt.step(out_adj=torch.full_like(out, float("nan")))
+    opt.load_state_dict(checkpoint)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match=r"^step 2 \(validate='async'\)"):
+        opt.synchronize()
+    assert len(opt.state) == 4 and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["inference_mode", "expand"])
+def test_a_momentum_buffer_that_cannot_be_written_in_place_is_refused_before_anything(how):
+    model, net, opt, x, t = _setup("fadjoint", True)
+    weight = model[0].weight
+    if how == "inference_mode":
+        with torch.inference_mode():
+            opt.state[weight]["momentum_buffer"] = opt.state[weight]["momentum_buffer"].clone()
+    else:
+        opt.state[weight]["momentum_buffer"] = torch.zeros(1, 6, dtype=DT).expand(40, 6)
+    net(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"^FAdjoint\.step: the momentum_buffer of 0\.weight is a tensor .*(inference_"
+                                         r"mode|share memory).*; nothing was changed$"):
+        opt.step(target=t)
+    assert_untouched(before, model, opt)
+
+
+def test_fused_unchecked_step_checks_every_buffer_before_writing():
+    model, net, opt, x, t = _setup("fused", False)
+    opt.state[model[0].weight]["momentum_buffer"] = 0.5
+    net(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"momentum_buffer of 0\.weight is a float"):
+        opt.step(target=t)
+    assert_untouched(before, model, opt)
+
+
+def test_a_delegated_async_step_that_raises_inside_torchs_step_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).to(DT)
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.Consequentialism(net, lr=0.1, base="adam", validate="async")
+    x, t = torch.randn(4, 6, dtype=DT), torch.tensor([0, 1, 2, 3])
+    net(x)
+    opt.step(target=t)
+    opt.synchronize()
+    opt.state[model[2].weight]["exp_avg"] = torch.zeros(3, dtype=DT)  # malformed: torch's step would fail half-way
+    net(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"^Consequentialism\.step: the exp_avg of 2\.weight is a tensor of shape "
+                                         r"\(3,\)"):
+        opt.step(target=t)
+    assert_untouched(before, model, opt)
+
+
+def test_large_float16_activations_do_not_refuse_a_finite_update():
+    """‖X‖ past 65504 in float16 (std 400 over 4096 features): the factor bound read in float32, and the exact
+    re-check reads the gradient itself; torch's max|G| is ~10."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 64)).half()
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=0.01)
+    x = (torch.randn(8, 4096) * 400).half()
+    net(x)
+    opt.step(target=torch.randint(0, 64, (8,)))
+    assert model[0].weight.isfinite().all()
+
+
+def test_sequential_equilibrium_accepts_an_upper_update_near_the_dtype_limit():
+    """The upper layers are written during the sweep: validate=True checks what was written, not a bound read
+    after the write (≈ 2|θ'|, which refused a bias update 0 → 40000 in float16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).half()
+    for p in [*model[0].parameters(), model[2].weight]:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        model[2].bias.zero_()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.EquilibriumFAdjoint(net, lr=1.0, loss="mse", sequential=True)
+    out = net(torch.randn(2, 4).half())
+    opt.step(out_adj=torch.full_like(out, -20000.0))
+    assert model[2].bias.eq(40000).all()
+
+
+def test_async_refuses_a_bool_target_by_its_dtype():
+    model, net, opt, x, t = _setup("fadjoint", "async")
+    net(x)
+    with pytest.raises(ValueError, match=r"^cross_entropy: expected integer class targets, got dtype torch.bool$"):
+        opt.step(target=torch.tensor([True, False, True]))
+
+
+@pytest.mark.parametrize("validate", MODES)
+def test_a_2_norm_whose_squares_underflow_still_bounds_the_update(validate):
+    """‖[1e-23]·4‖ is 0 in float32 (the squares underflow): the fast bound adds √tiny to every norm it reads, so
+    a weight at the top of float32's range plus lr·G (which overflows to −inf) is refused."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(-torch.finfo(torch.float32).max)
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=1e36, validate=validate)
+    out = net(torch.full((1, 4), 1e-23))
+    before = snapshot(model, opt, grads=validate is True)
+    with pytest.raises(RuntimeError, match=r"0\.weight"):
+        opt.step(out_adj=torch.full_like(out, 5e18))
+        opt.synchronize()
+    assert_untouched(before, model, opt)
+
+
+class _TiedProjection(nn.Module):
+    """y = x Wᵀ with W the parameter of an earlier Linear, held under another name (a tied decoder)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.w = weight
+
+    def forward(self, x):
+        return x @ self.w.t()
+
+
+class _TiedProjectionLayer(tfa.layers.Layer):
+    param_names = ("w",)
+
+    def input_adjoint(self, rec, y_adj):
+        return y_adj @ rec.module.w
+
+    def param_feedback(self, rec, y_adj):
+        return {rec.module.w: y_adj.t() @ rec.x_prev}
+
+
+@pytest.mark.parametrize("validate", MODES)
+def test_a_weight_tied_under_another_name_is_bounded_by_its_whole_gradient(validate):
+    """The factor bound of one use (‖Y*₁‖·‖X₁‖ ≈ 0.04) must not stand for the gradient of both (G₂ ≈ 1e30)."""
+    if _TiedProjection not in tfa.layers.LAYERS:
+        tfa.register_layer(_TiedProjection, _TiedProjectionLayer())
+    linear = nn.Linear(4, 4)
+    with torch.no_grad():
+        linear.weight.fill_(1e-12)
+        linear.bias.fill_(1.0)
+    linear.bias.requires_grad_(False)
+    model = nn.Sequential(linear, _TiedProjection(linear.weight))
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=1e9, validate=validate)
+    out = net(torch.full((1, 4), 1e-20))
+    before = snapshot(model, opt, grads=validate is True)
+    with pytest.raises(RuntimeError, match=r"0\.weight"):
+        opt.step(out_adj=torch.full_like(out, 1e30))
+        opt.synchronize()
     assert_untouched(before, model, opt)

@@ -42,7 +42,9 @@ from ..sweep import check_out_adj, param_names
 from .functional import sgd_update, sgd_update_bound
 from .guard import StepGuard, Term, check_validate
 
-__all__ = ["RuleOptimizer", "check_hyper"]
+__all__ = ["RuleOptimizer", "check_hyper", "UPDATE_FAILS"]
+
+UPDATE_FAILS = "NaN/Inf in its gradient, momentum buffer or value, or a value past its dtype's range"
 
 
 # -- hyper-parameters ------------------------------------------------------------------------------
@@ -133,10 +135,15 @@ class RuleOptimizer(Optimizer):
             for key, (low, high) in self._ranges().items():
                 if key in group:
                     check_hyper(key, group[key], low, high, where=where)
-            for param in group["params"]:  # torch's kernels raise an unnamed overflow for such an alpha
-                if param.is_floating_point() and group["lr"] > torch.finfo(param.dtype).max:
-                    raise ValueError(f"{where}lr={group['lr']:g} overflows {param.dtype}, the dtype of "
-                                     f"{param_names(self.net, [param])[0]}")
+            for param in group["params"]:  # torch's kernels cast these to the dtype: an overflow there is silent
+                if not param.is_floating_point():
+                    continue
+                limit = torch.finfo(param.dtype).max
+                for key in ("lr", "momentum", "dampening", "weight_decay"):
+                    value = group.get(key)
+                    if isinstance(value, (int, float)) and abs(value) > limit:
+                        raise ValueError(f"{where}{key}={value:g} overflows {param.dtype}, the dtype of "
+                                         f"{param_names(self.net, [param])[0]}")
 
     def _ranges(self) -> dict:
         return _SGD_RANGES
@@ -204,12 +211,12 @@ class RuleOptimizer(Optimizer):
         """On CUDA or in async mode, class targets out of range are flagged on the device and clamped (an index
         outside would abort a CUDA kernel); the step is then refused."""
         guard = self.guard
-        if (not guard.active or target.is_floating_point() or output.dim() != 2 or target.dim() != 1
+        if (not guard.active or target.dtype not in _CLASS_DTYPES or output.dim() != 2 or target.dim() != 1
                 or (guard.checks_on_host and not output.is_cuda)):
-            return target
+            return target  # another dtype or shape: the loss refuses it by name
         n_classes = output.shape[1]
         inside = ((target >= 0) & (target < n_classes)).all()
-        guard.require(inside, "target", [f"the target (a class outside [0, {n_classes - 1}])"],
+        guard.require(inside, "target", [f"a class outside [0, {n_classes - 1}]"],
                       error=lambda: ValueError(f"target: targets must lie in [0, {n_classes - 1}]"))
         return target.clamp(0, n_classes - 1)
 
@@ -244,9 +251,13 @@ class RuleOptimizer(Optimizer):
         if buf is None or not group["momentum"]:
             return None
         if not (isinstance(buf, Tensor) and buf.shape == param.shape and buf.dtype == param.dtype
-                and buf.device == param.device):
+                and buf.device == param.device and not buf.is_inference()
+                and not any(stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape))):
             found = (f"a tensor of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}" if isinstance(buf, Tensor)
                      else f"a {type(buf).__name__}")
+            if isinstance(buf, Tensor) and buf.shape == param.shape:
+                found += (" made under torch.inference_mode (not writable here)" if buf.is_inference()
+                          else " whose entries share memory (an expand()ed view, not writable in place)")
             raise ValueError(f"{type(self).__name__}.step: the momentum_buffer of {param_names(self.net, [param])[0]} "
                              f"is {found}, expected a tensor of shape {tuple(param.shape)}, {param.dtype} on "
                              f"{param.device} (a loaded or edited optimizer state?); nothing was changed")
@@ -267,16 +278,16 @@ class RuleOptimizer(Optimizer):
         gradient other than reading it, e.g. its factors)."""
         if not self.guard.active or not plan:
             return
-        entries, params_all = [], []
+        entries, owners = [], []
         for group, params, grads, bufs in plan:
             hyper = self._hyper(group)
             for param, grad, buf in zip(params, grads, bufs):
                 term = (grad_terms or {}).get(param) or Term(1, grad)
-                entries.append((param, sgd_update_bound(param, term, buf, **hyper)))
-            params_all += params
+                for terms in sgd_update_bound(param, term, buf, **hyper):
+                    entries.append((param, terms))
+                    owners.append(param)
         self.guard.require_bounded(entries, what or f"{type(self).__name__} step", lambda: [
-            f"the update of {name} (its new values, its gradient or its momentum buffer are not finite)"
-            for name in param_names(self.net, params_all)])
+            f"the update of {name} ({UPDATE_FAILS})" for name in param_names(self.net, owners)])
 
     def _write_sgd(self, plan, write_grad: bool = True, masked: bool = True) -> None:
         """Write ``.grad`` and apply each group's SGD update (the last phase of a step), after committing the
@@ -306,16 +317,25 @@ class RuleOptimizer(Optimizer):
         """What a refused async step wrote that its masks could not keep out: the ``.grad`` of ``params`` and the
         momentum buffers of ``created``; the returned callable puts them back (``guard.raise_pending``)."""
         grads = [(p, p.grad) for p in params]
+        written: dict = {}  # what the step left, filled in below: the undo removes only that, nothing set since
 
         def undo() -> None:
             for param, grad in grads:
-                param.grad = grad
+                if param.grad is written.get(("grad", param)):
+                    param.grad = grad
             for param in created:
                 entry = self.state.get(param)
-                if entry is not None:
+                if entry is not None and entry.get("momentum_buffer") is written.get(("buf", param)):
                     entry.pop("momentum_buffer", None)
                     if not entry:
                         del self.state[param]
+
+        def note() -> None:
+            for param, _ in grads:
+                written[("grad", param)] = param.grad
+            for param in created:
+                written[("buf", param)] = self.state.get(param, {}).get("momentum_buffer")
+        undo.note = note
         return undo
 
     def _apply_sgd(self, grads: dict[Tensor, Tensor], grad_terms: dict | None = None) -> None:
@@ -377,6 +397,8 @@ class RuleOptimizer(Optimizer):
                                      f"floating tensor of shape {tuple(params[j].shape)}")
         super().load_state_dict(state_dict)
 
+
+_CLASS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 # state that holds one value per entry of its parameter (a loaded 0-dim or Python number is refused)
 _SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg"})

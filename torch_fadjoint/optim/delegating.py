@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from ..recorder import FPropagation
 from ..sweep import param_names
-from .base import RuleOptimizer, check_hyper
+from .base import _SHAPED_STATE, RuleOptimizer, check_hyper
 
 __all__ = ["DelegatingRuleOptimizer", "BASES"]
 
@@ -96,6 +96,8 @@ class DelegatingRuleOptimizer(RuleOptimizer):
         used = [p for p in mine if p in grads]
         hidden = {p: p.grad for p in mine if p not in grads and p.grad is not None}
         fresh = [p for p in used if not self.state.get(p)]
+        self._check_state(used)
+        old_grads = [p.grad for p in used]
         guard.protect(used + [v for p in used for v in self.state.get(p, {}).values() if isinstance(v, Tensor)])
         if guard.mode == "async":
             guard.undo.append(self._undo_of_base(used, fresh))
@@ -117,6 +119,12 @@ class DelegatingRuleOptimizer(RuleOptimizer):
                 f"the new value of {n}" for n in param_names(self.net, used)] + ["the optimizer state"] * len(new))
             guard.commit()
         except BaseException:
+            if guard.mode == "async":  # the values kept for the device-side restore go back now
+                guard.restore_protected()
+                for p, grad in zip(used, old_grads):
+                    p.grad = grad
+                for p in fresh:
+                    self.state.pop(p, None)
             for p, value, grad, state, had in saved or []:
                 p.copy_(value)
                 p.grad = grad
@@ -129,13 +137,38 @@ class DelegatingRuleOptimizer(RuleOptimizer):
             for p, grad in hidden.items():
                 p.grad = grad
 
+    def _check_state(self, params: list[Tensor]) -> None:
+        """Every per-entry state tensor has its parameter's shape, dtype and device (checked before the base step,
+        which would otherwise fail half-way, after stepping the groups before)."""
+        names = None
+        for i, param in enumerate(params):
+            for key, value in self.state.get(param, {}).items():
+                if key in _SHAPED_STATE and not (isinstance(value, Tensor) and value.shape == param.shape
+                                                 and value.dtype == param.dtype and value.device == param.device):
+                    names = names or param_names(self.net, params)
+                    found = (f"a tensor of shape {tuple(value.shape)}, {value.dtype} on {value.device}"
+                             if isinstance(value, Tensor) else f"a {type(value).__name__}")
+                    raise ValueError(f"{type(self).__name__}.step: the {key} of {names[i]} is {found}, expected a "
+                                     f"tensor of shape {tuple(param.shape)}, {param.dtype} on {param.device} (a loaded "
+                                     "or edited optimizer state?); nothing was changed")
+
     def _undo_of_base(self, used: list[Tensor], fresh: list[Tensor]):
         """A refused async step: put back the ``.grad`` it set and remove the state its base step created."""
         grads = [(p, p.grad) for p in used]
+        written: dict = {}  # what the step left (see RuleOptimizer._undo_of)
 
         def undo() -> None:
             for param, grad in grads:
-                param.grad = grad
+                if param.grad is written.get(("grad", param)):
+                    param.grad = grad
             for param in fresh:
-                self.state.pop(param, None)
+                if param in self.state and self.state[param] is written.get(("state", param)):
+                    del self.state[param]
+
+        def note() -> None:
+            for param, _ in grads:
+                written[("grad", param)] = param.grad
+            for param in fresh:
+                written[("state", param)] = self.state.get(param)
+        undo.note = note
         return undo

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..recorder import FPropagation
 from ..rules.equilibrium import EquilibriumRule, check_relaxation, equilibrium_grads
 from ..sweep import backward_sweep, check_rule, param_names
-from .base import RuleOptimizer
+from .base import UPDATE_FAILS, RuleOptimizer
 
 __all__ = ["EquilibriumFAdjoint", "equilibrium_grads"]
 
@@ -96,15 +96,24 @@ class EquilibriumFAdjoint(RuleOptimizer):
 
         def update_now(layer, feedback) -> None:
             plan = self._sgd_plan(feedback)
-            self._require_sgd_bounds(plan, "EquilibriumFAdjoint step")  # max|g| is in each bound: NaN/Inf g too
-            if layer is layers[0]:  # every g and bound is known: decide before the last write
+            bottom = layer is layers[0]
+            if bottom or not self.guard.checks_on_host:  # bounds read before the write (async: on the device now)
+                self._require_sgd_bounds(plan, "EquilibriumFAdjoint step")  # the gradient is in each bound
+            if bottom:  # every check is in: decide before the last write
                 self.guard.commit()
-            if layer is not layers[0]:
+            else:
                 for _, params, _, bufs in plan:
                     for param, buf in zip(params, bufs):
                         undo.append((param, param.clone(), param.grad, None if buf is None else buf.clone(),
                                      param in self.state))
-            self._write_sgd(plan, masked=layer is layers[0])  # upper layers are written before the checks: kept
+            self._write_sgd(plan, masked=bottom)  # upper layers are written before the checks: kept, put back
+            if not bottom and self.guard.checks_on_host:  # validate=True reads at the bottom: what was written
+                written = [t for _, params, _, _ in plan for p in params
+                           for t in (p, self.state.get(p, {}).get("momentum_buffer")) if t is not None]
+                self.guard.require_finite(written, "EquilibriumFAdjoint step", names=lambda: [
+                    f"the update of {n} ({UPDATE_FAILS})" for _, params, _, _ in plan
+                    for n, p in zip(param_names(self.net, params), params)
+                    for t in (p, self.state.get(p, {}).get("momentum_buffer")) if t is not None])
 
         try:
             backward_sweep(layers, out_adj, rule, update_now, reducer=self.net.reducer, wait_each=True)

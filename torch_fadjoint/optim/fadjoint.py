@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ..recorder import FPropagation
 from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_out_adj, check_rule, fadjoint_grads, param_names, sweep_grads
-from .base import RuleOptimizer
+from .base import UPDATE_FAILS, RuleOptimizer
 from .functional import fused_sgd_weight_update, sgd_update_bound
-from .guard import Term
+from .guard import Term, _foreach_norm
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -54,15 +54,15 @@ class _BoundedRule(FAdjointRule):
 
     def param_feedback(self, layer, y_adj):
         feedback = super().param_feedback(layer, y_adj)
+        for param in layer.params:
+            self.uses[param] += 1
         factors = getattr(layer.entry, "weight_factors", None)
         weight = getattr(layer.module, "weight", None)
-        if weight is None or weight not in feedback:
-            return feedback
-        self.uses[weight] += 1
-        if factors is not None:
+        if factors is not None and weight is not None and weight in feedback:
             y_adj2d, x_prev2d = factors(layer, y_adj)
             if y_adj2d.numel() + x_prev2d.numel() < weight.numel():  # norms now: Y* may be overwritten below
-                self.terms[weight] = Term(1, *torch._foreach_norm([y_adj2d, x_prev2d]))
+                norms = _foreach_norm([y_adj2d, x_prev2d])  # float32 at least: a float16 ‖X‖ overflows early
+                self.terms[weight] = Term(1, *norms, exact=feedback[weight])
         return feedback
 
     def grad_terms(self) -> dict[Tensor, Term]:
@@ -163,32 +163,31 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             self.net.clear()
             raise
         self.net.clear()
+        fused_bufs = {w: self._momentum_buffer(w, group_of[w]) for w, _ in fused}  # checked before any write
         if self.guard.active and fused:
             entries = []
             for weight, (y_adj, x_prev) in fused:  # every entry of Y*ᵀX: ≤ B·max|Y*|·max|X|, ≤ ‖Y*‖·‖X‖
                 group = group_of[weight]
                 term = Term(1, y_adj, x_prev, rows=y_adj.shape[0])
-                buf = self._momentum_buffer(weight, group)
-                entries.append((weight, sgd_update_bound(weight, term, buf, **self._hyper(group))))
+                for terms in sgd_update_bound(weight, term, fused_bufs[weight], **self._hyper(group)):
+                    entries.append((weight, terms))
             self.guard.require_bounded(entries, "F-adjoint step", lambda: [
-                f"the update of {name} (fused: Y*ᵀX's factors and its momentum buffer bound it)"
-                for name in param_names(self.net, [w for w, _ in fused])])
+                f"the update of {name} (fused: {UPDATE_FAILS})" for name in param_names(self.net, [w for w, _ in entries])])
         self.guard.require_finite(list(grads.values()), "F-adjoint gradients",  # top layer first (read once)
                                   names=lambda: param_names(self.net, grads))
         plan = self._sgd_plan(grads)
         self._require_sgd_bounds(plan)  # bounds every materialised update
         self.guard.commit()
-        for item in fused:
-            self._fused_update(group_of, *item)
+        for weight, factors in fused:
+            self._fused_update(group_of[weight], weight, factors, fused_bufs[weight])
         self._write_sgd(plan, write_grad=False)
 
-    def _fused_update(self, group_of, weight, factors) -> None:
-        group = group_of[weight]
-        bufs = [self._momentum_buffer(weight, group)]
+    def _fused_update(self, group, weight, factors, buf) -> None:
+        bufs = [buf]
         guard = self.guard
         ok = guard.ok()  # async: every check is in; the writes are masked by it
         if guard.mode == "async":
-            guard.undo.append(self._undo_of([], [weight] if group["momentum"] and bufs[0] is None else []))
+            guard.undo.append(self._undo_of([], [weight] if group["momentum"] and buf is None else []))
         fused_sgd_weight_update([weight], [factors], bufs, **self._hyper(group), foreach=False, ok=ok)
         if group["momentum"] != 0:
             self.state[weight]["momentum_buffer"] = bufs[0]

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .guard import Term
+from .guard import Term, scaled
 
 __all__ = ["sgd_update", "fused_sgd_weight_update", "sgd_update_bound"]
 
@@ -182,21 +182,20 @@ def _masked_fused_update(weights, factors, momentum_buffers, *, lr, momentum, da
 
 
 
-def sgd_update_bound(param: Tensor, grad_term: Term, buf: Tensor | None, *, lr, momentum: float = 0.0,
-                     dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, **_) -> list[Term]:
-    """Terms whose sum bounds every new value |θ'| of :func:`sgd_update` (or of the fused update), from a term
-    bounding the gradient, G (``Term(1, g)``, or ``Term(1, Y*, X, rows=B)`` for g = Y*ᵀX)::
+def sgd_update_bound(param: Tensor, grad_term: tuple, buf: Tensor | None, *, lr, momentum: float = 0.0,
+                     dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, **_) -> list[list]:
+    """Bounds on every value :func:`sgd_update` (or the fused update) makes, in the order it makes them, each of
+    which must fit θ's dtype: a later value may fit while an earlier one overflowed (lr < 1). From a term
+    bounding the gradient, G (``Term(1, g)``, or the norms of its factors Y*, X)::
 
         |g'| ≤ G + λ|θ|;   |b'| ≤ μ|b| + |1 − dampening| |g'|  (a new buffer: |g'|)
         |d| ≤ |g'| + μ|b'| (Nesterov) | |b'|;   |θ'| ≤ |θ| + lr |d|
-
-    so |θ'| ≤ a|θ| + c|b| + e G, with a, c, e from the hyper-parameters (``lr`` may be a 0-dim tensor)."""
-    grad_scale, buf_scale = 1.0, 0.0  # |d| ≤ grad_scale·|g'| + buf_scale·|b|
+    """
+    grad = [grad_term] + ([Term(weight_decay, param)] if weight_decay else [])
+    bounds, direction = [grad], grad
     if momentum:
-        new_grad, new_buf = (1.0, 0.0) if buf is None else (abs(1 - dampening), momentum)  # |b'| ≤ new_buf|b| + new_grad|g'|
-        grad_scale, buf_scale = ((1.0 + momentum * new_grad, momentum * new_buf) if nesterov else (new_grad, new_buf))
-    coef, tensors, rows = grad_term
-    terms = [Term(1 + lr * grad_scale * weight_decay, param), Term(coef * lr * grad_scale, *tensors, rows=rows)]
-    if buf_scale:
-        terms.append(Term(lr * buf_scale, buf))
-    return terms
+        new_buf = grad if buf is None else [Term(momentum, buf)] + scaled(grad, abs(1 - dampening))
+        direction = grad + scaled(new_buf, momentum) if nesterov else new_buf
+        bounds += [new_buf, direction] if nesterov else [new_buf]
+    bounds.append([Term(1, param)] + scaled(direction, lr))
+    return bounds

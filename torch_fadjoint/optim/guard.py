@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["StepGuard", "Capture", "PendingFlags", "Term", "VALIDATE", "check_validate", "async_message",
+__all__ = ["StepGuard", "Capture", "PendingFlags", "Term", "scaled", "VALIDATE", "check_validate", "async_message",
            "host_bytes"]
 
 VALIDATE = (None, True, False, "async")
@@ -47,12 +47,17 @@ def check_validate(validate):
     return validate
 
 
-def Term(coef, *tensors: Tensor, rows: int = 1) -> tuple:
-    """One term of a bound: ``coef · rows · Π ‖t‖`` over ``tensors`` (``rows``: the contracted length of a
-    product Y*ᵀX, whose entries are bounded by B·max|Y*|·max|X| or by ‖Y*‖·‖X‖). ``coef`` may be a 0-dim
-    device tensor (a captured learning rate). A plain tuple (coef, tensors, rows): the step makes a few per
-    parameter."""
-    return coef, tensors, rows
+def Term(coef, *tensors: Tensor, rows: int = 1, exact: Tensor | None = None) -> tuple:
+    """One term of a bound: ``coef · Π ‖t‖`` over ``tensors`` (a product Y*ᵀX is bounded entrywise by ‖Y*‖·‖X‖,
+    or by rows·max|Y*|·max|X|, ``rows`` its contracted length). ``exact``: the tensor the term bounds, when it
+    exists (a gradient made from its factors' norms), read by the exact re-check. ``coef`` may be a 0-dim device
+    tensor (a captured learning rate). A plain tuple: the step makes a few per parameter."""
+    return coef, tensors, rows, exact
+
+
+def scaled(terms: list[tuple], factor) -> list[tuple]:
+    """``factor`` × every term."""
+    return [(coef * factor, tensors, rows, exact) for coef, tensors, rows, exact in terms]
 
 
 # -- peaks ---------------------------------------------------------------------------------------
@@ -71,13 +76,23 @@ def amaxes(tensors: list[Tensor]) -> list[Tensor]:
     return [_amax(t) for t in tensors]
 
 
+def _foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
+    """2-norms, accumulated in float32 at least (a float16 tensor's norm past 65504 is common)."""
+    if tensors[0].dtype in (torch.float16, torch.bfloat16):
+        try:
+            return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        except TypeError:  # torch without the dtype argument
+            return list(torch._foreach_norm([t.float() for t in tensors], 2))
+    return list(torch._foreach_norm(tensors, 2))
+
+
 def _read_back(tensors: list[Tensor], flags: list[Tensor]) -> tuple[list[float], list[float]]:
     """‖t‖₂ of each tensor and the values of ``flags`` on the host: one ``_foreach_norm`` per (device, dtype) of
     the tensors, and one host read (per device)."""
     groups = defaultdict(list)
     for i, tensor in enumerate(tensors):
         groups[(tensor.device, tensor.dtype)].append(i)
-    parts = [torch.stack(torch._foreach_norm([tensors[i] for i in indices], 2)) for indices in groups.values()]
+    parts = [torch.stack(_foreach_norm([tensors[i] for i in indices])) for indices in groups.values()]
     parts += [f.reshape(-1) for f in flags]
     if len(parts) == 1 and not flags:
         values = parts[0].tolist()
@@ -128,8 +143,8 @@ def async_message(step: int, parts: list, first: int) -> str:
         if first < count:
             names = names() if callable(names) else names
             where = names[first] if names is not None else f"entry {first}"
-            return (f"step {step} (validate='async'): {what}: non-finite values in {where}; that step wrote no "
-                    "parameter and no state")
+            found = where if what == "target" else f"non-finite values in {where}"
+            return (f"step {step} (validate='async'): {what}: {found}; that step wrote no parameter and no state")
         first -= count
     return f"step {step} (validate='async'): a check failed; that step wrote no parameter and no state"
 
@@ -255,15 +270,15 @@ class StepGuard:
 
     def _device_bounds(self, entries) -> Tensor:
         """Async: the exact bounds on the device, compared with each θ's dtype range (no host sync)."""
-        reads = {id(t): t for _, terms in entries for _, tensors, _ in terms for t in tensors}
+        reads = {id(t): t for _, terms in entries for _, tensors, _, _ in terms for t in tensors}
         peak = dict(zip(reads, amaxes(list(reads.values()))))
         bounds = []
         for _, terms in entries:
             total = None
-            for coef, tensors, rows in terms:
-                value = peak[id(tensors[0])].to(torch.float64)
+            for coef, tensors, rows, _ in terms:  # a 0-dim input may be a norm computed earlier: slack and floor
+                value = peak[id(tensors[0])].to(torch.float64) * _SLACK + _floor(tensors[0].dtype)
                 for t in tensors[1:]:
-                    value = value * peak[id(t)].to(torch.float64)
+                    value = value * (peak[id(t)].to(torch.float64) * _SLACK + _floor(t.dtype))
                 value = value * (coef * rows)
                 total = value if total is None else total + value
             bounds.append(total)
@@ -325,6 +340,12 @@ class StepGuard:
         if self.mode == "async":
             self._protected.extend((t, torch.zeros_like(t)) for t in tensors)
 
+    def restore_protected(self) -> None:
+        """An exception in the middle of an async step's writes: put back every protected value now."""
+        for tensor, before in reversed(self._protected):
+            tensor.copy_(before)
+        self._protected = []
+
     def settle(self) -> None:
         """Async, after the writes: where any flag failed, put back every protected value (on the device, no
         sync), and send the flags to the host without waiting."""
@@ -341,6 +362,10 @@ class StepGuard:
             self.capture.flags, self.capture.parts = flags, parts
             return
         undo, self.undo = self.undo, []
+        for u in undo:  # what the step left, so that the undo removes only that (not what the user sets later)
+            note = getattr(u, "note", None)
+            if note is not None:
+                note()
         self.pending.append(PendingFlags(flags, self.steps, parts,
                                          (lambda: [u() for u in reversed(undo)]) if undo else None))
 
@@ -369,26 +394,41 @@ class StepGuard:
 def _tensors_of(kind: str, payload) -> list[Tensor]:
     if kind == "finite":
         return payload
-    return [t for _, terms in payload for _, tensors, _ in terms for t in tensors]
+    return [t for _, terms in payload for _, tensors, _, _ in terms for t in tensors]
 
 
-def _fits(param: Tensor, terms: list[Term], norm: dict) -> bool:
+_SLACK = 1 + 2.0 ** -20  # a computed 2-norm may round below the largest entry by an ulp
+
+
+def _floor(dtype: torch.dtype) -> float:
+    """Below this, squares may underflow and a 2-norm read 0: it is added to every norm read."""
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    return math.sqrt(torch.finfo(accumulate).tiny)
+
+
+def _fits(param: Tensor, terms: list[tuple], norm: dict) -> bool:
     """The fast bound (2-norms, float64 on the host) is finite and fits θ's dtype."""
     total = 0.0
-    for coef, tensors, _ in terms:  # ‖Y*ᵀX‖_max ≤ ‖Y*‖·‖X‖: no row factor with 2-norms
+    for coef, tensors, _, _ in terms:  # ‖Y*ᵀX‖_max ≤ ‖Y*‖·‖X‖: no row factor with 2-norms
         value = float(coef)
         for t in tensors:
-            value *= norm[id(t)]
+            value *= norm[id(t)] * _SLACK + _floor(t.dtype)
         total += value
     return total <= _limit(param.dtype)  # NaN compares False
 
 
-def _fits_exactly(param: Tensor, terms: list[Term]) -> bool:
-    """The exact bound (max|t|; a product's rows · Π max|t|), decided only when the fast one failed."""
+def _fits_exactly(param: Tensor, terms: list[tuple]) -> bool:
+    """The exact bound, decided only when the fast one failed: max|t|; for a product, the smaller of
+    rows·Π max|t| and Π ‖t‖ in float64; the bounded tensor itself where the term names it (``exact``)."""
     total = 0.0
-    for coef, tensors, rows in terms:
-        value = float(coef) * rows
-        for t in tensors:
-            value *= float(_amax(t))
-        total += value
+    for coef, tensors, rows, exact in terms:
+        if exact is not None:
+            value = float(_amax(exact))
+        elif len(tensors) == 1:
+            value = float(_amax(tensors[0]))
+        else:
+            peaks = rows * math.prod(float(_amax(t)) for t in tensors)
+            norms = math.prod(float(torch.linalg.vector_norm(t, dtype=torch.float64)) for t in tensors)
+            value = min(peaks, norms)
+        total += float(coef) * value
     return total <= _limit(param.dtype)
