@@ -278,3 +278,85 @@ def test_a_module_changed_between_forward_and_sweep_is_refused(change):
                                            r"\(.+\); the sweep would use what the forward did not; records cleared"):
         net.backward(F.cross_entropy, torch.tensor([0, 1, 2, 0, 1]))
     assert all(p.grad is None for p in model.parameters())
+
+
+# -- computation the recorder does not see, and backward-side hooks (issue 21's red team) ------------------------
+class _ReadsAParameter(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(6, 5), nn.Linear(5, 3), how
+
+    def forward(self, x):
+        if self.how == "functional":
+            h = F.linear(x, self.a.weight, self.a.bias)
+        elif self.how == "forward":
+            h = self.a.forward(x)
+        else:
+            h = x @ self.a.weight.T + self.a.bias
+        return self.b(torch.relu(h))
+
+
+@pytest.mark.parametrize("how", ["functional", "forward", "matmul"])
+def test_a_parameter_read_outside_its_modules_recorded_forward_is_refused(how):
+    """Autograd trains `a`; the chain never saw it, so `a` silently never learned."""
+    model = _ReadsAParameter(how).double()
+    net = tfa.FPropagation(model)
+    with pytest.raises(ValueError, match=r"reads the parameter a\.(weight|bias) outside its module's recorded forward"):
+        net(torch.randn(4, 6, dtype=torch.float64))
+
+
+class _FunctionalCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.register_buffer("other", torch.randn(3, 5))
+
+    def forward(self, x):  # (2 * self.b.weight here is refused as a parameter read outside its module)
+        return torch.func.functional_call(self.b, {"weight": self.other, "bias": self.b.bias}, (torch.relu(self.a(x)),))
+
+
+def test_a_layer_run_with_other_tensors_than_its_parameters_is_refused():
+    """torch.func.functional_call(b, {"weight": w, …}) inside the forward: the sweep would update b.weight from a
+    forward that used w."""
+    net = tfa.FPropagation(_FunctionalCall().double())
+    with pytest.raises(ValueError, match=r"^b \(Linear\): its weight is not the parameter it was wrapped with"):
+        net(torch.randn(4, 6, dtype=torch.float64))
+
+
+class _ViewsAsAnotherDtype(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x).view(torch.float32))
+
+
+def test_a_view_to_another_dtype_is_refused():
+    net = tfa.FPropagation(_ViewsAsAnotherDtype().double())
+    with pytest.raises(ValueError, match=r"a view to another dtype reinterprets the bits"):
+        net(torch.randn(4, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("hook", ["tensor", "post_accumulate", "module_full", "global"])
+def test_a_backward_side_hook_is_refused_at_the_sweep(hook):
+    """A user clipping or freezing through a hook got 0.37 where autograd gives 0: refused, nothing written."""
+    model = mlp()
+    net = tfa.FPropagation(model)
+    net(torch.randn(4, 2, 3, dtype=torch.float64))
+    weight = model[1].weight
+    if hook == "tensor":
+        handle = weight.register_hook(lambda g: g * 0)
+    elif hook == "post_accumulate":
+        handle = weight.register_post_accumulate_grad_hook(lambda p: None)
+    elif hook == "module_full":
+        handle = model[1].register_full_backward_hook(lambda m, gi, go: None)
+    else:
+        handle = nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    try:
+        with pytest.raises(RuntimeError, match=r"^FPropagation: .*(hook).*, which autograd would call and the "
+                                               r"F-adjoint does not; records cleared, nothing was changed"):
+            net.backward(F.cross_entropy, torch.tensor([0, 1, 2, 0]))
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        handle.remove()

@@ -97,6 +97,24 @@ def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
     return "a parameter or buffer was replaced"
 
 
+def _backward_hook_of(layers, configs) -> str | None:
+    """The first backward-side hook the sweep would have to call, in words (None if there is none): a tensor hook
+    or post-accumulate hook on a recorded parameter, a (full) backward (pre-)hook on a recorded module, or a global
+    module backward hook."""
+    if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
+        return "a global module backward hook is registered (register_module_full_backward_hook)"
+    for module, what, _ in configs:
+        if module._backward_hooks or module._backward_pre_hooks:
+            return f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)"
+    for layer in layers:
+        for name in layer.entry.param_names:
+            param = getattr(layer.module, name, None)
+            if param is not None and (param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None)):
+                return (f"{layer.name}.{name} has a gradient hook (register_hook / "
+                        "register_post_accumulate_grad_hook)")
+    return None
+
+
 def _running_statistics(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """(buffer, a copy) of every running statistic a train-mode normalisation layer updates in its own forward
     (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
@@ -139,7 +157,15 @@ class _ChainMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         net = self.net
-        if net._depth or net._last is None or not net._recording:
+        if net._depth or not net._recording:
+            return func(*args, **kwargs)
+        for value in (*args, *kwargs.values()):  # a parameter read here is not a recorded layer's: never trained
+            name = net._param_names.get(id(value)) if isinstance(value, nn.Parameter) else None
+            if name is not None:
+                raise ValueError(f"{_op_name(func)} reads the parameter {name} outside its module's recorded forward "
+                                 "(F.linear(x, self.fc.weight), self.fc.forward(x), x @ self.fc.weight.T): its "
+                                 "gradient would be missed; call the module itself (self.fc(x))")
+        if net._last is None:
             return func(*args, **kwargs)
         return net._on_function(func, args, kwargs)
 
@@ -171,7 +197,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
+    _PLAIN_STATE = frozenset({"_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
                               "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
 
     def __setattr__(self, name, value):
@@ -220,6 +246,7 @@ class FPropagation(nn.Module):
             (next(m.children(), None) is not None and type(m) is not nn.Sequential) or isinstance(m, TRANSPARENT)
             for m in self.model.modules())
         self._fingerprint = self._make_fingerprint()
+        self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         self._attached = True
         return self
 
@@ -370,6 +397,12 @@ class FPropagation(nn.Module):
                 return None
             self._depth += 1  # the module's own ops are not the chain's (reset by forward() on error)
             what = _describe(name, module)
+            for param_name in layer.param_names:
+                value = getattr(module, param_name, None)
+                if value is not None and self._param_names.get(id(value)) is None:
+                    raise ValueError(f"{what}: its {param_name} is not the parameter it was wrapped with (torch.func."
+                                     "functional_call, or a tensor assigned in its place?): the sweep would update "
+                                     "the wrapped one")
             x_prev = self._consume(what, inputs)
             why = layer.check_input(module, x_prev)
             if why:
@@ -505,6 +538,9 @@ class FPropagation(nn.Module):
         if self._last_version is not None and last._version != self._last_version:
             raise ValueError(f"{where}: its input, the output of {self._last_from}, was modified in place before it")
         if func in VIEWS:
+            if any(isinstance(arg, torch.dtype) for arg in (*args, *kwargs.values())):
+                raise ValueError(f"{where}: a view to another dtype reinterprets the bits (not differentiable); "
+                                 "expected a shape")
             x = func(*args, **kwargs)
             module = Reshape(x.shape[1:])
             self._record_map(where, name, module, MAPS[Reshape], last, lambda: x)
@@ -609,6 +645,11 @@ class FPropagation(nn.Module):
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
                                    "records cleared, nothing was changed (run the forward again)")
+        hook = _backward_hook_of(self._layers, self._configs)
+        if hook is not None:
+            self.clear()
+            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
+                               "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
         for module, what, then in self._configs:
             now = _settings(module)
             if now != then:
