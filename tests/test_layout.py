@@ -12,6 +12,7 @@ ALLOWED = {
     "nn": set(), "losses": set(), "data": set(), "distributed": set(), "tables": set(),
     "junctions": set(),  # the junction table (issue 21) and its base; the next two fill it
     "arithmetic": {"junctions"}, "activations": {"junctions"},
+    "functionals": {"junctions"}, "poolings": {"junctions"},  # the layers, dropout and poolings as function entries
     "maps": {"nn", "tables"},
     "layers": {"maps", "tables"},  # a layer's record holds its maps' records (MapRecord)
     "sweep": {"layers"},
