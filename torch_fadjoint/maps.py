@@ -18,7 +18,10 @@ ReLU                       1[Y > 0]                              X (the next lay
 LeakyReLU(a), a > 0        1 if Y > 0 else a                     X                            identity
 Sigmoid / Tanh             X (1 − X) / 1 − X²                    X                            identity
 ELU(α), α ≥ 0              1 if Y > 0 else X + α                 X                            identity
-Softplus, SiLU, GELU       σ'(Y)                                 Y                            identity
+Hardtanh(lo, hi), ReLU6    1[lo < X < hi] (Y's mask: X = clamp)  X (Y: a half type, see below) identity
+Softplus, GELU             σ'(Y)                                 Y                            identity
+SiLU, Hardswish,           σ'(Y)                                 Y (inplace=True: run out of  identity
+Hardsigmoid, Mish                                                place, Y kept untouched)
 Identity, InputNoise       1                                     nothing                      identity
 Step (tfa.nn)              0 almost everywhere: not trainable    nothing                      identity
 Dropout, Dropout1d/2d      mask / (1 − p) (train mode)           the mask (drawn here)        backward
@@ -29,10 +32,18 @@ AdaptiveAvgPool1d/2d       _adaptive_avg_poolNd_backward         the input shape
 LogSoftmax(dim=1 | −1)     Y* = X* − softmax(Y) Σ X*  (row-wise)  X                            refused
 =========================  ====================================  ===========================  =========
 
+``inplace=True`` (ReLU, ReLU6, Hardtanh, ELU, LeakyReLU: the record is X, which the write produces) runs in
+place. Where the write would overwrite the record (SiLU, Hardswish, Hardsigmoid, Mish need Y: torchvision's
+EfficientNet and MobileNetV3 use them in place), the recorder runs the map out of place for that call (the
+entry's ``prepare`` for a module, its ``run`` for a functional): the same values in a new tensor, Y kept as the
+record, the memory autograd spends (it clones Y for these). A forward that reads Y after the call expecting the
+overwrite then receives a tensor the map did not return, and is refused as a non-chain.
+
 Users extend the table with :func:`register_map` (alias ``register_derivative``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -204,14 +215,105 @@ class _Softplus(Map):
         return _aten.softplus_backward.grad_input(x_adj, saved, module.beta, module.threshold, grad_input=x_adj)
 
 
-class _SiLU(Map):
+class _Activation(Map):
+    """A map with torch's ``inplace`` flag: when writing in place would overwrite its record (:meth:`overwrites`),
+    the call runs out of place (:meth:`forward`, which never writes in place): a module form through
+    :meth:`prepare` (``inplace`` off for that call, as MaxPool's ``return_indices``), a functional form here."""
+
+    def overwrites(self, module) -> bool:
+        return self.saves == "input"
+
+    def prepare(self, module):
+        if not (module.inplace and self.overwrites(module)):
+            return None
+        module.inplace = False
+        return lambda: setattr(module, "inplace", True)
+
+    def run(self, module, y, call):
+        if not (module.inplace and self.overwrites(module)):
+            return super().run(module, y, call)
+        x = self.forward(module, y)  # in place of the user's in-place call: the same values, Y kept
+        return x, self.record(module, y, x)
+
+
+@functools.lru_cache(maxsize=64)
+def _holds(bounds: tuple, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` represents both bounds exactly (cached: asked at every recorded call)."""
+    return all(float(torch.tensor(value, dtype=dtype)) == value for value in bounds)
+
+
+class _Hardtanh(_Activation):
+    """Hardtanh(min_val, max_val) and ReLU6 (0, 6): X = clamp(Y) exactly, so ``hardtanh_backward``'s mask
+    min < · < max read on X is Y's and X is the record, also in place (as ReLU's). Not in float16 / bfloat16
+    with a bound the dtype cannot hold (Hardtanh(-1.1, 2.3)): the forward clamps to the rounded bound, the kernel
+    compares in float32 with the exact one, so X's mask can differ; there the record is Y (autograd's), and
+    ``inplace=True`` runs out of place for a bound that float16 or bfloat16 cannot hold."""
+
+    def overwrites(self, module):
+        bounds = (module.min_val, module.max_val)
+        return not (_holds(bounds, torch.float16) and _holds(bounds, torch.bfloat16))
+
+    def record(self, module, y, x):
+        exact = x.dtype in (torch.float32, torch.float64) or _holds((module.min_val, module.max_val), x.dtype)
+        return x if x is y or exact else y
+
+    def forward(self, module, y):
+        return F.hardtanh(y, module.min_val, module.max_val)
+
+    def backward(self, module, saved, x_adj):
+        return _aten.hardtanh_backward(x_adj, saved, module.min_val, module.max_val)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.hardtanh_backward.grad_input(x_adj, saved, module.min_val, module.max_val, grad_input=x_adj)
+
+
+class _SiLU(_Activation):
     saves = "input"
+
+    def forward(self, module, y):
+        return F.silu(y)
 
     def backward(self, module, saved, x_adj):
         return _aten.silu_backward(x_adj, saved)
 
     def backward_(self, module, saved, x_adj):
         return _aten.silu_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
+
+class _Hardswish(_Activation):
+    # hardswish_backward's .out is autogen'd (a copy after the functional kernel): backward_ is backward
+    saves = "input"
+
+    def forward(self, module, y):
+        return F.hardswish(y)
+
+    def backward(self, module, saved, x_adj):
+        return _aten.hardswish_backward(x_adj, saved)
+
+
+class _Hardsigmoid(_Activation):
+    # Y, not X: X's 0 < X < 1 is not Y's -3 < Y < 3 after rounding (Y just below 3 can round to X = 1)
+    saves = "input"
+
+    def forward(self, module, y):
+        return F.hardsigmoid(y)
+
+    def backward(self, module, saved, x_adj):
+        return _aten.hardsigmoid_backward(x_adj, saved)
+
+    def backward_(self, module, saved, x_adj):
+        return _aten.hardsigmoid_backward.grad_input(x_adj, saved, grad_input=x_adj)
+
+
+class _Mish(_Activation):
+    # autograd's kernel without create_graph (mish_backward has no out= form)
+    saves = "input"
+
+    def forward(self, module, y):
+        return F.mish(y)
+
+    def backward(self, module, saved, x_adj):
+        return _aten.mish_backward(x_adj, saved)
 
 
 class _GELU(Map):
@@ -446,7 +548,12 @@ MAPS.update({
     nn.Tanh: _Tanh(),
     nn.ELU: _ELU(),
     nn.Softplus: _Softplus(),
+    nn.Hardtanh: _Hardtanh(),
+    nn.ReLU6: _Hardtanh(),
     nn.SiLU: _SiLU(),
+    nn.Hardswish: _Hardswish(),
+    nn.Hardsigmoid: _Hardsigmoid(),
+    nn.Mish: _Mish(),
     nn.GELU: _GELU(),
     nn.LogSoftmax: _LogSoftmax(),
     nn.Flatten: _Reshape(),
@@ -491,6 +598,12 @@ FUNCTIONALS: dict = {
     F.elu: lambda input, alpha=1.0, inplace=False: nn.ELU(alpha, inplace),
     F.gelu: lambda input, approximate="none": nn.GELU(approximate),
     F.silu: lambda input, inplace=False: nn.SiLU(inplace),
+    F.relu6: lambda input, inplace=False: nn.ReLU6(inplace),
+    F.hardtanh: lambda input, min_val=-1.0, max_val=1.0, inplace=False: nn.Hardtanh(min_val, max_val, inplace),
+    F.hardtanh_: lambda input, min_val=-1.0, max_val=1.0: nn.Hardtanh(min_val, max_val, True),
+    F.hardswish: lambda input, inplace=False: nn.Hardswish(inplace),
+    F.hardsigmoid: lambda input, inplace=False: nn.Hardsigmoid(inplace),
+    F.mish: lambda input, inplace=False: nn.Mish(inplace),
     F.softplus: lambda input, beta=1.0, threshold=20.0: nn.Softplus(beta, threshold),
     torch.sigmoid: lambda input: nn.Sigmoid(),
     Tensor.sigmoid: lambda input: nn.Sigmoid(),
