@@ -265,14 +265,6 @@ def test_every_entry_has_a_case():
     assert all(isinstance(JUNCTIONS[op], Junction) and JUNCTIONS[op].name != "?" for op in MINE)
 
 
-# tests/test_junctions.py's test_every_entry_has_a_case reads the whole table, which functionals and poolings extend
-# on import: the first case of each of their entries that its harness can run (no running statistics, no random
-# draw, autograd's forward the plain call's) joins its list, so that a session collecting both files passes it.
-for _op in sorted(MINE, key=lambda op: JUNCTIONS[op].name):
-    _first = next(c for c in CASES if c.op is _op and not c.constants and c.seed is None and c.same_forward)
-    harness.case(f"functionals-{_first.id}", _op, _first.make, _first.drop)
-
-
 # ---------------------------------------------------------------- dropout: the plain call's draw, its random state
 
 DROPOUTS = {  # id: (function, input shape, keywords)

@@ -346,9 +346,14 @@ def test_adjoints_equal_autograd_float32(case):
     _check(case, torch.float32, bitwise=case.op not in NOT_BITWISE)
 
 
+_OURS = ("torch_fadjoint.junctions", "torch_fadjoint.arithmetic", "torch_fadjoint.activations")
+
+
 def test_every_entry_has_a_case():
+    """Every entry of this file's three modules (functionals and poolings have theirs in test_functionals)."""
     assert len(CASES) >= 60
-    missing = {entry.name for op, entry in JUNCTIONS.items() if op not in {c.op for c in CASES}}
+    mine = {op: entry for op, entry in JUNCTIONS.items() if type(entry).__module__ in _OURS}
+    missing = {entry.name for op, entry in mine.items() if op not in {c.op for c in CASES}}
     assert not missing, f"entries without a case: {sorted(missing)}"
     assert all(isinstance(entry, Junction) and entry.name != "?" for entry in JUNCTIONS.values())
 

@@ -16,7 +16,8 @@ ALLOWED = {
     "maps": {"nn", "tables"},
     "layers": {"maps", "tables"},  # a layer's record holds its maps' records (MapRecord)
     "sweep": {"layers"},
-    "recorder": {"layers", "maps", "sweep", "losses", "distributed"},
+    "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings"},  # the graph: ops through the table
+    "recorder": {"layers", "maps", "sweep", "losses", "distributed", "tape"},
     "rules": {"sweep", "layers", "maps", "losses"},
     "optim": {"rules", "recorder", "sweep", "losses"},
     "graph": {"optim", "recorder", "sweep"},

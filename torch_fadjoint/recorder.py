@@ -45,7 +45,8 @@ from torch.utils._pytree import tree_flatten
 from .layers import Layer, LayerRecord, layer_for, supported_layers
 from .losses import get_loss
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
-from .sweep import fadjoint_grads, accumulate_grads
+from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
+from .tape import Tape, TapeMode, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
@@ -112,6 +113,19 @@ def _backward_hook_of(layers, configs) -> str | None:
             if param is not None and (param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None)):
                 return (f"{layer.name}.{name} has a gradient hook (register_hook / "
                         "register_post_accumulate_grad_hook)")
+    return None
+
+
+def _graph_backward_hook(model: nn.Module) -> str | None:
+    """graph=True: the first backward-side hook anywhere in the model, in words (None if there is none)."""
+    if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
+        return "a global module backward hook is registered (register_module_full_backward_hook)"
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            return f"{name or '<model>'} ({type(module).__name__}) has a backward hook"
+    for name, param in model.named_parameters():
+        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+            return f"{name} has a gradient hook (register_hook / register_post_accumulate_grad_hook)"
     return None
 
 
@@ -197,7 +211,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
+    _PLAIN_STATE = frozenset({"_tape", "_path", "_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
                               "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
 
     def __setattr__(self, name, value):
@@ -206,8 +220,9 @@ class FPropagation(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def __init__(self, model: nn.Module, keep_pre_activations: bool = False, process_group=None):
+    def __init__(self, model: nn.Module, keep_pre_activations: bool = False, process_group=None, graph: bool = False):
         super().__init__()
+        self.graph = bool(graph)  # record the whole graph on a tape (tfa.tape; the F-adjoint only, for now)
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -239,6 +254,8 @@ class FPropagation(nn.Module):
         self.remove()
         if model is not None:
             self.model = model
+        if self.graph:
+            return self._attach_graph()
         plans = [self._plan(name, module) for name, module in self.model.named_modules()]  # check all first
         for plan in plans:
             self._handles.extend(plan())
@@ -307,6 +324,7 @@ class FPropagation(nn.Module):
         self._calls: dict[int, int] = {}
         self._watch: list[tuple[Tensor, int, str]] = []
         self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
+        self._tape = None  # graph=True: the last forward's tape (its output stays in _output until the next one)
         self._depth = 0
         self._transparent = None
 
@@ -573,6 +591,8 @@ class FPropagation(nn.Module):
     def forward(self, *args, **kwargs):
         if self._paused:
             return self.model(*args, **kwargs)
+        if self.graph:
+            return self._forward_graph(args, kwargs)
         if not self._attached:
             raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
         if self._changed():
@@ -618,6 +638,85 @@ class FPropagation(nn.Module):
         self._output = self._layers[-1].x = _detach(output)
         self._watch_tensor(self._output, "the model's output X^L")
 
+    # -- graph=True: the tape -----------------------------------------------------------------
+    def _attach_graph(self) -> "FPropagation":
+        """Graph mode: no per-module plan (the tape sees functions, whichever module calls them); one pre- and one
+        post-hook per module keep the module path for messages."""
+        self._path: list[str] = []
+
+        def leave(module, inputs, output) -> None:  # a forward hook's return value would replace the output
+            if self._path:
+                self._path.pop()
+
+        for name, module in self.model.named_modules():
+            describe = _describe(name, module)
+            self._handles.append(module.register_forward_pre_hook(
+                _ours(lambda m, i, d=describe: self._path.append(d) and None)))
+            self._handles.append(module.register_forward_hook(_ours(leave)))
+        self._fingerprint = self._make_fingerprint()
+        self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        self._attached = True
+        return self
+
+    def _forward_graph(self, args: tuple, kwargs: dict):
+        if not self._attached:
+            raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
+        if self._changed():
+            raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
+                               "call net.attach()")
+        self.clear()
+        leaves = tree_flatten((args, kwargs))[0]
+        for i, value in enumerate(leaves):
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
+                                 "fills the parameters' only; pass it detached (x.detach())")
+        params = {id(p): (n, p) for n, p in self.model.named_parameters(remove_duplicate=False)}
+        tape = Tape(params)
+        tape.path = self._path
+        self._path.clear()
+        for value in leaves:
+            if isinstance(value, Tensor) and value.is_floating_point():
+                tape.add_value(value)
+        statistics = _running_statistics(self.model)
+        try:
+            with torch.no_grad(), TapeMode(tape):
+                output = self.model(*args, **kwargs)
+            index = tape.value_of(output) if isinstance(output, Tensor) else None
+            if index is None:
+                raise ValueError(f"FPropagation: the model returned {type(output).__name__}, expected a tensor computed "
+                                 "from its input (the loss reads the recorded output)")
+        except BaseException:
+            self.clear()
+            for buffer, value in statistics:
+                buffer.copy_(value)
+            raise
+        finally:
+            self._path.clear()
+        tape.output = index
+        self._tape, self._output = tape, output
+        return output
+
+    def graph_grads(self, out_adj: Tensor, *, retain_records: bool = False) -> dict[Tensor, Tensor]:
+        """graph=True: {parameter: ∂J/∂θ} from X*^L by the sweep over the last forward's tape (docs/maths.md §7.1);
+        nothing is written; the tape is freed unless ``retain_records``."""
+        tape = self._tape
+        if tape is None:
+            raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
+        check_out_adj(self, out_adj)
+        hook = _graph_backward_hook(self.model)
+        if hook is not None:
+            self.clear()
+            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
+                               "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
+        try:
+            grads = tape_grads(tape, out_adj)
+        except BaseException:
+            self.clear()
+            raise
+        if not retain_records:
+            self.clear()
+        return grads
+
     # -- records -------------------------------------------------------------------------------
     @property
     def layers(self) -> list[LayerRecord]:
@@ -639,6 +738,10 @@ class FPropagation(nn.Module):
     def recorded_layers(self) -> list[LayerRecord]:
         """The layers of the last forward after checking that no record went stale; RuntimeError otherwise."""
         self.output  # noqa: B018 - raises when nothing is recorded
+        if self.graph:
+            raise RuntimeError("FPropagation(graph=True): this rule sweeps a chain of layers; on a graph only the "
+                               "F-adjoint runs for now (FAdjoint, net.backward, net.adjoint); LFP, equilibrium, "
+                               "consequentialism and inference learning on graphs: issue 22")
         for ref, version, what in self._watch:
             tensor = ref()
             if tensor is not None and tensor._version != version:
@@ -668,6 +771,12 @@ class FPropagation(nn.Module):
         autograd. Frozen parameters (``requires_grad=False``) get no ``.grad``. Nothing is written
         when it raises.
         """
+        if self.graph:
+            grads = self.graph_grads(out_adj, retain_records=retain_records)
+            if validate:
+                check_finite(list(grads.values()), "F-adjoint gradients", names=lambda: param_names(self, grads))
+            accumulate_grads(grads)
+            return
         accumulate_grads(fadjoint_grads(self, out_adj, validate=validate, retain_records=retain_records))
 
     def backward(self, loss, target, **loss_kwargs) -> Tensor:

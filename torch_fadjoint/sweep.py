@@ -105,7 +105,7 @@ def check_out_adj(net, signal: Tensor, what: str = "out_adj") -> None:
         raise ValueError(f"{what}: expected a tensor, got {type(signal).__name__}")
     if signal.shape != output.shape or signal.dtype != output.dtype or signal.device != output.device:
         raise ValueError(f"{what}: expected shape {tuple(output.shape)}, {output.dtype} on {output.device} (the output "
-                         f"of {net.layers[-1].describe}), got {tuple(signal.shape)}, {signal.dtype} on {signal.device}")
+                         f"of {net.layers[-1].describe if net.layers else 'the model'}), got {tuple(signal.shape)}, {signal.dtype} on {signal.device}")
 
 
 def param_names(net, params) -> list[str]:

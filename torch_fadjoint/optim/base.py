@@ -195,7 +195,7 @@ class RuleOptimizer(Optimizer):
         else:
             loss, signal = None, out_adj
         check_out_adj(self.net, signal, self.signal)
-        describe = self.net.layers[-1].describe
+        describe = self.net.layers[-1].describe if self.net.layers else "the model"
         self.guard.require_finite([output, signal], "step", names=[
             f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)",
             f"{self.signal} (the signal at the output of {describe})"])

@@ -111,6 +111,11 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             self._check_fusable()
 
     def _rule_step(self, out_adj: Tensor) -> None:
+        if self.net.graph:  # the tape's sweep (docs/maths.md §7.1); the gradient is read by its bound
+            if self.fuse_update:
+                raise ValueError("fuse_update=True: not on a graph (FPropagation(graph=True)) yet; use fuse_update=False")
+            self._apply_sgd(self.net.graph_grads(out_adj))
+            return
         if self.fuse_update:
             self._fused_step(out_adj)
         else:

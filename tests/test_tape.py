@@ -1,0 +1,230 @@
+"""The tape (issue 21; docs/maths.md §7.1): FPropagation(model, graph=True) records the user's whole graph and the
+F-adjoint sweeps back over it, exact against autograd (float64), or the forward / sweep is refused in one line.
+
+Gradients are compared per parameter relative to the larger of its own largest entry and 1e-8 of the model's
+largest gradient (§7: a conv bias before a train-mode BatchNorm has an analytically zero gradient, and both sides
+return rounding noise there).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_fadjoint as tfa
+
+from . import oracles
+
+DT = torch.float64
+
+
+def _compare(model: nn.Module, x, target, *, loss=F.cross_entropy, tol=1e-10):
+    """F-adjoint on the tape vs autograd from the same weights and buffers; returns the worst relative error."""
+    reference = copy.deepcopy(model)
+    want = oracles.autograd_grads(lambda: reference(x), dict(reference.named_parameters()), "cross_entropy", target) \
+        if loss is F.cross_entropy else None
+    net = tfa.FPropagation(model, graph=True)
+    out = net(x)
+    assert not out.requires_grad
+    net.backward(loss, target)
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    scale = max(g.abs().max().item() for g in want.values())
+    assert scale > 1e-6, "degenerate problem: reference gradient ~0"
+    worst = max(((got[n] - g).abs().max() / max(g.abs().max().item(), 1e-8 * scale)).item() for n, g in want.items())
+    assert worst <= tol, worst
+    for (name, b), (_, b_ref) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(b, b_ref), f"buffer {name} differs from autograd's run"
+    return worst
+
+
+# -- hand-made graphs: every junction kind --------------------------------------------------------------------
+class _Residual(nn.Module):
+    """A BasicBlock: conv-bn-relu-conv-bn, `out += identity` (in place), relu; then a downsampling block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.down = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2), nn.BatchNorm2d(6))
+        self.conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(h))
+        out += h
+        h = F.relu(out)
+        h = F.relu(self.conv3(h) + self.down(h))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+class _DenseGate(nn.Module):
+    """Concatenations (DenseNet), a squeeze-excitation gate (a product of two values), a layer scale (a bare
+    parameter times a value), split and chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(10, 4)
+        self.gate = nn.Linear(14, 14)
+        self.gamma = nn.Parameter(torch.rand(14) + 0.5)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.cat([x, torch.tanh(self.a(x))], dim=1)
+        h = torch.cat([h, F.gelu(self.b(h))], 1)
+        h = h * torch.sigmoid(self.gate(h)) * self.gamma
+        left, right = h.chunk(2, dim=1)
+        return self.head(left - right / 2)
+
+
+class _Attention(nn.Module):
+    """A ViT-style block: a class token and position embedding (bare parameters), pre-LayerNorm, causal-free SDPA
+    with heads, a residual, a GELU MLP, the class token's output."""
+
+    def __init__(self, dim=8, heads=2, tokens=5):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.1)
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.mlp1, self.mlp2 = nn.LayerNorm(dim), nn.Linear(dim, 16), nn.Linear(16, dim)
+        self.head, self.heads = nn.Linear(dim, 4), heads
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = torch.cat([self.cls.expand(b, -1, -1), self.embed(x)], dim=1) + self.pos
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
+        split = lambda z: z.reshape(b, t + 1, self.heads, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        h = h + self.proj(a.transpose(1, 2).reshape(b, t + 1, -1))
+        h = h + self.mlp2(F.gelu(self.mlp1(self.norm2(h))))
+        return self.head(h[:, 0])
+
+
+class _TinyLM(nn.Module):
+    """A decoder-only language model in plain torch: token embedding tied to the head, learned positions,
+    pre-LayerNorm blocks with causal SDPA and a GELU MLP, residuals."""
+
+    def __init__(self, vocab=11, dim=8, context=6, blocks=2):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Parameter(torch.randn(context, dim) * 0.1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(n1=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim),
+                               n2=nn.LayerNorm(dim), up=nn.Linear(dim, 4 * dim), down=nn.Linear(4 * dim, dim)))
+            for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids):
+        h = self.tokens(ids) + self.positions[: ids.shape[1]]
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["n1"](h)).chunk(3, dim=-1)
+            h = h + block["proj"](F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            h = h + block["down"](F.gelu(block["up"](block["n2"](h))))
+        return F.linear(self.norm(h), self.tokens.weight).flatten(0, 1)  # tied head: (B·T, vocab)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (_Residual, (3, 3, 8, 8)),
+    (_DenseGate, (5, 6)),
+    (_Attention, (3, 5, 3)),
+], ids=["residual-bn-inplace", "dense-gate-split", "vit-block"])
+def test_hand_made_graphs_equal_autograd(make, shape):
+    torch.manual_seed(0)
+    model = make().to(DT).train()
+    x = torch.randn(*shape, dtype=DT)
+    target = torch.randint(0, model(x).shape[-1], (shape[0],))
+    _compare(model, x, target)
+
+
+def test_a_tied_language_model_equals_autograd():
+    torch.manual_seed(0)
+    model = _TinyLM().to(DT)
+    ids = torch.randint(0, 11, (3, 6))
+    target = torch.randint(0, 11, (18,))
+    _compare(model, ids, target)
+
+
+def test_fadjoint_steps_on_a_residual_net_equal_autograd_and_sgd():
+    """Three tfa.optim.FAdjoint steps on the graph = three autograd + torch.optim.SGD steps (BatchNorm statistics
+    included)."""
+    torch.manual_seed(0)
+    model = _Residual().to(DT)
+    reference = copy.deepcopy(model)
+    x, t = torch.randn(4, 3, 8, 8, dtype=DT), torch.tensor([0, 1, 2, 3])
+    net = tfa.FPropagation(model, graph=True)
+    opt = tfa.optim.FAdjoint(net, lr=0.05)
+    for _ in range(3):
+        net(x)
+        opt.step(target=t)
+    oracles.autograd_sgd_steps(reference, nn.CrossEntropyLoss(), [(x, t)] * 3, lr=0.05)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    for b, c in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(b, c)
+
+
+# -- refusals ------------------------------------------------------------------------------------------------
+class _Sorts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).sort(dim=1).values
+
+
+def test_an_op_outside_the_table_is_refused_naming_it_and_where():
+    net = tfa.FPropagation(_Sorts().to(DT), graph=True)
+    with pytest.raises(ValueError, match=r"^Tensor\.sort in <model> \(_Sorts\): not in the table of ops"):
+        net(torch.randn(2, 4, dtype=DT))
+
+
+class _OverwritesSaved(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.fc1(x))  # sigmoid's backward reads its output …
+        h += 1                          # … which this overwrites: autograd refuses the backward too
+        return self.fc2(h)
+
+
+def test_an_in_place_op_overwriting_what_an_earlier_op_saved_is_refused_at_the_sweep():
+    model = _OverwritesSaved().to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    net(torch.randn(2, 4, dtype=DT))
+    with pytest.raises(RuntimeError, match=r"saved for the sweep was modified in place later in the forward"):
+        net.backward(F.cross_entropy, torch.tensor([0, 2]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _ReturnsATuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), 1
+
+
+def test_a_model_returning_something_else_than_a_value_is_refused():
+    net = tfa.FPropagation(_ReturnsATuple().to(DT), graph=True)
+    with pytest.raises(ValueError, match=r"^FPropagation: the model returned tuple, expected a tensor computed"):
+        net(torch.randn(2, 4, dtype=DT))
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: tfa.optim.LFP(net, lr=0.1),
+    lambda net: tfa.optim.EquilibriumFAdjoint(net, lr=0.1, loss="cross_entropy"),
+])
+def test_the_other_rules_refuse_a_graph_in_one_line(make):
+    model = _Residual().to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    opt = make(net)
+    net(torch.randn(2, 3, 8, 8, dtype=DT))
+    with pytest.raises(RuntimeError, match=r"^FPropagation\(graph=True\): this rule sweeps a chain of layers; .*issue 22"):
+        opt.step(target=torch.tensor([0, 1]))
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,179 @@
+"""The tape: the user's whole forward as ops on values and parameters, and the F-adjoint swept back over it
+(docs/maths.md §7.1, §1.2).
+
+While ``FPropagation(model, graph=True)`` runs the forward, a ``TorchFunctionMode`` sees every torch function
+call (STYLE P10). A call that reads a **value** (a tensor computed from the model's inputs) or a **parameter**
+of the model (whichever module holds it) is run through its entry of the junction table
+(:data:`torch_fadjoint.junctions.JUNCTIONS`, filled by ``arithmetic``, ``activations`` and ``functionals``) and
+recorded as an op; its tensor outputs become values. Any other call is a constant (buffers, masks, shapes) and
+runs as written, and so is a call on a value whose output carries no gradient in autograd either (a comparison,
+``argmax``, ``x.new_zeros(…)``, ``x.detach()``). A call on a value with no entry is refused, naming the op and the
+module it ran in.
+
+The F-adjoint on the tape (§1.2 on a graph)::
+
+    adj[output] = X*^L
+    for op in reversed(ops):                 an op none of whose outputs received an adjoint is skipped
+        for each input: J_inputᵀ adj[op's outputs]  →  summed into adj[value] (fan-out) or the parameter's feedback
+
+An in-place op produces a new version of its input (``out += identity``): the tensor's later uses read the new
+value; an op that saved the old version and finds it overwritten at the sweep is refused, as autograd refuses
+it (the entries copy what their own in-place backward needs). Every saved tensor keeps its version.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import activations, arithmetic, functionals, poolings  # noqa: F401  (they fill JUNCTIONS)
+from .junctions import JUNCTIONS
+
+__all__ = ["Tape", "TapeMode", "tape_grads"]
+
+
+# calls whose floating output carries no gradient in autograd either: new tensors shaped like a value, detach
+_CONSTANT_MAKERS = frozenset({
+    Tensor.new_zeros, Tensor.new_ones, Tensor.new_full, Tensor.new_empty, Tensor.new_tensor, torch.zeros_like,
+    torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, Tensor.detach,
+    torch.detach,
+})
+
+
+class _Op:
+    """One recorded call: its entry, what it saved, where its inputs come from, which values it made."""
+
+    __slots__ = ("entry", "saved", "inputs", "outputs", "single", "where", "versions")
+
+    def __init__(self, entry, saved, inputs: dict, outputs: list[int], single: bool, where: str, versions: list):
+        self.entry, self.saved, self.inputs, self.outputs = entry, saved, inputs, outputs
+        self.single, self.where, self.versions = single, where, versions
+
+
+class Tape:
+    """The values and ops of one forward. ``params``: ``{id(parameter): (name, parameter)}`` of the model."""
+
+    def __init__(self, params: dict[int, tuple[str, nn.Parameter]]):
+        self.params = params
+        self.ops: list[_Op] = []
+        self._values: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) → (the tensor, its value index)
+        self.count = 0
+        self.output: int | None = None
+        self.path: list[str] = []  # the module stack, for messages
+
+    def add_value(self, tensor: Tensor) -> int:
+        index = self.count
+        self.count += 1
+        self._values[id(tensor)] = (weakref.ref(tensor), index)
+        return index
+
+    def value_of(self, tensor) -> int | None:
+        """The value index of ``tensor`` (its newest version), or None if it is not a value."""
+        found = self._values.get(id(tensor))
+        if found is None or found[0]() is not tensor:
+            return None
+        return found[1]
+
+    def where(self) -> str:
+        return self.path[-1] if self.path else "the model's forward"
+
+    def source(self, leaf):
+        """("value", index) | ("param", parameter) | None for a constant."""
+        if not isinstance(leaf, Tensor):
+            return None
+        index = self.value_of(leaf)
+        if index is not None:
+            return ("value", index)
+        if isinstance(leaf, nn.Parameter) and id(leaf) in self.params:
+            return ("param", leaf)
+        return None
+
+
+def _inputs(tape: Tape, args: tuple, kwargs: dict) -> dict:
+    """{adjoint key: source} for every value or parameter among the call's arguments (the table's keys:
+    position, keyword, or (position, i) inside a list)."""
+    found = {}
+    for key, arg in [*enumerate(args), *kwargs.items()]:
+        if isinstance(arg, (list, tuple)):
+            for i, item in enumerate(arg):
+                source = tape.source(item)
+                if source is not None:
+                    found[(key, i)] = source
+        else:
+            source = tape.source(arg)
+            if source is not None:
+                found[key] = source
+    return found
+
+
+def _op_name(func) -> str:
+    """The name a user wrote: ``Tensor.sort``, ``torch.conv2d``, ``F.max_pool2d``."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    name = name.replace("TensorBase.", "Tensor.").replace("_VariableFunctionsClass.", "torch.")
+    module = getattr(func, "__module__", "") or ""
+    if module == "torch.nn.functional" or name.startswith("boolean_dispatch"):
+        return f"F.{getattr(func, '__name__', name)}"
+    return f"torch.{name}" if "." not in name else name
+
+
+class TapeMode(TorchFunctionMode):
+    """Records every call on a value or a parameter into ``tape`` (see the module docstring)."""
+
+    def __init__(self, tape: Tape):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tape = self.tape
+        inputs = _inputs(tape, args, kwargs)
+        if not inputs:
+            return func(*args, **kwargs)  # constants only: buffers, masks, shapes
+        entry = JUNCTIONS.get(func)
+        if entry is None:
+            result = func(*args, **kwargs)
+            if func in _CONSTANT_MAKERS or not any(isinstance(leaf, Tensor) and leaf.is_floating_point()
+                                                   for leaf in tree_flatten(result)[0]):
+                return result  # metadata (x.shape), masks and indices (x > 0, argmax), x.new_zeros(…), x.detach()
+            raise ValueError(f"{_op_name(func)} in {tape.where()}: not in the table of ops the F-adjoint can sweep "
+                             "back through (tfa.junctions.JUNCTIONS); the forward is refused")
+        try:
+            out, saved = entry.run(func, args, kwargs)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{exc} (in {tape.where()})") from None
+        leaves = [out] if isinstance(out, Tensor) else list(out)
+        outputs = [tape.add_value(t) if isinstance(t, Tensor) and t.is_floating_point() else -1 for t in leaves]
+        versions = [(t, t._version) for t in tree_flatten(saved)[0] if isinstance(t, Tensor) and not t.is_inference()]
+        tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions))
+        return out
+
+
+def tape_grads(tape: Tape, out_adj: Tensor) -> dict[Tensor, Tensor]:
+    """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1). Nothing is
+    written. Refuses (RuntimeError) a saved tensor overwritten in place after its op recorded it."""
+    for op in tape.ops:
+        for tensor, version in op.versions:
+            if tensor._version != version:
+                raise RuntimeError(f"FPropagation: a tensor that {op.entry.name} in {op.where} saved for the sweep was "
+                                   "modified in place later in the forward (autograd refuses this too); nothing was "
+                                   "changed")
+    adjoints: dict[int, Tensor] = {tape.output: out_adj}
+    grads: dict[Tensor, Tensor] = {}
+    for op in reversed(tape.ops):
+        outs = [adjoints.pop(i, None) if i >= 0 else None for i in op.outputs]
+        if all(o is None for o in outs):
+            continue
+        found = op.entry.input_adjoints(op.saved, outs[0] if op.single else tuple(outs))
+        for key, adjoint in found.items():
+            source = op.inputs.get(key)
+            if source is None or adjoint is None:
+                continue  # a constant input
+            kind, target = source
+            if kind == "value":
+                adjoints[target] = adjoint if target not in adjoints else adjoints[target] + adjoint
+            elif target.requires_grad:
+                grads[target] = adjoint if target not in grads else grads[target] + adjoint
+    return grads
