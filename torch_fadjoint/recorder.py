@@ -84,8 +84,7 @@ def _settings(module: nn.Module) -> tuple:
     if keys is None:  # the names a freshly made module of this type holds (torch's own table modules)
         keys = _SETTING_KEYS[type(module)] = tuple(
             k for k, v in module.__dict__.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
-    values = module.__dict__
-    return (tuple(values.get(k) for k in keys), tuple(map(id, module._parameters.values())),
+    return (tuple(map(module.__dict__.get, keys)), tuple(map(id, module._parameters.values())),
             tuple(map(id, module._buffers.values())))
 
 
@@ -129,12 +128,18 @@ def _graph_backward_hook(model: nn.Module) -> str | None:
     return None
 
 
-def _running_statistics(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """(buffer, a copy) of every running statistic a train-mode normalisation layer updates in its own forward
-    (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
+def _normalisations(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that keep running statistics (found once, at attach: the fingerprint says when
+    the model changed)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+
+def _running_statistics(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, a copy) of every running statistic a train-mode normalisation layer among ``modules`` updates in its
+    own forward (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
     kept = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
+    for module in modules:
+        if module.training and module.track_running_stats:
             for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
                 if buffer is not None:
                     kept.append((buffer, buffer.clone()))
@@ -211,7 +216,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_tape", "_path", "_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
+    _PLAIN_STATE = frozenset({"_normalisations", "_tape", "_path", "_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
                               "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
 
     def __setattr__(self, name, value):
@@ -264,6 +269,7 @@ class FPropagation(nn.Module):
             for m in self.model.modules())
         self._fingerprint = self._make_fingerprint()
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        self._normalisations = _normalisations(self.model)
         self._attached = True
         return self
 
@@ -602,11 +608,12 @@ class FPropagation(nn.Module):
             raise RuntimeError("FPropagation: a global module forward hook is registered "
                                "(nn.modules.module.register_module_forward_hook); it may change outputs unseen")
         self.clear()
-        for i, value in enumerate(tree_flatten((args, kwargs))[0]):
+        inputs = args if not kwargs and all(isinstance(a, Tensor) for a in args) else tree_flatten((args, kwargs))[0]
+        for i, value in enumerate(inputs):
             if isinstance(value, Tensor) and value.requires_grad:
                 raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
                                  "fills the parameters' only; pass it detached (x.detach())")
-        statistics = _running_statistics(self.model)  # what a refused forward must put back
+        statistics = _running_statistics(self._normalisations)  # what a refused forward must put back
         self._recording = True
         try:
             # no autograd graph: nothing would use it (the sweep is ours); the output has requires_grad=False
@@ -655,6 +662,7 @@ class FPropagation(nn.Module):
             self._handles.append(module.register_forward_hook(_ours(leave)))
         self._fingerprint = self._make_fingerprint()
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        self._normalisations = _normalisations(self.model)
         self._attached = True
         return self
 
@@ -677,7 +685,7 @@ class FPropagation(nn.Module):
         for value in leaves:
             if isinstance(value, Tensor) and value.is_floating_point():
                 tape.add_value(value)
-        statistics = _running_statistics(self.model)
+        statistics = _running_statistics(self._normalisations)
         try:
             with torch.no_grad(), TapeMode(tape):
                 output = self.model(*args, **kwargs)

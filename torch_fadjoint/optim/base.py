@@ -135,15 +135,16 @@ class RuleOptimizer(Optimizer):
             for key, (low, high) in self._ranges().items():
                 if key in group:
                     check_hyper(key, group[key], low, high, where=where)
-            for param in group["params"]:  # torch's kernels cast these to the dtype: an overflow there is silent
-                if not param.is_floating_point():
-                    continue
-                limit = torch.finfo(param.dtype).max
-                for key in ("lr", "momentum", "dampening", "weight_decay"):
-                    value = group.get(key)
-                    if isinstance(value, (int, float)) and abs(value) > limit:
-                        raise ValueError(f"{where}{key}={value:g} overflows {param.dtype}, the dtype of "
-                                         f"{param_names(self.net, [param])[0]}")
+            values = [(key, group[key]) for key in ("lr", "momentum", "dampening", "weight_decay")
+                      if isinstance(group.get(key), (int, float))]
+            largest = max((abs(value) for _, value in values), default=0.0)
+            if largest > _SMALLEST_MAX and largest > min(
+                    (torch.finfo(p.dtype).max for p in group["params"] if p.is_floating_point()), default=math.inf):
+                for param in group["params"]:  # torch's kernels cast these to the dtype: an overflow is silent there
+                    for key, value in values:
+                        if param.is_floating_point() and abs(value) > torch.finfo(param.dtype).max:
+                            raise ValueError(f"{where}{key}={value:g} overflows {param.dtype}, the dtype of "
+                                             f"{param_names(self.net, [param])[0]}")
 
     def _ranges(self) -> dict:
         return _SGD_RANGES
@@ -397,6 +398,8 @@ class RuleOptimizer(Optimizer):
                                      f"floating tensor of shape {tuple(params[j].shape)}")
         super().load_state_dict(state_dict)
 
+
+_SMALLEST_MAX = torch.finfo(torch.float16).max  # below this a hyper-parameter fits every floating dtype
 
 _CLASS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
