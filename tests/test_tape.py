@@ -138,6 +138,15 @@ def test_hand_made_graphs_equal_autograd(make, shape):
     _compare(model, x, target)
 
 
+def test_torchs_own_transformer_layer_equals_autograd():
+    """nn.TransformerEncoderLayer (nn.MultiheadAttention: F.multi_head_attention_forward's own ops are recorded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          nn.Flatten(), nn.Linear(40, 4)).to(DT)
+    x = torch.randn(3, 5, 3, dtype=DT)
+    _compare(model, x, torch.tensor([0, 1, 3]))
+
+
 def test_a_tied_language_model_equals_autograd():
     torch.manual_seed(0)
     model = _TinyLM().to(DT)

@@ -22,6 +22,7 @@ it (the entries copy what their own in-place backward needs). Every saved tensor
 """
 from __future__ import annotations
 
+import types
 import weakref
 
 import torch
@@ -41,6 +42,23 @@ _CONSTANT_MAKERS = frozenset({
     torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, Tensor.detach,
     torch.detach,
 })
+
+
+# functions written in Python on top of table ops, with no entry of their own: the tape records the ops they call
+_COMPOSITES = frozenset({torch.nn.functional.multi_head_attention_forward})
+_UNDISPATCHED: dict = {}
+
+
+def _undispatched(func):
+    """``func`` whose own ``has_torch_function`` check is off (a copy with that one global replaced), so that its
+    body runs under the tape's mode without handing the call back to the mode; its inner calls dispatch as usual."""
+    clone = _UNDISPATCHED.get(func)
+    if clone is None:
+        scope = {**func.__globals__, "has_torch_function": lambda *args: False}
+        clone = _UNDISPATCHED[func] = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__,
+                                                         func.__closure__)
+        clone.__kwdefaults__ = func.__kwdefaults__
+    return clone
 
 
 class _Op:
@@ -133,6 +151,9 @@ class TapeMode(TorchFunctionMode):
         if not inputs:
             return func(*args, **kwargs)  # constants only: buffers, masks, shapes
         entry = JUNCTIONS.get(func)
+        if entry is None and func in _COMPOSITES:  # torch's Python of torch ops: record the ops it calls
+            with TapeMode(tape):
+                return _undispatched(func)(*args, **kwargs)
         if entry is None:
             result = func(*args, **kwargs)
             if func in _CONSTANT_MAKERS or not any(isinstance(leaf, Tensor) and leaf.is_floating_point()
