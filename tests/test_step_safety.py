@@ -48,14 +48,20 @@ def _setup(rule, validate, **kw):
 
 
 def _refused(net, opt, x, t, validate, model, before, match):
-    """The next step is refused (now, or under async at the following call) and nothing was written."""
+    """The next step (after a forward) is refused and nothing was written."""
     net(x)
+    _step_refused(opt, t, validate, model, before, match, match)
+
+
+def _step_refused(opt, t, validate, model, before, match, async_match):
+    """``opt.step(target=t)`` is refused — now (validate=True: ``match``), or decided on the device with masked
+    writes and raised by ``synchronize`` (async: ``async_match``) — and nothing was written."""
     if validate is True:
         with pytest.raises(RuntimeError, match=match):
             opt.step(target=t)
     else:
-        opt.step(target=t)  # decided on the device: writes masked
-        with pytest.raises(RuntimeError, match=match):
+        opt.step(target=t)
+        with pytest.raises(RuntimeError, match=async_match):
             opt.synchronize()
     assert_untouched(before, model, opt)
 
@@ -91,14 +97,7 @@ def test_a_parameter_changed_behind_its_version_counter_is_refused(rule, how, va
         vector[-5:] = 1e308
         nn.utils.vector_to_parameters(vector, model.parameters())
     before = snapshot(model, opt, grads=validate is True)
-    if validate is True:
-        with pytest.raises(RuntimeError, match=r"non-finite values in the update of 2\.bias"):
-            opt.step(target=t)
-    else:
-        opt.step(target=t)
-        with pytest.raises(RuntimeError, match=r"2\.bias"):
-            opt.synchronize()
-    assert_untouched(before, model, opt)
+    _step_refused(opt, t, validate, model, before, r"non-finite values in the update of 2\.bias", r"2\.bias")
     assert bias.eq(1e308).all()
 
 
@@ -109,14 +108,7 @@ def test_a_weight_poked_to_nan_through_numpy_is_refused(rule, validate):
     net(x)  # the forward saw finite weights; the poke comes between forward and step
     model[0].weight.detach().numpy()[1, 1] = np.nan
     before = snapshot(model, opt, grads=validate is True)
-    if validate is True:
-        with pytest.raises(RuntimeError, match=r"non-finite values in the update of 0\.weight"):
-            opt.step(target=t)
-    else:
-        opt.step(target=t)
-        with pytest.raises(RuntimeError, match=r"0\.weight"):
-            opt.synchronize()
-    assert_untouched(before, model, opt)
+    _step_refused(opt, t, validate, model, before, r"non-finite values in the update of 0\.weight", r"0\.weight")
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
@@ -229,14 +221,7 @@ def test_an_overflow_on_the_way_is_refused_though_the_new_value_would_fit(rule, 
     net(x)
     model[2].bias.data.fill_(1e308)
     before = snapshot(model, opt, grads=validate is True)
-    if validate is True:
-        with pytest.raises(RuntimeError, match=r"non-finite values in the update of 2\.bias"):
-            opt.step(target=t)
-    else:
-        opt.step(target=t)
-        with pytest.raises(RuntimeError, match=r"2\.bias"):
-            opt.synchronize()
-    assert_untouched(before, model, opt)
+    _step_refused(opt, t, validate, model, before, r"non-finite values in the update of 2\.bias", r"2\.bias")
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

@@ -134,6 +134,19 @@ def _normalisations(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
 
+def _check_inputs(inputs) -> None:
+    """An input that requires grad is refused: autograd would fill its ``.grad``, the sweep does not."""
+    for i, value in enumerate(inputs):
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
+                             "fills the parameters' only; pass it detached (x.detach())")
+
+
+def _put_back(statistics: list[tuple[Tensor, Tensor]]) -> None:
+    for buffer, value in statistics:
+        buffer.copy_(value)
+
+
 def _running_statistics(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
     """(buffer, a copy) of every running statistic a train-mode normalisation layer among ``modules`` updates in its
     own forward (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
@@ -608,11 +621,8 @@ class FPropagation(nn.Module):
             raise RuntimeError("FPropagation: a global module forward hook is registered "
                                "(nn.modules.module.register_module_forward_hook); it may change outputs unseen")
         self.clear()
-        inputs = args if not kwargs and all(isinstance(a, Tensor) for a in args) else tree_flatten((args, kwargs))[0]
-        for i, value in enumerate(inputs):
-            if isinstance(value, Tensor) and value.requires_grad:
-                raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
-                                 "fills the parameters' only; pass it detached (x.detach())")
+        _check_inputs(args if not kwargs and all(isinstance(a, Tensor) for a in args)
+                      else tree_flatten((args, kwargs))[0])
         statistics = _running_statistics(self._normalisations)  # what a refused forward must put back
         self._recording = True
         try:
@@ -622,8 +632,7 @@ class FPropagation(nn.Module):
             self._finish(output)
         except BaseException:
             self.clear()
-            for buffer, value in statistics:
-                buffer.copy_(value)
+            _put_back(statistics)
             raise
         finally:
             self._recording = False
@@ -674,10 +683,7 @@ class FPropagation(nn.Module):
                                "call net.attach()")
         self.clear()
         leaves = tree_flatten((args, kwargs))[0]
-        for i, value in enumerate(leaves):
-            if isinstance(value, Tensor) and value.requires_grad:
-                raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
-                                 "fills the parameters' only; pass it detached (x.detach())")
+        _check_inputs(leaves)
         params = {id(p): (n, p) for n, p in self.model.named_parameters(remove_duplicate=False)}
         tape = Tape(params)
         tape.path = self._path
@@ -695,8 +701,7 @@ class FPropagation(nn.Module):
                                  "from its input (the loss reads the recorded output)")
         except BaseException:
             self.clear()
-            for buffer, value in statistics:
-                buffer.copy_(value)
+            _put_back(statistics)
             raise
         finally:
             self._path.clear()
