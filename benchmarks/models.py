@@ -4,6 +4,13 @@
           = ``"examples_mnist"`` pytorch/examples' MNIST ``Net`` as written there (functional forward), input (B, 1, 28, 28)
           = ``"examples_mnist_modules"`` the same net written with modules in an ``nn.Sequential``
           = ``"small_cnn"``      a small ReLU CNN every rule can train (no Dropout, no LogSoftmax): see :func:`build_small_cnn`
+          = ``"resnet20"``       He et al. 2016's CIFAR ResNet-20 (:class:`ResNet20`), BatchNorm, option-B shortcuts
+          = ``"resnet18_tv"``    torchvision's ``resnet18(num_classes=10)`` (:func:`build_resnet18_tv`)
+
+The two ResNets read their input channels from :func:`input_shape`: ``image_shape`` when set (the speed configs'
+random input), else the data set's (1 × 28 × 28 for MNIST and Fashion-MNIST, 3 × 32 × 32 for CIFAR-10). They
+train only through ``FPropagation(model, graph=True)`` (the config key ``graph = true``, ``benchmarks/rules.py``):
+the chain recorder cannot follow their residual additions.
 
 ``dropout = false`` sets every Dropout's ``p`` to 0 (the identity; nothing is drawn or recorded): the
 F-adjoint's per-step losses then equal autograd's, while with dropout on the two draw different masks
@@ -98,15 +105,87 @@ def build_small_cnn(channels: list[int], kernels: list[int], strides: list[int],
     return nn.Sequential(*layers)
 
 
-MODELS = ("mlp", "examples_mnist", "examples_mnist_modules", "small_cnn")
+class BasicBlock(nn.Module):
+    """conv3×3(stride) → BN → ReLU → conv3×3 → BN, plus the shortcut, then ReLU (He et al. 2016, §4.2). The shortcut
+    is the identity where the shape is kept, else option B: a 1×1 convolution with the block's stride and BN."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet20(nn.Module):
+    """He et al. 2016's CIFAR ResNet (§4.2) with n = 3: conv3×3(16) → BN → ReLU, three stages of ``n`` BasicBlocks
+    at 16 / 32 / 64 channels (the first block of stages 2 and 3 has stride 2 and an option-B 1×1-conv shortcut),
+    global average pooling and a Linear head: 6n + 2 = 20 weighted layers (plus the two shortcut convolutions).
+    ``in_channels``: 1 for MNIST / Fashion-MNIST (28 × 28 → 14 → 7), 3 for CIFAR-10 (32 → 16 → 8).
+    torch's default initialisation (the paper's He-normal init is not needed for the comparison)."""
+
+    def __init__(self, in_channels: int = 3, n_classes: int = 10, blocks: int = 3, widths=(16, 32, 64)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, c = [], widths[0]
+        for i, width in enumerate(widths):
+            layers = []
+            for j in range(blocks):
+                layers.append(BasicBlock(c, width, 2 if (i > 0 and j == 0) else 1))
+                c = width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(c, n_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+def build_resnet18_tv(in_channels: int = 3, n_classes: int = 10) -> nn.Module:
+    """torchvision's ``resnet18(num_classes=n_classes)`` as torchvision builds it (7×7 stride-2 stem, max pool,
+    ImageNet layout: on 32 × 32 inputs the last stage runs at 1 × 1). For ``in_channels != 3`` its ``conv1`` is
+    replaced by ``nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)`` (torch's default init, drawn after the rest)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=n_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+MODELS = ("mlp", "examples_mnist", "examples_mnist_modules", "small_cnn", "resnet20", "resnet18_tv")
+RESNETS = ("resnet20", "resnet18_tv")
+# one image of each data set (C, H, W); the MNIST-like sets are IMAGE_SHAPE
+DATASET_SHAPES = {"cifar10": (3, 32, 32), "cifar_10": (3, 32, 32)}
 
 
 def input_shape(cfg: dict) -> tuple[int, ...]:
-    """The shape of one input of ``cfg``'s model: (784,) for the MLP, (1, 28, 28) for the CNNs."""
+    """The shape of one input of ``cfg``'s model: (784,) for the MLP, (1, 28, 28) for the MNIST CNNs; the ResNets
+    take ``image_shape`` when set, else the data set's (CIFAR-10: (3, 32, 32))."""
     model = cfg.get("model", "mlp")
     if model not in MODELS:
         raise SystemExit(f"error: model must be one of {list(MODELS)}, got {model!r}")
-    return (cfg["widths"][0],) if model == "mlp" else IMAGE_SHAPE
+    if model == "mlp":
+        return (cfg["widths"][0],)
+    if model in RESNETS:
+        if cfg.get("image_shape"):
+            if len(cfg["image_shape"]) != 3:
+                raise SystemExit(f"error: image_shape must be [channels, height, width], got {cfg['image_shape']}")
+            return tuple(int(c) for c in cfg["image_shape"])
+        return DATASET_SHAPES.get(str(cfg.get("dataset", "mnist")).lower().replace("-", "_"), IMAGE_SHAPE)
+    return IMAGE_SHAPE
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -120,6 +199,10 @@ def build_model(cfg: dict) -> nn.Module:
         built = Net()
     elif model == "examples_mnist_modules":
         built = net_modules()
+    elif model == "resnet20":
+        built = ResNet20(in_channels=input_shape(cfg)[0])
+    elif model == "resnet18_tv":
+        built = build_resnet18_tv(in_channels=input_shape(cfg)[0])
     else:
         built = build_small_cnn(cfg["channels"], cfg["kernels"], cfg["strides"], cfg["pools"], cfg["hidden"],
                                 cfg["activation"], cfg.get("input_noise", 0.0))
@@ -139,6 +222,11 @@ def describe(cfg: dict) -> str:
         return "pytorch/examples' MNIST Net (functional forward)"
     if model == "examples_mnist_modules":
         return "pytorch/examples' MNIST Net written with modules (nn.Sequential)"
+    if model in RESNETS:
+        c = input_shape(cfg)[0]
+        name = "ResNet-20 (He et al. 2016, option-B shortcuts)" if model == "resnet20" else \
+            "torchvision resnet18(num_classes=10)" + ("" if c == 3 else f" with a {c}-channel conv1")
+        return f"{name}, {c}-channel input ({sum(p.numel() for p in build_model(cfg).parameters())} parameters)"
     parts = []
     for m in build_model({**cfg, "input_noise": 0.0}):
         if isinstance(m, nn.Conv2d):

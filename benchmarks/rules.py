@@ -8,6 +8,11 @@ The reference is ``sgd``: standard autograd + ``torch.optim.SGD``. ``autograd`` 
 the torch optimizer named by ``optimizer`` (``sgd`` | ``adadelta`` | ``adam``): ``loss.backward()``, resp.
 ``FPropagation`` + ``tfa.losses`` + ``net.adjoint`` (the drop-in swap of a stock loop, README (a)), then the
 same ``opt.step()`` — pytorch/examples' MNIST recipe (Adadelta) in ``configs/mnist_cnn.toml``.
+
+``graph = true`` in a config: every library rule's ``FPropagation`` records the user's whole graph on a tape
+(``FPropagation(model, graph=True)``, docs/maths.md §7.1), which residual nets (``resnet20``, ``resnet18_tv``)
+need; the autograd rules ignore it. Only the F-adjoint steps on a tape for now (``fadjoint``,
+``fadjoint_unchecked``, ``fadjoint_dropin``); the other rules refuse it in one line.
 """
 from __future__ import annotations
 
@@ -118,7 +123,8 @@ class DropInTrainer:
 
     def __init__(self, model: nn.Module, cfg: dict):
         self.model = model
-        self.net = tfa.FPropagation(model, process_group=dist.group.WORLD if _distributed() else None)
+        self.net = tfa.FPropagation(model, process_group=dist.group.WORLD if _distributed() else None,
+                                    graph=_graph(cfg))
         name = cfg.get("loss", "cross_entropy")
         self.loss = half_sse if name == "half_sse" else getattr(tfa.losses, name)
         self.reduction, self.validate = cfg.get("reduction", "mean"), cfg.get("validate", True)
@@ -141,15 +147,17 @@ class DropInTrainer:
 
 
 class RuleTrainer:
-    """A ``tfa.optim`` optimizer on an ``FPropagation`` of the model: forward, then ``opt.step(target=t)``."""
+    """A ``tfa.optim`` optimizer on an ``FPropagation`` of the model: forward, then ``opt.step(target=t)``.
+
+    ``graph``: ``FPropagation(model, graph=True)``, the whole graph on a tape (the config key ``graph``)."""
 
     uses_autograd = False
 
     def __init__(self, model: nn.Module, make_optimizer: Callable[[tfa.FPropagation], torch.optim.Optimizer],
-                 keep_pre_activations: bool = False):
+                 keep_pre_activations: bool = False, graph: bool = False):
         self.model = model
         self.net = tfa.FPropagation(model, keep_pre_activations=keep_pre_activations,
-                                    process_group=dist.group.WORLD if _distributed() else None)
+                                    process_group=dist.group.WORLD if _distributed() else None, graph=graph)
         self.opt = make_optimizer(self.net)
 
     @torch.no_grad()
@@ -162,6 +170,13 @@ class RuleTrainer:
 
     def load_state_dict(self, state):
         self.opt.load_state_dict(state)
+
+
+def _graph(cfg: dict) -> bool:
+    """The config key ``graph``: every library rule's ``FPropagation`` records the whole graph on a tape
+    (``tfa.tape``, docs/maths.md §7.1). Only the F-adjoint steps on it for now (``fadjoint``, ``fadjoint_unchecked``,
+    ``fadjoint_dropin``); the other rules refuse it in one line at their first step."""
+    return bool(cfg.get("graph", False))
 
 
 def _distributed() -> bool:
@@ -198,7 +213,7 @@ def _lfp(model: nn.Module, cfg: dict) -> RuleTrainer:
         nesterov=cfg.get("nesterov", False), reward=cfg.get("reward", "softmax"), eps=cfg.get("eps", 1e-6),
         batch_reduction=cfg.get("batch_reduction", "mean"),
         clip_norm=clip if clip and clip > 0 else None, foreach=cfg.get("foreach"),
-        validate=cfg.get("validate", True)), keep_pre_activations=True)
+        validate=cfg.get("validate", True)), keep_pre_activations=True, graph=_graph(cfg))
 
 
 def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
@@ -211,7 +226,7 @@ def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
         return RuleTrainer(model, lambda net: tfa.optim.Consequentialism(
             net, lr=cfg["lr"], mode=mode, base=base, delta_rel=cfg.get("delta_rel", 1e-3),
             loss=_rule_loss(cfg), loss_kwargs={"reduction": cfg.get("reduction", "mean")},
-            validate=cfg.get("validate", True), **base_kwargs))
+            validate=cfg.get("validate", True), **base_kwargs), graph=_graph(cfg))
     return factory
 
 
@@ -228,7 +243,7 @@ def _inference(variant: str, base: str = "sgd") -> Callable[[nn.Module, dict], R
         return RuleTrainer(model, lambda net: tfa.optim.InferenceLearning(
             net, lr=lr, variant=variant, T=cfg.get("T", 25), clamp=cfg.get("clamp", 1.0),
             alpha=cfg.get("alpha", 5.0), prox_eps=cfg.get("prox_eps", 0.25), base=base,
-            validate=cfg.get("validate", True), **gammas, **base_kwargs))
+            validate=cfg.get("validate", True), **gammas, **base_kwargs), graph=_graph(cfg))
     return factory
 
 
@@ -236,20 +251,21 @@ RULES: dict[str, Callable[[nn.Module, dict], object]] = {
     "sgd": AutogradSGD,
     "autograd": lambda model, cfg: AutogradSGD(model, cfg, optimizer=cfg.get("optimizer", "sgd")),
     "fadjoint_dropin": DropInTrainer,
-    "fadjoint": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(net, **_sgd_kwargs(cfg))),
+    "fadjoint": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(net, **_sgd_kwargs(cfg)),
+                                               graph=_graph(cfg)),
     "fadjoint_fused": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
-        net, **_sgd_kwargs(cfg), fuse_update=True)),
+        net, **_sgd_kwargs(cfg), fuse_update=True), graph=_graph(cfg)),
     # the same, whatever the config's validate: the default step's two opt-outs beside it (issue 20's table)
     "fadjoint_unchecked": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
-        net, **{**_sgd_kwargs(cfg), "validate": False})),
+        net, **{**_sgd_kwargs(cfg), "validate": False}), graph=_graph(cfg)),
     "fadjoint_fused_unchecked": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.FAdjoint(
-        net, **{**_sgd_kwargs(cfg), "validate": False}, fuse_update=True)),
+        net, **{**_sgd_kwargs(cfg), "validate": False}, fuse_update=True), graph=_graph(cfg)),
     "equilibrium": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
-        net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg))),
+        net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg)), graph=_graph(cfg)),
     "equilibrium_ref": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
-        net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg, reference_output_derivative=True))),
+        net, **_sgd_kwargs(cfg), **_equilibrium_kwargs(cfg, reference_output_derivative=True)), graph=_graph(cfg)),
     "equilibrium_euler": lambda model, cfg: RuleTrainer(model, lambda net: tfa.optim.EquilibriumFAdjoint(
-        net, **_sgd_kwargs(cfg), **{**_equilibrium_kwargs(cfg), "relaxation": "euler"})),
+        net, **_sgd_kwargs(cfg), **{**_equilibrium_kwargs(cfg), "relaxation": "euler"}), graph=_graph(cfg)),
     "lfp": _lfp,
     "consequentialism": _consequentialism("consequentialism"),
     "nlms": _consequentialism("nlms"),

@@ -30,7 +30,10 @@ Named models (``models = ["examples_mnist", "examples_mnist_modules"]``, ``bench
 repetitions are interleaved in one loop, so the models are compared side by side as the rules are. Each
 entry's ratios are to the same model's ``reference`` (or ``reference_of[rule]``); ``model_reference`` adds
 the paired ratio of each entry to the same rule on that model (the functional forward against the one
-written with modules). Two measurements that are not learning rules: ``forward`` (the model's own forward
+written with modules). ``graph = true`` records the whole graph on a tape (``FPropagation(model, graph=True)``) in
+every library rule and in ``record``: the residual nets (``models = ["resnet18_tv"]``, ``image_shape = [3, 32,
+32]``: ``configs/speed_resnet18.toml``) need it; their bytes kept are what the tape's ops saved, and the output.
+Two measurements that are not learning rules: ``forward`` (the model's own forward
 under ``torch.no_grad()``) and ``record`` (the recorder's forward, records taken then dropped): their
 ratio is the recording overhead.
 
@@ -68,6 +71,8 @@ DEFAULTS = {
     "model_reference": "",  # with `models`: each entry's paired ratio to the same rule on this model
     "optimizer": "sgd",  # the torch optimizer of the autograd / fadjoint_dropin rules
     "dropout": True,
+    "graph": False,  # true: every library rule (and `record`) records the whole graph on a tape (the ResNets need it)
+    "image_shape": [],  # the ResNets' input [C, H, W] (random); empty: MNIST's 1 x 28 x 28
     **{k: TRAIN_DEFAULTS[k] for k in ("channels", "kernels", "strides", "pools", "hidden")},  # small_cnn
     "activation": "relu",
     "loss": "cross_entropy",
@@ -109,12 +114,13 @@ class ForwardOnly:
 
 
 class RecordOnly:
-    """Not a rule: the recorder's forward (``FPropagation(model)(x)`` under ``torch.no_grad()``), records dropped."""
+    """Not a rule: the recorder's forward (``FPropagation(model)(x)`` under ``torch.no_grad()``), records dropped;
+    with ``graph = true`` the tape's forward (``FPropagation(model, graph=True)``)."""
 
     uses_autograd = False
 
     def __init__(self, model, cfg):
-        self.model, self.net = model, tfa.FPropagation(model)
+        self.model, self.net = model, tfa.FPropagation(model, graph=bool(cfg.get("graph", False)))
 
     @torch.no_grad()
     def step(self, x, target):
@@ -178,7 +184,11 @@ def bytes_kept(trainer, model: torch.nn.Module, x: torch.Tensor, target: torch.T
         return _unique_bytes(saved, params)
     with torch.no_grad():
         trainer.net(x)
-    kept = _unique_bytes(_tensors(trainer.net.layers), params)
+    if getattr(trainer.net, "graph", False):  # the tape: what each op saved for the sweep, and the output X^L
+        tape = trainer.net._tape
+        kept = _unique_bytes(_tensors([[op.saved for op in tape.ops], trainer.net.output]), params)
+    else:
+        kept = _unique_bytes(_tensors(trainer.net.layers), params)
     trainer.net.clear()
     return kept
 

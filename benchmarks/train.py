@@ -5,8 +5,11 @@
 
 ``model`` picks the network (``benchmarks/models.py``): the MLP of ``widths`` (default), pytorch/examples'
 MNIST ``Net`` (``examples_mnist``) or a small CNN (``small_cnn``); images are reshaped to (N, 1, 28, 28)
-for the CNNs. ``optimizer`` picks the torch optimizer of the ``autograd`` and ``fadjoint_dropin`` rules
-(``sgd``, ``adadelta``, ``adam``); ``schedule = "step"`` is ``StepLR(lr_step_size, lr_gamma)``.
+for the CNNs. ``resnet20`` (He et al.'s CIFAR ResNet-20) and ``resnet18_tv`` (torchvision's ResNet-18) take the
+data set's images too and need ``graph = true``: every library rule's ``FPropagation`` then records the whole
+graph on a tape (``FPropagation(model, graph=True)``, docs/maths.md §7.1; ``configs/resnet.toml``).
+``optimizer`` picks the torch optimizer of the ``autograd`` and ``fadjoint_dropin`` rules (``sgd``,
+``adadelta``, ``adam``); ``schedule = "step"`` is ``StepLR(lr_step_size, lr_gamma)``.
 
 Every rule in ``rules`` (see ``benchmarks/rules.py``: ``fadjoint``, autograd ``sgd``, …) starts from
 the same initial weights and sees the same batches. Data are held as tensors on the device and
@@ -48,7 +51,9 @@ DEFAULTS = {
     "dataset": "mnist",
     "datasets": [],  # several data sets in one command (overrides `dataset`)
     "data_root": "",
-    "model": "mlp",  # "mlp" | "examples_mnist" | "examples_mnist_modules" | "small_cnn" (benchmarks/models.py)
+    "model": "mlp",  # "mlp" | "examples_mnist" | "examples_mnist_modules" | "small_cnn" | "resnet20" | "resnet18_tv"
+    "image_shape": [],  # the ResNets' input [C, H, W]; empty: the data set's (benchmarks/models.py)
+    "graph": False,  # true: every library rule's FPropagation records the whole graph (tfa tape; the ResNets need it)
     "widths": [784, 256, 10],
     "activation": "relu",
     "channels": [8, 16], "kernels": [5, 3], "strides": [2, 1], "pools": ["max", "avg"], "hidden": [],  # small_cnn
@@ -84,6 +89,7 @@ DEFAULTS = {
     "out": "runs/train",  # with --config FILE: runs/<FILE's name> (benchmarks/results/: --out only)
     "tag": "",
     "progress": True,
+    "save_step_losses": False,  # true: every step's loss in the JSON (`step_losses`), not only the first and last 5
     "validate": True,
     "checkpoint_dir": "",  # save model, optimizer, scheduler, epoch and RNG states there after every epoch
     "resume": False,       # continue each run from its checkpoint in checkpoint_dir
@@ -193,7 +199,7 @@ CHECKPOINT_HEADER = b"torch_fadjoint checkpoint sha256="  # + 64 hex digits of t
 NOT_HYPERPARAMETERS = {"command", "resume", "progress", "out", "checkpoint_dir", "data_root", "download", "device",
                        "test_batch_size", "beside",
                        "threads", "validate", "seeds", "rules", "rule", "datasets", "variants", "tag", "only",
-                       "quick", "select_epochs", "thresholds", "speed_results"}
+                       "quick", "select_epochs", "thresholds", "speed_results", "save_step_losses"}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -265,7 +271,7 @@ def load_splits(cfg: dict, device: torch.device) -> dict:
     try:
         splits = tfa_data.load(cfg["dataset"], cfg["data_root"] or None, device=device, dtype=DTYPES[cfg["dtype"]],
                                normalize=cfg["normalize"], validation=cfg["validation"], download=cfg["download"])
-    except tfa_data.DatasetNotFoundError as exc:
+    except (tfa_data.DatasetNotFoundError, ValueError) as exc:  # ValueError: a data set the data module lacks
         raise SystemExit(f"error: {exc}") from None
     if cfg["train_subset"]:
         train = splits["train"]
@@ -323,6 +329,8 @@ def _train_dataset(cfg: dict, device: torch.device) -> list[dict]:
                 result["max_step_loss_diff_vs_" + reference[0]] = (losses - reference[1]).abs().max().item()
             payload = {**result, "config": rcfg, "environment": env,
                        "step_loss_first": losses[:5].tolist(), "step_loss_last": losses[-5:].tolist()}
+            if cfg.get("save_step_losses"):
+                payload["step_losses"] = losses.tolist()
             file = f"{cfg['tag'] + '_' if cfg['tag'] else ''}{cfg['dataset']}_{name}_seed{seed}.json"
             if _rank_world()[0] == 0:  # log from rank 0 only
                 write_json(out_dir / file, payload)
