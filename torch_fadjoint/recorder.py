@@ -722,7 +722,7 @@ class FPropagation(nn.Module):
             raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
                                "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
         try:
-            grads = tape_grads(tape, out_adj)
+            grads = tape_grads(tape, out_adj, release=not retain_records)
         except BaseException:
             self.clear()
             raise

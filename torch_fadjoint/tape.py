@@ -167,14 +167,27 @@ class TapeMode(TorchFunctionMode):
             raise type(exc)(f"{exc} (in {tape.where()})") from None
         leaves = [out] if isinstance(out, Tensor) else list(out)
         outputs = [tape.add_value(t) if isinstance(t, Tensor) and t.is_floating_point() else -1 for t in leaves]
-        versions = [(t, t._version) for t in tree_flatten(saved)[0] if isinstance(t, Tensor) and not t.is_inference()]
+        versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
         tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions))
         return out
 
 
-def tape_grads(tape: Tape, out_adj: Tensor) -> dict[Tensor, Tensor]:
+def _tensors_in(saved):
+    """The tensors of an entry's record (a tensor, or tuples, lists and dicts of them and of other values)."""
+    if isinstance(saved, Tensor):
+        yield saved
+    elif isinstance(saved, (tuple, list)):
+        for item in saved:
+            yield from _tensors_in(item)
+    elif isinstance(saved, dict):
+        for item in saved.values():
+            yield from _tensors_in(item)
+
+
+def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Tensor, Tensor]:
     """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1). Nothing is
-    written. Refuses (RuntimeError) a saved tensor overwritten in place after its op recorded it."""
+    written. Refuses (RuntimeError) a saved tensor overwritten in place after its op recorded it. ``release``:
+    drop each op's records once its adjoints are made (autograd frees alike: the peak is then its peak)."""
     for op in tape.ops:
         for tensor, version in op.versions:
             if tensor._version != version:
@@ -188,6 +201,8 @@ def tape_grads(tape: Tape, out_adj: Tensor) -> dict[Tensor, Tensor]:
         if all(o is None for o in outs):
             continue
         found = op.entry.input_adjoints(op.saved, outs[0] if op.single else tuple(outs))
+        if release:
+            op.saved, op.versions = None, []
         for key, adjoint in found.items():
             source = op.inputs.get(key)
             if source is None or adjoint is None:
