@@ -143,3 +143,48 @@ def test_offline_and_absent_the_data_tests_skip_with_the_reason(tmp_path, monkey
     with pytest.raises(pytest.skip.Exception, match="no data sets: MNIST not found under .* download failed: "
                                                     "Error downloading"):
         available_data_root()
+
+
+def _write_cifar(root, per_batch=4):
+    """Small CIFAR-10 batches in CIFAR's own python format: pickled {b"data": (N, 3072) uint8 rows, channel first,
+    b"labels": [...]}, under <root>/cifar-10-batches-py/."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        written[name] = (data, labels)
+    return written
+
+
+def test_cifar10_is_read_channel_first_and_standardised_per_channel(tmp_path):
+    from torch_fadjoint.data import load
+
+    written = _write_cifar(tmp_path)
+    raw = load("cifar10", tmp_path, normalize=False, download=False)
+    assert raw["train"].x.shape == (20, 3072) and raw["test"].x.shape == (4, 3072)
+    first = torch.as_tensor(written["data_batch_1"][0][0], dtype=torch.float32) / 255
+    assert torch.equal(raw["train"].x[0], first)  # the file's own row: channel first, as the benchmarks reshape it
+    assert raw["train"].t.tolist()[:4] == written["data_batch_1"][1]
+    assert raw["test"].t.tolist() == written["test_batch"][1]
+    norm = load("cifar10", tmp_path, download=False)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    red = (first[:1024] - mean[0]) / std[0]
+    blue = (first[2048:] - mean[2]) / std[2]
+    torch.testing.assert_close(norm["train"].x[0, :1024], red, rtol=0, atol=1e-6)
+    torch.testing.assert_close(norm["train"].x[0, 2048:], blue, rtol=0, atol=1e-6)
+
+
+def test_cifar10_missing_is_one_line_without_download(tmp_path):
+    from torch_fadjoint.data import DatasetNotFoundError, load
+
+    with pytest.raises(DatasetNotFoundError, match=r"^CIFAR-10 not found under .*cifar-10-batches-py \(set"):
+        load("cifar10", tmp_path, download=False)

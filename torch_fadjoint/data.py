@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST through ``torchvision.datasets``, held as tensors on a device.
+"""MNIST, Fashion-MNIST and CIFAR-10 through ``torchvision.datasets``, held as tensors on a device.
 
 The data root is the ``root`` argument (the benchmarks' ``--data-root``), else the ``FADJOINT_DATA``
 environment variable, else ``./data`` (:func:`data_root`, used by the library, the benchmarks and the tests).
@@ -10,6 +10,10 @@ Under it torchvision's layout, ``<root>/MNIST/raw/`` and ``<root>/FashionMNIST/r
 * anything missing is downloaded by torchvision into ``<root>``. A failed download removes the folders it
   created and raises :class:`DatasetNotFoundError`: one line naming the folder and torchvision's own message.
 
+CIFAR-10 is read from torchvision's ``<root>/cifar-10-batches-py/`` (the python version of its batches: pickled
+dicts of uint8 rows, channel first), downloaded by torchvision (checksummed) when missing; its images are
+flattened channel first (3 × 32 × 32) and standardised per channel.
+
 torchvision is imported only when a data set is read (``pip install torchvision`` matching your torch).
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +31,14 @@ from torch import Tensor
 
 __all__ = ["DATASETS", "DatasetNotFoundError", "TensorDataset", "cache_dir", "data_root", "load", "prepare"]
 
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "fashionmnist": "FashionMNIST"}
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10",
+            "cifar_10": "CIFAR10"}
 _FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # Channel statistics of the training images (pixels / 255), the usual normalisation constants.
-_MEAN_STD = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530)}
+_MEAN_STD = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530),
+             "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}  # per channel
+_CIFAR = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -111,8 +120,10 @@ def prepare(name: str, root: str | os.PathLike | None = None, *, download: bool 
     """
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; expected one of: mnist, fashion_mnist")
+        raise ValueError(f"unknown data set {name!r}; expected one of: mnist, fashion_mnist, cifar10")
     folder, root = DATASETS[key], data_root(root)
+    if folder == "CIFAR10":
+        return _prepare_cifar(root, download)
     raw = root / folder / "raw"
     if _has_all(raw):
         return root
@@ -124,9 +135,35 @@ def prepare(name: str, root: str | os.PathLike | None = None, *, download: bool 
     return root
 
 
+def _prepare_cifar(root: Path, download: bool) -> Path:
+    batches = root / _CIFAR
+    if all((batches / name).is_file() for name in (*_CIFAR_TRAIN, "test_batch")):
+        return root
+    if not download:
+        raise DatasetNotFoundError(f"CIFAR-10 not found under {batches.absolute()} (set --data-root or FADJOINT_DATA)")
+    try:
+        _torchvision().datasets.CIFAR10(str(root), train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure becomes one line
+        cause = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise DatasetNotFoundError(f"CIFAR-10 not found under {batches.absolute()} and the download failed: "
+                                   f"{cause}") from None
+    return root
+
+
+def _read_cifar(root: Path, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """Images (N, 3·32·32) uint8, channel first, and labels (N,) from CIFAR-10's python batches."""
+    images, labels = [], []
+    for name in names:
+        with open(root / _CIFAR / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # CIFAR's own format (torchvision reads it alike)
+        images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3 * 32 * 32))
+        labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.int64))
+    return torch.cat(images), torch.cat(labels)
+
+
 @dataclass
 class TensorDataset:
-    """A split held as tensors: ``x`` (N, 784) float, ``t`` (N,) int64."""
+    """A split held as tensors: ``x`` (N, pixels) float (784 for MNIST, 3072 for CIFAR-10), ``t`` (N,) int64."""
 
     x: Tensor
     t: Tensor
@@ -149,7 +186,7 @@ class TensorDataset:
 def load(name: str, root: str | os.PathLike | None = None, *, device="cpu", dtype=torch.float32,
          normalize: bool = True, download: bool = True, validation: int = 0,
          split_seed: int = 0) -> dict[str, TensorDataset]:
-    """Load ``name`` ("mnist" or "fashion_mnist") from :func:`data_root` as flat tensors on ``device``.
+    """Load ``name`` ("mnist", "fashion_mnist" or "cifar10") from :func:`data_root` as flat tensors on ``device``.
 
     Pixels are scaled to [0, 1] (``/ 255``) and, with ``normalize``, standardised by the training set's
     mean and std. ``validation > 0`` carves that many images (a seeded permutation) from train into a
@@ -157,15 +194,23 @@ def load(name: str, root: str | os.PathLike | None = None, *, device="cpu", dtyp
     """
     base = prepare(name, root, download=download)
     folder = DATASETS[name.lower().replace("-", "_")]
-    torchvision = _torchvision()
     splits = {}
     for split, train in (("train", True), ("test", False)):
-        ds = getattr(torchvision.datasets, folder)(str(base), train=train, download=False)
-        x = ds.data.reshape(len(ds.data), -1).to(dtype).div_(255.0)
+        if folder == "CIFAR10":
+            images, targets = _read_cifar(base, _CIFAR_TRAIN if train else ("test_batch",))
+        else:
+            ds = getattr(_torchvision().datasets, folder)(str(base), train=train, download=False)
+            images, targets = ds.data.reshape(len(ds.data), -1), ds.targets.long()
+        x = images.to(dtype).div_(255.0)
         if normalize:
             mean, std = _MEAN_STD[folder]
-            x = x.sub_(mean).div_(std)
-        splits[split] = TensorDataset(x.to(device), ds.targets.long().to(device))
+            if isinstance(mean, tuple):  # per channel, channel first
+                shape = (1, len(mean), -1)
+                x = x.reshape(len(x), len(mean), -1).sub_(torch.tensor(mean, dtype=dtype).reshape(shape)) \
+                    .div_(torch.tensor(std, dtype=dtype).reshape(shape)).reshape(len(x), -1)
+            else:
+                x = x.sub_(mean).div_(std)
+        splits[split] = TensorDataset(x.to(device), targets.to(device))
     if validation:
         train = splits["train"]
         if not 0 < validation < len(train):
