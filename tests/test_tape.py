@@ -237,3 +237,19 @@ def test_the_other_rules_refuse_a_graph_in_one_line(make):
     with pytest.raises(RuntimeError, match=r"^FPropagation\(graph=True\): this rule sweeps a chain of layers; .*issue 22"):
         opt.step(target=torch.tensor([0, 1]))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_layers_and_the_input_send_no_adjoint_and_the_rest_is_exact():
+    """Ops with no trainable parameter upstream (the model's input, a frozen stem) are skipped by the sweep, as
+    autograd skips them; the trainable parameters' gradients stay exact and the frozen ones get none."""
+    torch.manual_seed(0)
+    model = _Residual().to(DT)
+    for p in [*model.conv1.parameters(), *model.bn1.parameters()]:
+        p.requires_grad_(False)
+    x, t = torch.randn(3, 3, 8, 8, dtype=DT), torch.tensor([0, 1, 2])
+    _compare(model, x, t)
+    assert model.conv1.weight.grad is None and model.bn1.weight.grad is None
+    net = tfa.FPropagation(model, graph=True)
+    net(x)
+    tape = net._tape
+    assert not tape.ops[0].needed  # conv1: its input is the model's and its weight is frozen

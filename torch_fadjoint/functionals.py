@@ -193,8 +193,12 @@ class _Conv(_Function):
         return _floating(bound, "input", "weight", "bias"), x, weight, \
             (None if bias is None else list(bias.shape)), geometry, pad
 
-    def input_adjoints(self, saved, out_adj):
+    takes_needed = True  # the tape says which inputs' adjoints reach a parameter: the kernel skips the others
+
+    def input_adjoints(self, saved, out_adj, needed=None):
         keys, x, weight, bias_sizes, (stride, padding, dilation, output_padding, groups), pad = saved
+        if needed is not None:
+            keys = [(name, key) for name, key in keys if key in needed]
         unbatched = x.dim() == self.n + 1
         x_in = x.unsqueeze(0) if unbatched else x
         x_in = x_in if pad is None else _aten.constant_pad_nd(x_in, pad, 0)

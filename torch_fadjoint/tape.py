@@ -13,7 +13,9 @@ module it ran in.
 The F-adjoint on the tape (§1.2 on a graph)::
 
     adj[output] = X*^L
-    for op in reversed(ops):                 an op none of whose outputs received an adjoint is skipped
+    for op in reversed(ops):                 an op none of whose outputs received an adjoint is skipped, and so
+                                             is one with no trainable parameter upstream (the model's input, frozen
+                                             layers: autograd skips them alike)
         for each input: J_inputᵀ adj[op's outputs]  →  summed into adj[value] (fan-out) or the parameter's feedback
 
 An in-place op produces a new version of its input (``out += identity``): the tensor's later uses read the new
@@ -64,11 +66,12 @@ def _undispatched(func):
 class _Op:
     """One recorded call: its entry, what it saved, where its inputs come from, which values it made."""
 
-    __slots__ = ("entry", "saved", "inputs", "outputs", "single", "where", "versions")
+    __slots__ = ("entry", "saved", "inputs", "outputs", "single", "where", "versions", "needed")
 
-    def __init__(self, entry, saved, inputs: dict, outputs: list[int], single: bool, where: str, versions: list):
+    def __init__(self, entry, saved, inputs: dict, outputs: list[int], single: bool, where: str, versions: list,
+                 needed: frozenset):
         self.entry, self.saved, self.inputs, self.outputs = entry, saved, inputs, outputs
-        self.single, self.where, self.versions = single, where, versions
+        self.single, self.where, self.versions, self.needed = single, where, versions, needed
 
 
 class Tape:
@@ -78,14 +81,17 @@ class Tape:
         self.params = params
         self.ops: list[_Op] = []
         self._values: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) → (the tensor, its value index)
+        self.needs: list[bool] = []  # per value: whether a trainable parameter lies upstream (its adjoint is used)
         self.count = 0
         self.output: int | None = None
         self.path: list[str] = []  # the module stack, for messages
 
-    def add_value(self, tensor: Tensor) -> int:
+    def add_value(self, tensor: Tensor, needs: bool = False) -> int:
+        """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it."""
         index = self.count
         self.count += 1
         self._values[id(tensor)] = (weakref.ref(tensor), index)
+        self.needs.append(needs)
         return index
 
     def value_of(self, tensor) -> int | None:
@@ -165,10 +171,13 @@ class TapeMode(TorchFunctionMode):
             out, saved = entry.run(func, args, kwargs)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{exc} (in {tape.where()})") from None
+        needed = frozenset(key for key, (kind, source) in inputs.items()  # inputs whose adjoint reaches a parameter
+                           if (kind == "param" and source.requires_grad) or (kind == "value" and tape.needs[source]))
         leaves = [out] if isinstance(out, Tensor) else list(out)
-        outputs = [tape.add_value(t) if isinstance(t, Tensor) and t.is_floating_point() else -1 for t in leaves]
+        outputs = [tape.add_value(t, bool(needed)) if isinstance(t, Tensor) and t.is_floating_point() else -1
+                   for t in leaves]
         versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
-        tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions))
+        tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions, needed))
         return out
 
 
@@ -198,15 +207,19 @@ def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Te
     grads: dict[Tensor, Tensor] = {}
     for op in reversed(tape.ops):
         outs = [adjoints.pop(i, None) if i >= 0 else None for i in op.outputs]
-        if all(o is None for o in outs):
+        if not op.needed or all(o is None for o in outs):  # no trainable parameter upstream: nothing to send
+            if release:
+                op.saved, op.versions = None, []
             continue
-        found = op.entry.input_adjoints(op.saved, outs[0] if op.single else tuple(outs))
+        out_adj = outs[0] if op.single else tuple(outs)
+        found = (op.entry.input_adjoints(op.saved, out_adj, needed=op.needed) if getattr(op.entry, "takes_needed", False)
+                 else op.entry.input_adjoints(op.saved, out_adj))
         if release:
             op.saved, op.versions = None, []
         for key, adjoint in found.items():
             source = op.inputs.get(key)
-            if source is None or adjoint is None:
-                continue  # a constant input
+            if source is None or adjoint is None or key not in op.needed:
+                continue  # a constant input, or one whose adjoint reaches no trainable parameter
             kind, target = source
             if kind == "value":
                 adjoints[target] = adjoint if target not in adjoints else adjoints[target] + adjoint
