@@ -253,3 +253,47 @@ def test_frozen_layers_and_the_input_send_no_adjoint_and_the_rest_is_exact():
     net(x)
     tape = net._tape
     assert not tape.ops[0].needed  # conv1: its input is the model's and its weight is frozen
+
+
+class _PartlyWithoutGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            h = h + self.b(h)  # autograd: no gradient through here, to b or to a
+        return self.c(h)
+
+
+def test_a_no_grad_block_inside_the_forward_is_autograds():
+    """Issue 21's red team: the chain recorder trained `b` (autograd gives it no gradient). On the tape what a no_grad
+    block computes is a constant: b and a get no .grad, c's is exact."""
+    torch.manual_seed(0)
+    model = _PartlyWithoutGrad().to(DT)
+    reference = copy.deepcopy(model)
+    x, t = torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2])
+    with torch.enable_grad():
+        F.cross_entropy(reference(x), t).backward()
+    net = tfa.FPropagation(model, graph=True)
+    net(x)
+    net.backward(F.cross_entropy, t)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    assert model.a.weight.grad is None and model.b.weight.grad is None
+
+
+def test_a_forward_called_under_no_grad_records_everything():
+    """The optimizers' own loops may wrap forward + step in no_grad: then an inner block cannot be told apart and the
+    whole forward is recorded (as the chain recorder does)."""
+    torch.manual_seed(0)
+    model = _Residual().to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    x, t = torch.randn(2, 3, 8, 8, dtype=DT), torch.tensor([0, 1])
+    with torch.no_grad():
+        net(x)
+        net.backward(F.cross_entropy, t)
+    assert all(p.grad is not None for p in model.parameters())

@@ -693,7 +693,7 @@ class FPropagation(nn.Module):
                 tape.add_value(value)
         statistics = _running_statistics(self._normalisations)
         try:
-            with torch.no_grad(), TapeMode(tape):
+            with TapeMode(tape, torch.is_grad_enabled()):  # a no_grad block inside a grad-mode forward: a constant
                 output = self.model(*args, **kwargs)
             index = tape.value_of(output) if isinstance(output, Tensor) else None
             if index is None:

@@ -7,7 +7,9 @@ of the model (whichever module holds it) is run through its entry of the junctio
 (:data:`torch_fadjoint.junctions.JUNCTIONS`, filled by ``arithmetic``, ``activations`` and ``functionals``) and
 recorded as an op; its tensor outputs become values. Any other call is a constant (buffers, masks, shapes) and
 runs as written, and so is a call on a value whose output carries no gradient in autograd either (a comparison,
-``argmax``, ``x.new_zeros(…)``, ``x.detach()``). A call on a value with no entry is refused, naming the op and the
+``argmax``, ``x.new_zeros(…)``, ``x.detach()``, anything inside the user's own ``torch.no_grad()`` block, when the forward
+itself was called with grad enabled: called under ``no_grad`` — as the optimizers' loops may — an inner block
+cannot be told apart and everything is recorded). Each recorded op runs under ``no_grad``: no autograd graph. A call on a value with no entry is refused, naming the op and the
 module it ran in.
 
 The F-adjoint on the tape (§1.2 on a graph)::
@@ -146,19 +148,22 @@ def _op_name(func) -> str:
 class TapeMode(TorchFunctionMode):
     """Records every call on a value or a parameter into ``tape`` (see the module docstring)."""
 
-    def __init__(self, tape: Tape):
+    def __init__(self, tape: Tape, grad_mode: bool = True):
         super().__init__()
         self.tape = tape
+        self.grad_mode = grad_mode  # the grad mode the forward was called in (a no_grad block inside shows)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tape = self.tape
         inputs = _inputs(tape, args, kwargs)
-        if not inputs:
-            return func(*args, **kwargs)  # constants only: buffers, masks, shapes
+        if not inputs or (self.grad_mode and not torch.is_grad_enabled()):
+            # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
+            # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
+            return func(*args, **kwargs)
         entry = JUNCTIONS.get(func)
         if entry is None and func in _COMPOSITES:  # torch's Python of torch ops: record the ops it calls
-            with TapeMode(tape):
+            with TapeMode(tape, self.grad_mode):
                 return _undispatched(func)(*args, **kwargs)
         if entry is None:
             result = func(*args, **kwargs)
@@ -168,7 +173,8 @@ class TapeMode(TorchFunctionMode):
             raise ValueError(f"{_op_name(func)} in {tape.where()}: not in the table of ops the F-adjoint can sweep "
                              "back through (tfa.junctions.JUNCTIONS); the forward is refused")
         try:
-            out, saved = entry.run(func, args, kwargs)
+            with torch.no_grad():  # no autograd graph: the sweep is ours
+                out, saved = entry.run(func, args, kwargs)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{exc} (in {tape.where()})") from None
         needed = frozenset(key for key, (kind, source) in inputs.items()  # inputs whose adjoint reaches a parameter
