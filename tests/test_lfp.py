@@ -41,8 +41,8 @@ def record(model, x):
 def test_relu_feedback_is_abs_w_times_gradient(batch_reduction, bias):
     """F_W = −|W| ⊙ B·∂J/∂W (§3.4): grad = −F/B = |W| ⊙ ∂J/∂W ('mean'), −F = B|W| ⊙ ∂J/∂W ('sum').
 
-    §3.4 says "up to the bias share"; in fact the identity is exact with a bias too, because
-    S^k = R^k / Y^k divides by the pre-activation INCLUDING the bias, and for ReLU X/Y = 1[Y > 0] = σ'(Y).
+    Exact with a bias too (as §3.4 says): S^k = R^k / Y^k divides by the pre-activation INCLUDING the bias, and
+    for ReLU X/Y = 1[Y > 0] = σ'(Y).
     """
     model = relu_mlp(bias=bias)
     x, t = data()
