@@ -297,3 +297,15 @@ def test_a_forward_called_under_no_grad_records_everything():
         net(x)
         net.backward(F.cross_entropy, t)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_models_input_gets_no_adjoint_computed_and_an_mlp_stays_exact():
+    """The first F.linear's input is the model's: its adjoint (a B × n × m product autograd skips too) is not
+    asked of the entry; the parameters' adjoints are exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).to(DT)
+    x, t = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    _compare(model, x, t)
+    net = tfa.FPropagation(model, graph=True)
+    net(x)
+    assert net._tape.ops[0].needed == frozenset({1, 2})  # F.linear(input, weight, bias): not the input

@@ -111,17 +111,17 @@ def _floating(bound, *names) -> list:
 
 # ---------------------------------------------------------------- F.linear
 
-def _mm_adjoints(grad: Tensor, mat1: Tensor, mat2: Tensor) -> tuple[Tensor, Tensor]:
+def _mm_adjoints(grad: Tensor, mat1: Tensor, mat2: Tensor, first: bool = True,
+                 second: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """mm(mat1, mat2)'s adjoints as autograd computes them (``mm_mat1_backward`` / ``mm_mat2_backward``: a
-    column-major operand gets its adjoint as a transposed product)."""
-    if mat1.stride(0) == 1 and mat1.stride(1) == mat1.shape[0]:
-        adj1 = mat2.mm(grad.t()).t()
-    else:
-        adj1 = grad.mm(mat2.t())
-    if mat2.stride(0) == 1 and mat2.stride(1) == mat2.shape[0]:
-        adj2 = grad.t().mm(mat1).t()
-    else:
-        adj2 = mat1.t().mm(grad)
+    column-major operand gets its adjoint as a transposed product); ``first`` / ``second``: which are wanted."""
+    adj1 = adj2 = None
+    if first:
+        adj1 = (mat2.mm(grad.t()).t() if mat1.stride(0) == 1 and mat1.stride(1) == mat1.shape[0]
+                else grad.mm(mat2.t()))
+    if second:
+        adj2 = (grad.t().mm(mat1).t() if mat2.stride(0) == 1 and mat2.stride(1) == mat2.shape[0]
+                else mat1.t().mm(grad))
     return adj1, adj2
 
 
@@ -145,13 +145,19 @@ class _Linear(_Function):
         fused = bias is not None and (x.dim() == 2 or x.is_contiguous() and (x.dim() == 3 or bias.dim() == 1))
         return _floating(bound, "input", "weight", "bias"), x, weight, (None if bias is None else bias.shape), fused
 
-    def input_adjoints(self, saved, out_adj):
+    takes_needed = True  # the tape says which inputs' adjoints reach a parameter (not the model's input's)
+
+    def input_adjoints(self, saved, out_adj, needed=None):
         keys, x, weight, bias_shape, fused = saved
+        if needed is not None:
+            keys = [(name, key) for name, key in keys if key in needed]
+        names = {name for name, _ in keys}
         x2 = x.unsqueeze(0) if x.dim() == 1 and not fused else x.reshape(-1, x.shape[-1])
         grad = out_adj.reshape(-1, out_adj.shape[-1])
-        x_adj, wt_adj = _mm_adjoints(grad, x2, weight.t())
-        adjs = {"input": x_adj.reshape(x.shape), "weight": wt_adj.t()}
-        if bias_shape is not None:
+        x_adj, wt_adj = _mm_adjoints(grad, x2, weight.t(), "input" in names, "weight" in names)
+        adjs = {"input": None if x_adj is None else x_adj.reshape(x.shape),
+                "weight": None if wt_adj is None else wt_adj.t()}
+        if bias_shape is not None and "bias" in names:
             adjs["bias"] = (grad if fused else out_adj).sum_to_size(bias_shape)
         return {key: adjs[name] for name, key in keys}
 
