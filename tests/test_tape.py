@@ -201,12 +201,14 @@ class _OverwritesSaved(nn.Module):
         return self.fc2(h)
 
 
-def test_an_in_place_op_overwriting_what_an_earlier_op_saved_is_refused_at_the_sweep():
-    model = _OverwritesSaved().to(DT)
+def test_an_in_place_op_overwriting_what_an_earlier_op_saved_is_refused_with_nothing_changed():
+    """Refused at the end of the forward (autograd refuses its backward), so the statistics can be put back."""
+    model = nn.Sequential(nn.BatchNorm1d(4), _OverwritesSaved()).to(DT)
     net = tfa.FPropagation(model, graph=True)
-    net(torch.randn(2, 4, dtype=DT))
-    with pytest.raises(RuntimeError, match=r"saved for the sweep was modified in place later in the forward"):
-        net.backward(F.cross_entropy, torch.tensor([0, 2]))
+    before = [b.clone() for b in model.buffers()]
+    with pytest.raises(RuntimeError, match=r"saved for the sweep was modified in place later"):
+        net(torch.randn(3, 4, dtype=DT))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), before))
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -309,3 +311,82 @@ def test_the_models_input_gets_no_adjoint_computed_and_an_mlp_stays_exact():
     net = tfa.FPropagation(model, graph=True)
     net(x)
     assert net._tape.ops[0].needed == frozenset({1, 2})  # F.linear(input, weight, bias): not the input
+
+
+# -- the red team of the tape (each case gave a silent wrong gradient before it was refused or made exact) -----
+class _Hostile(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.p, self.how = nn.Linear(5, 6), nn.Linear(6, 3), nn.Parameter(torch.rand(6)), how
+
+    def forward(self, x):
+        h = self.a(x)
+        how = self.how
+        if how == "setitem":
+            h[:, 0] = 0
+        elif how == "setitem_into_constant":
+            z = torch.zeros(4, 6, dtype=h.dtype)
+            z[:, 1:] = h[:, 1:]
+            h = z
+        elif how == "complex":
+            h = torch.fft.fft(h).abs()
+        elif how == "in_place_on_base_with_a_view":
+            v = h.view(4, 6)
+            h.mul_(2)
+            h = v
+        elif how == "in_place_on_a_view":
+            h[:, :3].mul_(3)
+        elif how == "in_place_on_a_parameter":
+            self.p.mul_(2)
+            h = h * self.p
+        elif how == "register_hook":
+            h.register_hook(lambda g: g * 0)
+        elif how == "grad_fn":
+            h = h if h.grad_fn is None else h * 2
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how, match", [
+    ("setitem", r"^Tensor\.__setitem__ in <model> \(_Hostile\): not in the table"),
+    ("setitem_into_constant", r"^Tensor\.__setitem__ in .*: not in the table"),
+    ("complex", r"^torch\.fft_fft in .*: not in the table|^fft_fft in .*: not in the table"),
+    ("in_place_on_base_with_a_view", r"^Tensor\.mul_ in .*: writes in place into a value that shares its memory"),
+    ("in_place_on_a_view", r"^Tensor\.mul_ in .*: writes in place into a value that shares its memory"),
+    ("in_place_on_a_parameter", r"^Tensor\.mul_ in .*: writes in place into the parameter p"),
+    ("register_hook", r"^Tensor\.register_hook in .*: a tensor hook on a value would not be called"),
+    ("grad_fn", r"^Tensor\.grad_fn in .*: the tape's values have no grad_fn"),
+])
+def test_hostile_forwards_are_refused_in_one_line_with_nothing_changed(how, match):
+    model = _Hostile(how).to(DT)
+    before = [p.detach().clone() for p in model.parameters()]
+    net = tfa.FPropagation(model, graph=True)
+    with pytest.raises(ValueError, match=match):
+        net(torch.randn(4, 5, dtype=DT))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _BranchesOnRequiresGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * 2 if h.requires_grad else h)
+
+
+def test_requires_grad_of_a_value_is_autograds_answer():
+    torch.manual_seed(0)
+    _compare(_BranchesOnRequiresGrad().to(DT), torch.randn(4, 5, dtype=DT), torch.tensor([0, 1, 2, 0]))
+
+
+def test_an_output_modified_in_place_after_the_forward_is_refused():
+    model = nn.Sequential(nn.Linear(5, 3)).to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    out = net(torch.randn(4, 5, dtype=DT))
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match=r"^FPropagation: the model's output was modified in place after the "
+                                           r"forward"):
+        net.backward(F.cross_entropy, torch.tensor([0, 1, 2, 0]))
+    assert all(p.grad is None for p in model.parameters())

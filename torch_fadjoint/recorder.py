@@ -46,7 +46,7 @@ from .layers import Layer, LayerRecord, layer_for, supported_layers
 from .losses import get_loss
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
-from .tape import Tape, TapeMode, tape_grads
+from .tape import Tape, TapeMode, check_versions, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
@@ -699,6 +699,8 @@ class FPropagation(nn.Module):
             if index is None:
                 raise ValueError(f"FPropagation: the model returned {type(output).__name__}, expected a tensor computed "
                                  "from its input (the loss reads the recorded output)")
+            tape.output_tensor, tape.output_version = output, output._version
+            check_versions(tape)  # an overwritten record refused now, while the statistics can be put back
         except BaseException:
             self.clear()
             _put_back(statistics)

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from . import activations, arithmetic, functionals, poolings  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
 
-__all__ = ["Tape", "TapeMode", "tape_grads"]
+__all__ = ["Tape", "TapeMode", "tape_grads", "check_versions"]
 
 
 # calls whose floating output carries no gradient in autograd either: new tensors shaped like a value, detach
@@ -86,6 +86,8 @@ class Tape:
         self.needs: list[bool] = []  # per value: whether a trainable parameter lies upstream (its adjoint is used)
         self.count = 0
         self.output: int | None = None
+        self.output_tensor: Tensor | None = None  # the model's output and its version at the end of the forward
+        self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
 
     def add_value(self, tensor: Tensor, needs: bool = False) -> int:
@@ -137,6 +139,9 @@ def _inputs(tape: Tape, args: tuple, kwargs: dict) -> dict:
 
 def _op_name(func) -> str:
     """The name a user wrote: ``Tensor.sort``, ``torch.conv2d``, ``F.max_pool2d``."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", "") == "__get__" and hasattr(owner, "__name__"):
+        return f"Tensor.{owner.__name__}"  # a property: x.data, x.T
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     name = name.replace("TensorBase.", "Tensor.").replace("_VariableFunctionsClass.", "torch.")
     module = getattr(func, "__module__", "") or ""
@@ -161,17 +166,28 @@ class TapeMode(TorchFunctionMode):
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
             return func(*args, **kwargs)
+        if func is Tensor.register_hook:
+            _refuse_attribute("register_hook")(tape, func, args, inputs)
+        special = _VALUE_ATTRIBUTES.get(getattr(func, "__self__", None)) if func not in JUNCTIONS else None
+        if special is not None:
+            return special(tape, func, args, inputs)
         entry = JUNCTIONS.get(func)
         if entry is None and func in _COMPOSITES:  # torch's Python of torch ops: record the ops it calls
             with TapeMode(tape, self.grad_mode):
                 return _undispatched(func)(*args, **kwargs)
         if entry is None:
+            tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)]
+            before = [t._version for t in tensors]
             result = func(*args, **kwargs)
-            if func in _CONSTANT_MAKERS or not any(isinstance(leaf, Tensor) and leaf.is_floating_point()
-                                                   for leaf in tree_flatten(result)[0]):
+            wrote = any(t._version != v for t, v in zip(tensors, before))  # h[:, 0] = 0, z[1:] = h[1:]: not constants
+            if not wrote and (func in _CONSTANT_MAKERS or not any(
+                    isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex())
+                    for leaf in tree_flatten(result)[0])):
                 return result  # metadata (x.shape), masks and indices (x > 0, argmax), x.new_zeros(…), x.detach()
             raise ValueError(f"{_op_name(func)} in {tape.where()}: not in the table of ops the F-adjoint can sweep "
                              "back through (tfa.junctions.JUNCTIONS); the forward is refused")
+        if entry.writes_first(args, kwargs):
+            _check_in_place(tape, func, args, inputs)
         try:
             with torch.no_grad():  # no autograd graph: the sweep is ours
                 out, saved = entry.run(func, args, kwargs)
@@ -187,6 +203,50 @@ class TapeMode(TorchFunctionMode):
         return out
 
 
+def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
+    """An in-place op of the table writes its first argument: refused on a parameter (autograd refuses a leaf
+    that requires grad) and on a value that shares its memory with another live value (a view or its base:
+    autograd tracks views, the tape does not, so the alias would keep its old value in the sweep)."""
+    source = inputs.get(0)
+    if source is None:
+        return
+    kind, target = source
+    if kind == "param":
+        raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into the parameter "
+                         f"{tape.params[id(target)][0]} (autograd refuses it too)")
+    written = args[0]
+    storage = written.untyped_storage().data_ptr()
+    for ref, _ in tape._values.values():
+        other = ref()
+        if other is not None and other is not written and other.untyped_storage().data_ptr() == storage:
+            raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a value that shares its "
+                             "memory with another value the tape recorded (a view, or the tensor it views): the "
+                             "tape does not follow views; write out of place")
+
+
+def _requires_grad(tape: Tape, func, args: tuple, inputs: dict):
+    """``value.requires_grad`` as autograd would answer: a trainable parameter lies upstream."""
+    kind, source = next(iter(inputs.values()))
+    return tape.needs[source] and torch.is_grad_enabled() if kind == "value" else func(*args)
+
+
+def _refuse_attribute(what: str):
+    def refuse(tape: Tape, func, args: tuple, inputs: dict):
+        raise ValueError(f"Tensor.{what} in {tape.where()}: {_VALUE_REASONS[what]}; the forward is refused")
+    return refuse
+
+
+_VALUE_REASONS = {
+    "grad_fn": "the tape's values have no grad_fn (no autograd graph is built); do not branch on it in the forward",
+    "register_hook": "a tensor hook on a value would not be called by the sweep (clip or freeze in the optimizer)",
+}
+# attributes and methods of a value whose autograd answer the tape gives itself, or refuses
+_VALUE_ATTRIBUTES = {
+    Tensor.requires_grad: _requires_grad,
+    Tensor.grad_fn: _refuse_attribute("grad_fn"),
+}
+
+
 def _tensors_in(saved):
     """The tensors of an entry's record (a tensor, or tuples, lists and dicts of them and of other values)."""
     if isinstance(saved, Tensor):
@@ -199,16 +259,23 @@ def _tensors_in(saved):
             yield from _tensors_in(item)
 
 
-def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Tensor, Tensor]:
-    """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1). Nothing is
-    written. Refuses (RuntimeError) a saved tensor overwritten in place after its op recorded it. ``release``:
-    drop each op's records once its adjoints are made (autograd frees alike: the peak is then its peak)."""
+def check_versions(tape: Tape) -> None:
+    """Every tensor an op saved, and the output, still hold what the forward made (RuntimeError otherwise)."""
     for op in tape.ops:
         for tensor, version in op.versions:
             if tensor._version != version:
                 raise RuntimeError(f"FPropagation: a tensor that {op.entry.name} in {op.where} saved for the sweep was "
-                                   "modified in place later in the forward (autograd refuses this too); nothing was "
-                                   "changed")
+                                   "modified in place later (autograd refuses this too); nothing was changed")
+    if tape.output_tensor is not None and tape.output_tensor._version != tape.output_version:
+        raise RuntimeError("FPropagation: the model's output was modified in place after the forward (the loss would "
+                           "read what the sweep does not start from); nothing was changed")
+
+
+def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Tensor, Tensor]:
+    """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1). Nothing is
+    written. Refuses (RuntimeError) a saved tensor overwritten in place after its op recorded it. ``release``:
+    drop each op's records once its adjoints are made (autograd frees alike: the peak is then its peak)."""
+    check_versions(tape)
     adjoints: dict[int, Tensor] = {tape.output: out_adj}
     grads: dict[Tensor, Tensor] = {}
     for op in reversed(tape.ops):
