@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from .junctions import FIRST, JUNCTIONS, Junction, argument, entries, fit, is_floating
+from .junctions import FIRST, JUNCTIONS, Junction, argument, entries, fit, is_floating, refuse_dtype_change
 
 _aten = torch.ops.aten
 
@@ -131,9 +131,7 @@ class _Softmax(Junction):
         self.kernel = _aten._log_softmax_backward_data if log else _aten._softmax_backward_data
 
     def check(self, args, kwargs):
-        dtype = kwargs.get("dtype") or next((a for a in args[2:] if isinstance(a, torch.dtype)), None)
-        if dtype is not None and dtype != argument(args, kwargs, 0, FIRST)[1].dtype:
-            raise ValueError(f"{self.name}: dtype={dtype} changes the dtype; expected dtype=None")
+        refuse_dtype_change(self.name, args, kwargs, 2)
 
     def record(self, args, kwargs, out):
         self.check(args, kwargs)

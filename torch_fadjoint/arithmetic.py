@@ -22,7 +22,8 @@ import string
 import torch
 from torch import Tensor
 
-from .junctions import FIRST, JUNCTIONS, Junction, argument, entries, fit, is_floating, reduced_dims
+from .junctions import (FIRST, JUNCTIONS, Junction, argument, entries, fit, is_floating, reduced_dims,
+                        refuse_dtype_change)
 
 _aten = torch.ops.aten
 
@@ -125,9 +126,7 @@ class _Reduce(Junction):
         self.mean = mean
 
     def check(self, args, kwargs):
-        dtype = kwargs.get("dtype") or next((a for a in args[1:] if isinstance(a, torch.dtype)), None)
-        if dtype is not None and dtype != argument(args, kwargs, 0, FIRST)[1].dtype:
-            raise ValueError(f"{self.name}: dtype={dtype} changes the dtype; expected dtype=None")
+        refuse_dtype_change(self.name, args, kwargs, 1)
 
     def record(self, args, kwargs, out):
         self.check(args, kwargs)

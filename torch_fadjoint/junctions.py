@@ -57,6 +57,14 @@ FIRST = ("input", "self", "tensor")  # the keywords of a call's first tensor
 _MISSING = object()
 
 
+def refuse_dtype_change(name: str, args: tuple, kwargs: dict, first: int) -> None:
+    """A ``dtype`` (keyword, or positional from ``args[first]`` on) that changes the input's dtype is refused:
+    softmax(x, dim, dtype), sum(x, dim, dtype) cast before they compute."""
+    dtype = kwargs.get("dtype") or next((a for a in args[first:] if isinstance(a, torch.dtype)), None)
+    if dtype is not None and dtype != argument(args, kwargs, 0, FIRST)[1].dtype:
+        raise ValueError(f"{name}: dtype={dtype} changes the dtype; expected dtype=None")
+
+
 def argument(args, kwargs, i, names, default=_MISSING):
     """(key, value) of the call's argument at position ``i`` or under one of ``names``."""
     if len(args) > i:
