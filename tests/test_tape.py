@@ -227,8 +227,7 @@ def test_a_model_returning_something_else_than_a_value_is_refused():
         net(torch.randn(2, 4, dtype=DT))
 
 
-@pytest.mark.parametrize("make", [
-    lambda net: tfa.optim.LFP(net, lr=0.1),
+@pytest.mark.parametrize("make", [  # LFP runs on the tape (tests/test_lfp_graph.py)
     lambda net: tfa.optim.EquilibriumFAdjoint(net, lr=0.1, loss="cross_entropy"),
 ])
 def test_the_other_rules_refuse_a_graph_in_one_line(make):
@@ -289,8 +288,7 @@ def test_a_no_grad_block_inside_the_forward_is_autograds():
 
 
 def test_a_forward_called_under_no_grad_records_everything():
-    """The optimizers' own loops may wrap forward + step in no_grad: then an inner block cannot be told apart and the
-    whole forward is recorded (as the chain recorder does)."""
+    """The optimizers' own loops may wrap forward + step in no_grad: the whole forward is recorded."""
     torch.manual_seed(0)
     model = _Residual().to(DT)
     net = tfa.FPropagation(model, graph=True)
@@ -390,3 +388,75 @@ def test_an_output_modified_in_place_after_the_forward_is_refused():
                                            r"forward"):
         net.backward(F.cross_entropy, torch.tensor([0, 1, 2, 0]))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_no_grad_block_is_a_constant_whatever_the_callers_grad_mode():
+    """The forward runs with grad enabled inside the tape, so a no_grad block in it is told apart even when the caller
+    wrapped forward + step in no_grad (the optimizers' loops): b and a get nothing, as autograd has it."""
+    torch.manual_seed(0)
+    model = _PartlyWithoutGrad().to(DT)
+    x, t = torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2])
+    net = tfa.FPropagation(model, graph=True)
+    with torch.no_grad():
+        out = net(x)
+        assert not out.requires_grad and not torch.is_grad_enabled()
+        net.backward(F.cross_entropy, t)
+    assert model.a.weight.grad is None and model.b.weight.grad is None and model.c.weight.grad is not None
+
+
+class _ReversedGradient(torch.autograd.Function):
+    """Identity forward, negated backward: what autograd trains is not what the forward computes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x) * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _WithAutogradFunction(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.c, self.how = nn.Linear(4, 5), nn.Linear(5, 3), how
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "function":
+            h = _ReversedGradient.apply(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(torch.tanh, h, use_reentrant=True)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("how", ["function", "checkpoint_reentrant"])
+@pytest.mark.parametrize("caller_grad", [True, False])
+def test_an_autograd_function_in_the_forward_is_refused(how, caller_grad):
+    """Before: its inside ran under a grad mode the tape took for the user's no_grad, so `a` silently got no
+    gradient (autograd gives it one, through the function's own backward). Now one line, nothing written."""
+    import warnings
+    torch.manual_seed(0)
+    model = _WithAutogradFunction(how).to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.set_grad_enabled(caller_grad), pytest.raises(ValueError, match="autograd.Function"):
+            net(torch.randn(3, 4, dtype=DT))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="no recorded forward"):
+        net.backward(F.cross_entropy, torch.tensor([0, 1, 2]))
+
+
+def test_checkpoint_without_reentrance_stays_exact():
+    torch.manual_seed(0)
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.c(torch.utils.checkpoint.checkpoint(torch.tanh, self.a(x), use_reentrant=False))
+
+    _compare(Checkpointed().to(DT), torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,)))

@@ -693,7 +693,10 @@ class FPropagation(nn.Module):
                 tape.add_value(value)
         statistics = _running_statistics(self._normalisations)
         try:
-            with TapeMode(tape, torch.is_grad_enabled()):  # a no_grad block inside a grad-mode forward: a constant
+            tape.grad_mode = torch.is_grad_enabled()
+            # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a
+            # constant as autograd has it, and a grad mode switched off unseen (an autograd.Function) is refused
+            with torch.enable_grad(), TapeMode(tape, tape.grad_mode):
                 output = self.model(*args, **kwargs)
             index = tape.value_of(output) if isinstance(output, Tensor) else None
             if index is None:

@@ -89,6 +89,7 @@ class Tape:
         self.output_tensor: Tensor | None = None  # the model's output and its version at the end of the forward
         self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
+        self.grad_mode = True  # the grad mode the forward was called in (``value.requires_grad``'s answer)
 
     def add_value(self, tensor: Tensor, needs: bool = False) -> int:
         """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it."""
@@ -156,13 +157,20 @@ class TapeMode(TorchFunctionMode):
     def __init__(self, tape: Tape, grad_mode: bool = True):
         super().__init__()
         self.tape = tape
-        self.grad_mode = grad_mode  # the grad mode the forward was called in (a no_grad block inside shows)
+        self.grad_mode = grad_mode  # the grad mode the forward was called in (``requires_grad``'s answer)
+        self.seen_grad = True       # the grad mode as the calls this mode saw set it (the forward starts enabled)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tape = self.tape
+        if func is torch._C._set_grad_enabled:  # torch.no_grad(), set_grad_enabled(…), enable_grad() in the forward
+            self._check_grad_mode(func)
+            self.seen_grad = bool(args[0] if args else kwargs.get("mode"))
+            return func(*args, **kwargs)
         inputs = _inputs(tape, args, kwargs)
-        if not inputs or (self.grad_mode and not torch.is_grad_enabled()):
+        if inputs:
+            self._check_grad_mode(func)
+        if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
             return func(*args, **kwargs)
@@ -173,7 +181,9 @@ class TapeMode(TorchFunctionMode):
             return special(tape, func, args, inputs)
         entry = JUNCTIONS.get(func)
         if entry is None and func in _COMPOSITES:  # torch's Python of torch ops: record the ops it calls
-            with TapeMode(tape, self.grad_mode):
+            inner = TapeMode(tape, self.grad_mode)
+            inner.seen_grad = self.seen_grad
+            with inner:
                 return _undispatched(func)(*args, **kwargs)
         if entry is None:
             tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)]
@@ -203,6 +213,16 @@ class TapeMode(TorchFunctionMode):
         return out
 
 
+    def _check_grad_mode(self, func) -> None:
+        """Grad mode switched off where no call of ours saw it (a ``torch.autograd.Function``'s forward, such as
+        ``checkpoint(use_reentrant=True)``, or ``inference_mode``): autograd would call that function's own backward,
+        which the tape cannot see; treating its inside as constants would drop gradients silently: refused."""
+        if torch.is_grad_enabled() != self.seen_grad:
+            raise ValueError(f"{_op_name(func)} in {self.tape.where()}: runs inside a torch.autograd.Function (e.g. "
+                             "checkpoint(use_reentrant=True)) or inference_mode, whose backward the tape cannot sweep; "
+                             "the forward is refused (use checkpoint(use_reentrant=False), or write the op in torch)")
+
+
 def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
     """An in-place op of the table writes its first argument: refused on a parameter (autograd refuses a leaf
     that requires grad) and on a value that shares its memory with another live value (a view or its base:
@@ -227,7 +247,7 @@ def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
 def _requires_grad(tape: Tape, func, args: tuple, inputs: dict):
     """``value.requires_grad`` as autograd would answer: a trainable parameter lies upstream."""
     kind, source = next(iter(inputs.values()))
-    return tape.needs[source] and torch.is_grad_enabled() if kind == "value" else func(*args)
+    return tape.needs[source] and torch.is_grad_enabled() and tape.grad_mode if kind == "value" else func(*args)
 
 
 def _refuse_attribute(what: str):
