@@ -16,9 +16,10 @@ ALLOWED = {
     "maps": {"nn", "tables"},
     "layers": {"maps", "tables"},  # a layer's record holds its maps' records (MapRecord)
     "sweep": {"layers"},
-    "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings"},  # the graph: ops through the table
+    "steps": {"junctions"},  # tfa.nn.Step's entry (torch.heaviside)
+    "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps"},  # the graph: ops through the table
     "recorder": {"layers", "maps", "sweep", "losses", "distributed", "tape"},
-    "rules": {"sweep", "layers", "maps", "losses"},
+    "rules": {"sweep", "layers", "maps", "losses", "tape"},  # tape: LFP's rule for the tape's sweep (sweep_tape)
     "optim": {"rules", "recorder", "sweep", "losses"},
     "graph": {"optim", "recorder", "sweep"},
 }

@@ -460,3 +460,36 @@ def test_checkpoint_without_reentrance_stays_exact():
             return self.c(torch.utils.checkpoint.checkpoint(torch.tanh, self.a(x), use_reentrant=False))
 
     _compare(Checkpointed().to(DT), torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,)))
+
+
+class _CountsThenRefuses(nn.Module):
+    """Writes its own buffers in the forward (a counter, an `out=` target, a rebinding, BatchNorm's statistics),
+    then calls an op outside the table."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(4))
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        self.count += 1
+        torch.add(self.ema, 1.0, out=self.ema)
+        self.last = torch.ones(4)
+        h = self.bn(self.a(x))
+        return torch.special.erf(h)
+
+
+def test_a_refused_forward_puts_back_every_buffer_it_wrote():
+    """Issue 21: 'a refused forward changes nothing': not only BatchNorm's statistics, every buffer the model's own
+    forward writes (in place, through out=, or rebound) holds its old value afterwards."""
+    from .state import assert_untouched, snapshot
+    model = _CountsThenRefuses().to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    before = snapshot(model)
+    last = model.last
+    with pytest.raises(ValueError, match="special_erf"):
+        net(torch.randn(3, 4, dtype=DT))
+    assert_untouched(before, model)
+    assert model.last is last and float(model.count) == 0 and int(model.bn.num_batches_tracked) == 0

@@ -39,6 +39,7 @@ class _Activation(Junction):
     (``saves = "output"``) or its input (``"input"``, copied first by ``run`` when the call is in place)."""
 
     saves = "output"
+    lfp = "identity"  # every activation passes LFP's reward unchanged (docs/maths.md §3.2, §7.2)
 
     def reads_first(self, args, kwargs):
         return self.saves == "input"
@@ -129,6 +130,12 @@ class _Softmax(Junction):
 
     def __init__(self, log=False):
         self.kernel = _aten._log_softmax_backward_data if log else _aten._softmax_backward_data
+        self.lfp = None if log else "softmax"  # LFP's reward is defined on logits: log_softmax refused
+
+    @staticmethod
+    def reduced_dim(saved) -> int:
+        """The dim the softmax normalises over (LFP's softmax rule sums the reward over it)."""
+        return saved[2]
 
     def check(self, args, kwargs):
         refuse_dtype_change(self.name, args, kwargs, 2)

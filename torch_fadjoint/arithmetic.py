@@ -34,6 +34,8 @@ class _Add(Junction):
     """``input ± α·other`` (add, sub) and ``other − α·input`` (rsub, ``2 - x``): coefficient × O*, summed over
     broadcast dims. ``coefs``: the factors of (input, other), ``"alpha"`` standing for ±α."""
 
+    lfp = "epsilon"  # LFP's residual-sum rule: a ⊙ S, ±α b ⊙ S (docs/maths.md §7.2)
+
     def __init__(self, coefs, inplace=False):
         self.coefs, self.inplace = coefs, inplace
 
@@ -55,6 +57,9 @@ class _Add(Junction):
 class _Mul(Junction):
     """``input * other``: O* ⊙ other and O* ⊙ input (autograd's ``mul_tensor_backward``)."""
 
+    lfp = "product"
+    lfp_divisor: tuple = ()  # the keys of a divisor (LFP refuses a value divided into a parameter)
+
     def __init__(self, inplace=False):
         self.inplace = inplace
 
@@ -73,6 +78,8 @@ class _Mul(Junction):
 
 class _Div(_Mul):
     """``input / other``: O* / other and −O* ⊙ (input / other) / other (autograd's ``div_tensor_*_backward``)."""
+
+    lfp_divisor = (1, "other")
 
     def check(self, args, kwargs):
         mode = argument(args, kwargs, 2, "rounding_mode", None)[1]
@@ -94,6 +101,9 @@ class _Div(_Mul):
 class _RDiv(Junction):
     """``c / x`` (``Tensor.__rdiv__`` = ``x.reciprocal() * c``): −(O* c) ⊙ r², r = 1/x, autograd's order."""
 
+    lfp = "product"  # a number over a value: all of the reward to the value
+    lfp_divisor = (0,)
+
     def check(self, args, kwargs):
         if isinstance(args[1], Tensor):
             raise TypeError(f"{self.name}: a tensor numerator; expected a number (t / x calls Tensor.div)")
@@ -109,6 +119,8 @@ class _RDiv(Junction):
 
 
 class _Neg(Junction):
+    lfp = "epsilon"
+
     def record(self, args, kwargs, out):
         return argument(args, kwargs, 0, FIRST)[0]
 
@@ -121,6 +133,8 @@ class _Neg(Junction):
 class _Reduce(Junction):
     """sum / mean over ``dim`` (None, int or tuple; keepdim): O* put back along the reduced dims and expanded,
     divided by the count for mean (autograd's ``sum_backward`` / ``mean_backward``)."""
+
+    lfp = "epsilon"
 
     def __init__(self, mean=False):
         self.mean = mean
@@ -148,6 +162,8 @@ class _Amax(Junction):
     """amax(x, dim, keepdim), and max(x) over every element: O* shared evenly among the tied maxima
     (autograd's ``scale_grad_by_count``; ``evenly_distribute_backward`` gives the same values)."""
 
+    lfp = "rearrangement"  # as max pooling: the reward to the maxima
+
     def record(self, args, kwargs, out):
         key, x = argument(args, kwargs, 0, FIRST)
         dims = reduced_dims(argument(args, kwargs, 1, "dim", ())[1], x.dim())
@@ -164,6 +180,8 @@ class _Amax(Junction):
 class _Max(Junction):
     """max(x) (as amax over every element) and max(x, dim, keepdim) → (values, indices): the values' O* put at
     the indices (autograd's ``value_selecting_reduction_backward``)."""
+
+    lfp = "rearrangement"
 
     everything = _Amax()
 
@@ -194,6 +212,8 @@ class _Embedding(Junction):
     """``F.embedding(ids, weight, padding_idx, …)``: the weight's adjoint is O* scatter-added into the rows of
     ids, padding_idx's row left 0 (autograd's ``embedding_dense_backward``); integer ids get none."""
 
+    lfp = "rearrangement"  # a parameter's rows picked: |E| ⊙ (S scatter-added), S = R / stab(O)
+
     def check(self, args, kwargs):
         max_norm = argument(args, kwargs, 3, "max_norm", None)[1]
         if max_norm is not None:
@@ -223,6 +243,8 @@ class _MatMul(Junction):
     """``a @ b`` (matmul, mm, bmm; 1-d operands, broadcast batch dims): O* bᵀ and aᵀ O*, summed over the batch
     dims an operand was broadcast along; b's in one folded mm where b is 1-d or 2-d, as matmul folds.
     ``swap``: ``Tensor.__rmatmul__(b, a)`` computes ``a @ b``."""
+
+    lfp = "matmul"
 
     def __init__(self, swap=False):
         self.swap = swap
@@ -268,6 +290,8 @@ def _subscripts(equation: str, ndims: list[int]) -> tuple[list[str], str]:
 class _Einsum(Junction):
     """``torch.einsum(equation, a, b)`` (or ``[a, b]``): each operand's adjoint is the einsum of O* with the other
     operand onto its subscripts; a label only it carries is expanded back, one it broadcast is summed."""
+
+    lfp = "matmul"
 
     @staticmethod
     def _operands(args):

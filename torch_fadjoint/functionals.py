@@ -74,6 +74,7 @@ class _Function(Junction):
 
     signature: tuple = ()
     kernels: tuple = ()
+    lfp = "parametric"  # the ε-rule on a layer (docs/maths.md §6.4, §7.2); dropout: its ordinary backward
 
     def bind(self, args, kwargs) -> dict:
         """{parameter: (key, value)}, defaults filled in (a missing required argument: None; torch raises)."""
@@ -323,6 +324,7 @@ class _Dropout(_Function):
     training=False, p = 0 or an empty input: the identity."""
 
     signature = (("input", None), ("p", 0.5), ("training", True), ("inplace", False))
+    lfp = "rearrangement"
     kernels = (_aten.mul.Tensor, _aten.mul_.Tensor, _aten.native_dropout.default)
     inplace = 3
 

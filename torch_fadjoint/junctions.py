@@ -116,6 +116,10 @@ class Junction:
 
     name = "?"
     inplace: bool | int = False
+    # how LFP sends a reward back through the op (docs/maths.md §7.2; tfa.rules.lfp's graph rule): "epsilon",
+    # "parametric" (the ε-rule, one value input), "identity", "rearrangement" (the ordinary backward), "product",
+    # "matmul", "softmax"; None: LFP's rule for the op is not defined, refused by name
+    lfp: str | None = None
 
     def check(self, args: tuple, kwargs: dict) -> None:
         """Refuse, in one line naming the op, a call the entry cannot honour: :meth:`run` asks before the call
@@ -167,6 +171,8 @@ class Junction:
 class _Cat(Junction):
     """``torch.cat(tensors, dim)``: each input's slice of O* (keys ``(0, i)``)."""
 
+    lfp = "rearrangement"
+
     def record(self, args, kwargs, out):
         key, tensors = argument(args, kwargs, 0, "tensors")
         dim = argument(args, kwargs, 1, ("dim", "axis"), 0)[1] % out.dim()
@@ -189,6 +195,8 @@ class _Cat(Junction):
 class _Stack(Junction):
     """``torch.stack(tensors, dim)``: O* selected at each input's index (keys ``(0, i)``)."""
 
+    lfp = "rearrangement"
+
     def record(self, args, kwargs, out):
         key, tensors = argument(args, kwargs, 0, "tensors")
         dim = argument(args, kwargs, 1, "dim", 0)[1] % out.dim()
@@ -202,6 +210,8 @@ class _Stack(Junction):
 class _Split(Junction):
     """split / chunk (``restack=False``) and unbind (True): several outputs; their adjoints concatenated (or
     stacked) back, a missing one as zeros (autograd's ``split_backward`` / ``unbind_backward``)."""
+
+    lfp = "rearrangement"
 
     def __init__(self, dim_position, restack=False):
         self.dim_position, self.restack = dim_position, restack
@@ -228,6 +238,8 @@ class _GetItem(Junction):
     """``x[index]``, the index a constant (ints, slices, None, Ellipsis, integer or bool tensors, lists): O*
     written back into zeros (a view: copied; advanced indexing: scatter-added, repeated elements summing)."""
 
+    lfp = "rearrangement"
+
     def check(self, args, kwargs):
         if any(is_floating(i) for i in (args[1] if isinstance(args[1], tuple) else (args[1],))):
             raise TypeError(f"{self.name}: a floating index; expected ints, slices, None, Ellipsis or an integer/"
@@ -250,6 +262,8 @@ class _GetItem(Junction):
 class _Select(Junction):
     """``select(x, dim, index)`` and ``narrow(x, dim, start, length)``: autograd's ``select_backward`` /
     ``slice_backward`` (zeros with O* copied in)."""
+
+    lfp = "rearrangement"
 
     def __init__(self, narrow=False):
         self.narrow = narrow
@@ -297,6 +311,8 @@ _ORDERS = {
 class _Permute(Junction):
     """permute, transpose/swapaxes/swapdims, t, ``.T``, ``.mT``: O* permuted back (the inverse order)."""
 
+    lfp = "rearrangement"
+
     def __init__(self, kind):
         self.order = _ORDERS[kind]
 
@@ -312,6 +328,8 @@ class _Permute(Junction):
 
 class _Reshape(Junction):
     """reshape, view, view_as, flatten, unflatten, squeeze, unsqueeze, contiguous: O* in the input's shape."""
+
+    lfp = "rearrangement"
 
     def check(self, args, kwargs):
         if any(isinstance(a, torch.dtype) for a in args[1:]) or "dtype" in kwargs:
@@ -330,6 +348,8 @@ class _Reshape(Junction):
 class _Expand(Junction):
     """expand, expand_as, broadcast_to: O* summed over the expanded dims (autograd's ``sum_to``)."""
 
+    lfp = "rearrangement"
+
     def record(self, args, kwargs, out):
         key, x = argument(args, kwargs, 0, FIRST)
         return key, x.shape
@@ -341,6 +361,8 @@ class _Expand(Junction):
 
 class _Roll(Junction):
     """roll(x, shifts, dims): O* rolled back by −shifts."""
+
+    lfp = "rearrangement"
 
     def record(self, args, kwargs, out):
         key = argument(args, kwargs, 0, FIRST)[0]
@@ -357,6 +379,8 @@ class _Roll(Junction):
 class _Pad(Junction):
     """``F.pad(x, pad, mode="constant", value)``: O* cropped by the pads (autograd's ``constant_pad_nd`` with the
     pads negated)."""
+
+    lfp = "rearrangement"
 
     def check(self, args, kwargs):
         mode = argument(args, kwargs, 2, "mode", "constant")[1]

@@ -35,9 +35,10 @@ class Step(nn.Module):
     """
 
     def forward(self, y: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and y.requires_grad:
-            return _StepFunction.apply(y)
-        return (y > 0).to(y.dtype)
+        if torch.is_grad_enabled() and y.requires_grad and not torch._C._is_torch_function_mode_enabled():
+            return _StepFunction.apply(y)  # autograd: refused by name at backward()
+        # as a torch op, so that FPropagation(graph=True)'s tape records it (tfa.steps: LFP passes the reward)
+        return torch.heaviside(y, y.new_zeros(()))
 
 
 class InputNoise(nn.Module):

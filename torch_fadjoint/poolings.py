@@ -88,6 +88,8 @@ class _MaxPool(_Pool):
     ``adaptive``: ``F.adaptive_max_poolNd(input, output_size, return_indices)`` (``adaptive_max_pool2d/3d_backward``).
     ``pair``: the key always returns ``(output, indices)``."""
 
+    lfp = "rearrangement"  # winner takes all (docs/maths.md §6.4)
+
     def __init__(self, n: int, adaptive=False, pair=False):
         super().__init__(n)
         self.adaptive, self.pair = adaptive, pair
@@ -139,6 +141,8 @@ class _AvgPool(_Pool):
     """``F.avg_poolNd(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``
     (1-d: no divisor_override): ``avg_pool2d/3d_backward`` on the input's shape."""
 
+    lfp = "epsilon"
+
     def __init__(self, n: int):
         super().__init__(n)
         self.names = _POOL + ("ceil_mode", "count_include_pad") + (("divisor_override",) if n > 1 else ())
@@ -163,6 +167,8 @@ class _AvgPool(_Pool):
 class _AdaptiveAvgPool(_Pool):
     """``F.adaptive_avg_poolNd(input, output_size)``: ``_adaptive_avg_pool2d/3d_backward``, or mean's adjoint
     (O* expanded, divided by the count) where aten pools to size 1 by a mean."""
+
+    lfp = "epsilon"
 
     names = ("input", "output_size")
 

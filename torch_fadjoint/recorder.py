@@ -46,7 +46,7 @@ from .layers import Layer, LayerRecord, layer_for, supported_layers
 from .losses import get_loss
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
-from .tape import Tape, TapeMode, check_versions, tape_grads
+from .tape import Tape, TapeMode, check_versions, put_back_buffers, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
@@ -691,7 +691,8 @@ class FPropagation(nn.Module):
         for value in leaves:
             if isinstance(value, Tensor) and value.is_floating_point():
                 tape.add_value(value)
-        statistics = _running_statistics(self._normalisations)
+        tape.buffers = {id(b): b for b in self.model.buffers()}  # copied when first written, put back if refused
+        bound = [(m._buffers, dict(m._buffers)) for m in self.model.modules() if m._buffers]
         try:
             tape.grad_mode = torch.is_grad_enabled()
             # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a
@@ -706,10 +707,14 @@ class FPropagation(nn.Module):
             check_versions(tape)  # an overwritten record refused now, while the statistics can be put back
         except BaseException:
             self.clear()
-            _put_back(statistics)
+            put_back_buffers(tape)
+            for buffers, before in bound:  # a buffer rebound in the forward (self.buf = …)
+                buffers.clear()
+                buffers.update(before)
             raise
         finally:
             self._path.clear()
+        tape.buffers, tape.buffer_copies = {}, []
         tape.output = index
         self._tape, self._output = tape, output
         return output

@@ -30,6 +30,7 @@ import types
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -90,6 +91,8 @@ class Tape:
         self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
         self.grad_mode = True  # the grad mode the forward was called in (``value.requires_grad``'s answer)
+        self.buffers: dict[int, Tensor] = {}  # id → the model's buffers: what the forward writes into them is undone
+        self.buffer_copies: list[tuple[Tensor, Tensor]] = []  # (buffer, its value before the forward's first write)
 
     def add_value(self, tensor: Tensor, needs: bool = False) -> int:
         """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it."""
@@ -170,6 +173,8 @@ class TapeMode(TorchFunctionMode):
         inputs = _inputs(tape, args, kwargs)
         if inputs:
             self._check_grad_mode(func)
+        if tape.buffers:
+            _keep_buffers_written(tape, func, args, kwargs)
         if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
@@ -221,6 +226,35 @@ class TapeMode(TorchFunctionMode):
             raise ValueError(f"{_op_name(func)} in {self.tape.where()}: runs inside a torch.autograd.Function (e.g. "
                              "checkpoint(use_reentrant=True)) or inference_mode, whose backward the tape cannot sweep; "
                              "the forward is refused (use checkpoint(use_reentrant=False), or write the op in torch)")
+
+
+_IN_PLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                                 "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
+_STATISTICS = {F.batch_norm: (1, 2, "running_mean", "running_var"), torch.batch_norm: (3, 4, "running_mean", "running_var"),
+               F.instance_norm: (1, 2, "running_mean", "running_var")}
+
+
+def _keep_buffers_written(tape: Tape, func, args: tuple, kwargs: dict) -> None:
+    """Copy a buffer of the model before the forward first writes into it (``self.count += 1``, ``out=``, BatchNorm's
+    running statistics): a refused forward puts every one back (:func:`put_back_buffers`), so it changes nothing."""
+    written = [kwargs.get("out")]
+    name = getattr(func, "__name__", "")
+    if args and ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS):
+        written.append(args[0])
+    positions = _STATISTICS.get(func)
+    if positions is not None:
+        written += [args[i] if len(args) > i else kwargs.get(key) for i, key in zip(positions[:2], positions[2:])]
+    for tensor in written:
+        if isinstance(tensor, Tensor) and tape.buffers.pop(id(tensor), None) is not None:
+            tape.buffer_copies.append((tensor, tensor.detach().clone()))
+
+
+def put_back_buffers(tape: Tape) -> None:
+    """Every buffer the refused forward wrote into holds its value from before the forward again."""
+    with torch.no_grad():
+        for tensor, before in reversed(tape.buffer_copies):
+            tensor.copy_(before)
+    tape.buffer_copies = []
 
 
 def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
