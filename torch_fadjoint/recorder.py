@@ -46,7 +46,7 @@ from .layers import Layer, LayerRecord, layer_for, supported_layers
 from .losses import get_loss
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
-from .tape import Tape, TapeMode, check_versions, put_back_buffers, tape_grads
+from .tape import Tape, TapeMode, check_versions, put_back_buffers, sweep_tape, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
@@ -687,6 +687,7 @@ class FPropagation(nn.Module):
         params = {id(p): (n, p) for n, p in self.model.named_parameters(remove_duplicate=False)}
         tape = Tape(params)
         tape.path = self._path
+        tape.keep = self.keep_pre_activations  # LFP reads the values themselves (tfa.tape.sweep_tape's rules)
         self._path.clear()
         for value in leaves:
             if isinstance(value, Tensor) and value.is_floating_point():
@@ -719,9 +720,10 @@ class FPropagation(nn.Module):
         self._tape, self._output = tape, output
         return output
 
-    def graph_grads(self, out_adj: Tensor, *, retain_records: bool = False) -> dict[Tensor, Tensor]:
+    def graph_grads(self, out_adj: Tensor, *, retain_records: bool = False, rule=None) -> dict[Tensor, Tensor]:
         """graph=True: {parameter: ∂J/∂θ} from X*^L by the sweep over the last forward's tape (docs/maths.md §7.1);
-        nothing is written; the tape is freed unless ``retain_records``."""
+        nothing is written; the tape is freed unless ``retain_records``. ``rule``: another signal's rule for
+        the same sweep (a ``tfa.tape.TapeRule``: LFP's reward, §7.2), ``out_adj`` then being its top signal."""
         tape = self._tape
         if tape is None:
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
@@ -732,7 +734,8 @@ class FPropagation(nn.Module):
             raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
                                "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
         try:
-            grads = tape_grads(tape, out_adj, release=not retain_records)
+            grads = (tape_grads(tape, out_adj, release=not retain_records) if rule is None
+                     else sweep_tape(tape, out_adj, rule, release=not retain_records))
         except BaseException:
             self.clear()
             raise
@@ -763,7 +766,7 @@ class FPropagation(nn.Module):
         self.output  # noqa: B018 - raises when nothing is recorded
         if self.graph:
             raise RuntimeError("FPropagation(graph=True): this rule sweeps a chain of layers; on a graph only the "
-                               "F-adjoint runs for now (FAdjoint, net.backward, net.adjoint); LFP, equilibrium, "
+                               "F-adjoint and LFP run (FAdjoint, net.backward, net.adjoint, LFP, lfp_grads); equilibrium, "
                                "consequentialism and inference learning on graphs: issue 22")
         for ref, version, what in self._watch:
             tensor = ref()

@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import activations, arithmetic, functionals, poolings  # noqa: F401  (they fill JUNCTIONS)
+from . import activations, arithmetic, functionals, poolings, steps  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
 
-__all__ = ["Tape", "TapeMode", "tape_grads", "check_versions"]
+__all__ = ["Tape", "TapeMode", "TapeRule", "sweep_tape", "tape_grads", "check_versions"]
 
 
 # calls whose floating output carries no gradient in autograd either: new tensors shaped like a value, detach
@@ -91,6 +91,8 @@ class Tape:
         self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
         self.grad_mode = True  # the grad mode the forward was called in (``value.requires_grad``'s answer)
+        self.keep = False  # keep every value and its version for a rule that reads them (LFP: sweep_tape's rule)
+        self.kept: dict[int, tuple[Tensor, int]] = {}  # value index → (the tensor as the forward made it, version)
         self.buffers: dict[int, Tensor] = {}  # id → the model's buffers: what the forward writes into them is undone
         self.buffer_copies: list[tuple[Tensor, Tensor]] = []  # (buffer, its value before the forward's first write)
 
@@ -100,7 +102,16 @@ class Tape:
         self.count += 1
         self._values[id(tensor)] = (weakref.ref(tensor), index)
         self.needs.append(needs)
+        if self.keep:
+            self.kept[index] = (tensor, tensor._version)
         return index
+
+    def keep_before_write(self, source) -> None:
+        """An in-place op is about to overwrite the value ``source``: the kept tensor of its old version becomes a
+        copy (``out += identity`` overwrites BatchNorm's output, which LFP's ε-rule reads)."""
+        if self.keep and source is not None and source[0] == "value" and source[1] in self.kept:
+            old = self.kept[source[1]][0].clone()
+            self.kept[source[1]] = (old, old._version)
 
     def value_of(self, tensor) -> int | None:
         """The value index of ``tensor`` (its newest version), or None if it is not a value."""
@@ -203,6 +214,7 @@ class TapeMode(TorchFunctionMode):
                              "back through (tfa.junctions.JUNCTIONS); the forward is refused")
         if entry.writes_first(args, kwargs):
             _check_in_place(tape, func, args, inputs)
+            tape.keep_before_write(inputs.get(0))
         try:
             with torch.no_grad():  # no autograd graph: the sweep is ours
                 out, saved = entry.run(func, args, kwargs)
@@ -320,29 +332,62 @@ def check_versions(tape: Tape) -> None:
             if tensor._version != version:
                 raise RuntimeError(f"FPropagation: a tensor that {op.entry.name} in {op.where} saved for the sweep was "
                                    "modified in place later (autograd refuses this too); nothing was changed")
+    for tensor, version in tape.kept.values():
+        if tensor._version != version:
+            raise RuntimeError("FPropagation: a value kept for the sweep (keep_pre_activations) was modified in place "
+                               "behind the tape; nothing was changed")
     if tape.output_tensor is not None and tape.output_tensor._version != tape.output_version:
         raise RuntimeError("FPropagation: the model's output was modified in place after the forward (the loss would "
                            "read what the sweep does not start from); nothing was changed")
 
 
-def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Tensor, Tensor]:
-    """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1). Nothing is
-    written. Refuses (RuntimeError) a saved tensor overwritten in place after its op recorded it. ``release``:
-    drop each op's records once its adjoints are made (autograd frees alike: the peak is then its peak)."""
+class TapeRule:
+    """The signal a rule sends back over the tape: the F-adjoint (docs/maths.md §7.1), the default of
+    :func:`sweep_tape`. A rule for another signal (LFP's reward, §7.2 there) overrides :meth:`through_op`;
+    ``keeps_values``: it reads the values themselves (``tape.kept``, kept when the tape was recorded with
+    ``tape.keep``), refused by :meth:`check` otherwise."""
+
+    name = "the F-adjoint"
+    keeps_values = False
+
+    def check(self, tape: Tape) -> None:
+        """Refuse, before anything is computed, a tape this rule cannot sweep."""
+        if self.keeps_values and not tape.keep:
+            raise RuntimeError(f"{self.name} reads the recorded values: it needs FPropagation(model, graph=True, "
+                               "keep_pre_activations=True) (its optimizer sets it); run the forward again")
+
+    def through_op(self, tape: Tape, op: _Op, out_signal) -> dict:
+        """{input key: signal} for ``op`` from the signal at its output(s) (a tuple for several, None where one got
+        none): a value's signals are summed over its uses, a parameter's over its uses into its feedback."""
+        if getattr(op.entry, "takes_needed", False):
+            return op.entry.input_adjoints(op.saved, out_signal, needed=op.needed)
+        return op.entry.input_adjoints(op.saved, out_signal)
+
+
+FADJOINT = TapeRule()
+
+
+def sweep_tape(tape: Tape, top: Tensor, rule: TapeRule = FADJOINT, *, release: bool = False) -> dict[Tensor, Tensor]:
+    """{parameter: feedback} from the signal ``top`` at the output, sent back over the ops by ``rule`` (§7.1): each
+    value's signal is the sum over its uses; a parameter that requires grad sums its uses' feedback. Nothing is
+    written. Refuses (RuntimeError) a saved or kept tensor overwritten in place after the forward recorded it.
+    ``release``: drop each op's records once its signals are made (autograd frees alike: the peak is then its
+    peak), and each kept value once the op that made it is swept (nothing earlier reads it)."""
     check_versions(tape)
-    adjoints: dict[int, Tensor] = {tape.output: out_adj}
+    rule.check(tape)
+    adjoints: dict[int, Tensor] = {tape.output: top}
     grads: dict[Tensor, Tensor] = {}
     for op in reversed(tape.ops):
         outs = [adjoints.pop(i, None) if i >= 0 else None for i in op.outputs]
         if not op.needed or all(o is None for o in outs):  # no trainable parameter upstream: nothing to send
             if release:
                 op.saved, op.versions = None, []
+                _release_kept(tape, op)
             continue
-        out_adj = outs[0] if op.single else tuple(outs)
-        found = (op.entry.input_adjoints(op.saved, out_adj, needed=op.needed) if getattr(op.entry, "takes_needed", False)
-                 else op.entry.input_adjoints(op.saved, out_adj))
+        found = rule.through_op(tape, op, outs[0] if op.single else tuple(outs))
         if release:
             op.saved, op.versions = None, []
+            _release_kept(tape, op)
         for key, adjoint in found.items():
             source = op.inputs.get(key)
             if source is None or adjoint is None or key not in op.needed:
@@ -353,3 +398,16 @@ def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Te
             elif target.requires_grad:
                 grads[target] = adjoint if target not in grads else grads[target] + adjoint
     return grads
+
+
+def _release_kept(tape: Tape, op: _Op) -> None:
+    for index in op.outputs:
+        tape.kept.pop(index, None)
+
+
+def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Tensor, Tensor]:
+    """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1): the F-adjoint
+    rule of :func:`sweep_tape`. Nothing is written. Refuses (RuntimeError) a saved tensor overwritten in place
+    after its op recorded it. ``release``: drop each op's records once its adjoints are made (autograd frees alike:
+    the peak is then its peak)."""
+    return sweep_tape(tape, out_adj, FADJOINT, release=release)
