@@ -241,12 +241,13 @@ def test_state_dict_round_trip_mid_run(sequential):
         assert torch.equal(p, q)
 
 
-def test_lr_scheduler_and_param_groups():
+@pytest.mark.parametrize("sequential", [True, False])
+def test_lr_scheduler_and_param_groups(sequential):
     """StepLR halves the lr of step 2; a group with lr 0 keeps its parameters while feedback flows."""
     data = batches(2)
     model = make_model()
     net = tfa.FPropagation(model)
-    opt = EquilibriumFAdjoint(net, lr=0.8)
+    opt = EquilibriumFAdjoint(net, lr=0.8, sequential=sequential)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for x, t in data:
         net(x)
@@ -256,7 +257,7 @@ def test_lr_scheduler_and_param_groups():
     for i, (x, t) in enumerate(data):
         net2 = tfa.FPropagation(ref)
         net2(x)
-        EquilibriumFAdjoint(net2, lr=0.8 * 0.5 ** i).step(target=t)
+        EquilibriumFAdjoint(net2, lr=0.8 * 0.5 ** i, sequential=sequential).step(target=t)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
@@ -265,7 +266,7 @@ def test_lr_scheduler_and_param_groups():
     net3 = tfa.FPropagation(frozen)
     opt3 = EquilibriumFAdjoint(net3, params=[{"params": first, "lr": 0.0},
                                              {"params": list(frozen[2].parameters()) + list(frozen[4].parameters())}],
-                               lr=0.8)
+                               lr=0.8, sequential=sequential)
     net3(data[0][0])
     opt3.step(target=data[0][1])
     assert torch.equal(frozen[0].weight, make_model()[0].weight)
@@ -282,14 +283,15 @@ def test_bad_arguments(kwargs):
         EquilibriumFAdjoint(tfa.FPropagation(make_model()), **kwargs)
 
 
-def test_no_forward_and_step_module_refused():
+@pytest.mark.parametrize("sequential", [True, False])
+def test_no_forward_and_step_module_refused(sequential):
     net = tfa.FPropagation(make_model())
-    opt = EquilibriumFAdjoint(net, lr=0.1)
+    opt = EquilibriumFAdjoint(net, lr=0.1, sequential=sequential)
     with pytest.raises(RuntimeError, match="no recorded forward"):
         opt.step(target=torch.zeros(3, dtype=torch.long))
     model = nn.Sequential(nn.Linear(6, 5), tfa.nn.Step(), nn.Linear(5, 4)).to(DT)
     net = tfa.FPropagation(model)
-    opt = EquilibriumFAdjoint(net, lr=0.1)
+    opt = EquilibriumFAdjoint(net, lr=0.1, sequential=sequential)
     net(torch.randn(3, 6, dtype=DT))
     before = snapshot(model, opt)
     with pytest.raises(TypeError, match="Step"):

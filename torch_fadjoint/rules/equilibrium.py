@@ -26,7 +26,9 @@ while the drive cancels); "zero" meets it on both (1 − (1 − f)^{L−k+1} ≈
 default — a finding against §6.3's example, reported, not hidden.
 
 With f = 0, no quirk and ``sequential=False`` the step IS the F-adjoint step (bit for bit).
-The optimizer (the sequential local rule, §2.3) is ``tfa.optim.EquilibriumFAdjoint``.
+The optimizer is ``tfa.optim.EquilibriumFAdjoint``: the joint update by default, §2.3's sequential local rule with
+``sequential=True`` (which diverges where SGD trains at lr ≥ 0.1 on an MLP: issue 22,
+benchmarks/results/equilibrium_stability/REPORT.md).
 """
 from __future__ import annotations
 
