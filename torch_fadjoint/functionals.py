@@ -82,7 +82,7 @@ class _Function(Junction):
                 for i, (name, default) in enumerate(self.signature)}
 
     def check(self, args, kwargs):
-        for key, value in self.bind(args, kwargs).values():
+        for value in (*args, *kwargs.values()):
             if isinstance(value, Tensor) and value.layout != torch.strided:
                 raise TypeError(f"{self.name}: a {value.layout} tensor; expected strided (dense) tensors")
             if isinstance(value, Tensor) and value.is_complex():

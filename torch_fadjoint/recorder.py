@@ -115,14 +115,16 @@ def _backward_hook_of(layers, configs) -> str | None:
     return None
 
 
-def _graph_backward_hook(model: nn.Module) -> str | None:
-    """graph=True: the first backward-side hook anywhere in the model, in words (None if there is none)."""
+def _graph_backward_hook(model: nn.Module, modules, params) -> str | None:
+    """graph=True: the first backward-side hook anywhere in the model, in words (None if there is none).
+    ``modules``: the model's modules; ``params``: its (name, parameter) pairs (as attach found them)."""
     if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
         return "a global module backward hook is registered (register_module_full_backward_hook)"
-    for name, module in model.named_modules():
+    for module in modules:
         if module._backward_hooks or module._backward_pre_hooks:
+            name = next(n for n, m in model.named_modules() if m is module)
             return f"{name or '<model>'} ({type(module).__name__}) has a backward hook"
-    for name, param in model.named_parameters():
+    for name, param in params:
         if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
             return f"{name} has a gradient hook (register_hook / register_post_accumulate_grad_hook)"
     return None
@@ -728,7 +730,7 @@ class FPropagation(nn.Module):
         if tape is None:
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
         check_out_adj(self, out_adj)
-        hook = _graph_backward_hook(self.model)
+        hook = _graph_backward_hook(self.model, [m for m, *_ in self._fingerprint[0]], self._tape_params.values())
         if hook is not None:
             self.clear()
             raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
