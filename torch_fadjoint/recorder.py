@@ -231,7 +231,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_normalisations", "_tape", "_path", "_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
+    _PLAIN_STATE = frozenset({"_normalisations", "_tape", "_tape_params", "_path", "_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
                               "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
 
     def __setattr__(self, name, value):
@@ -673,6 +673,7 @@ class FPropagation(nn.Module):
             self._handles.append(module.register_forward_hook(_ours(leave)))
         self._fingerprint = self._make_fingerprint()
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        self._tape_params = {id(p): (n, p) for n, p in self.model.named_parameters(remove_duplicate=False)}
         self._normalisations = _normalisations(self.model)
         self._attached = True
         return self
@@ -686,16 +687,16 @@ class FPropagation(nn.Module):
         self.clear()
         leaves = tree_flatten((args, kwargs))[0]
         _check_inputs(leaves)
-        params = {id(p): (n, p) for n, p in self.model.named_parameters(remove_duplicate=False)}
-        tape = Tape(params)
+        tape = Tape(self._tape_params)
         tape.path = self._path
         tape.keep = self.keep_pre_activations  # LFP reads the values themselves (tfa.tape.sweep_tape's rules)
         self._path.clear()
         for value in leaves:
             if isinstance(value, Tensor) and value.is_floating_point():
                 tape.add_value(value)
-        tape.buffers = {id(b): b for b in self.model.buffers()}  # copied when first written, put back if refused
-        bound = [(m._buffers, dict(m._buffers)) for m in self.model.modules() if m._buffers]
+        bound = [(m._buffers, dict(m._buffers)) for m, *_ in self._fingerprint[0] if m._buffers]
+        tape.buffers = {id(b): b for _, buffers in bound for b in buffers.values() if b is not None}  # copied when
+        # first written, put back if the forward is refused
         try:
             tape.grad_mode = torch.is_grad_enabled()
             # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a
