@@ -12,6 +12,7 @@ adjoint is autograd's own kernel on what autograd keeps (so float32 results are 
     torch.sigmoid, torch.tanh (and ``_``)      sigmoid_backward, tanh_backward  the output
     F.hardswish, F.hardsigmoid, F.silu, F.mish  hardswish_backward, …         the input (a copy, inplace)
     F.gelu (approximate "none" / "tanh")       gelu_backward                  the input
+    F.leaky_relu, F.elu, F.softplus            leaky_relu_backward, …         the input (a copy, inplace)
     softmax, log_softmax (dim; dtype=None)     _softmax_backward_data, …      the output
     F.scaled_dot_product_attention            composed: P = softmax(q kᵀ s + mask); v* = Pᵀ O*,
                                                S* = softmax'ᵀ(O* vᵀ), q* = s S* k, k* = s S*ᵀ q   q, k, v, mask
@@ -113,6 +114,48 @@ class _Mish(_Hardswish):
         return _aten.mish_backward(out_adj, x)
 
 
+class _LeakyReLU(_Activation):
+    """Autograd keeps the input (its output would mislead with a negative slope); in place: a copy first."""
+
+    saves, inplace = "input", 2
+
+    def options(self, args, kwargs):
+        return (argument(args, kwargs, 1, "negative_slope", 0.01)[1],)
+
+    def kernel(self, out_adj, x, slope):
+        return _aten.leaky_relu_backward(out_adj, x, slope, False)
+
+
+class _ELU(_LeakyReLU):
+    """Out of place autograd keeps the input; in place, the output (``is_result``): so does this entry."""
+
+    def reads_first(self, args, kwargs):
+        return not self.writes_first(args, kwargs)
+
+    def record(self, args, kwargs, out):
+        in_place = self.writes_first(args, kwargs)
+        key, x = argument(args, kwargs, 0, FIRST)
+        return key, (out if in_place else x), (argument(args, kwargs, 1, "alpha", 1.0)[1], in_place)
+
+    def kernel(self, out_adj, value, alpha, is_result):
+        return _aten.elu_backward(out_adj, alpha, 1.0, 1.0, is_result, value)
+
+
+def _always_in_place(entry: type) -> type:
+    """The ``F.leaky_relu_`` form of an entry: the call always writes its input."""
+    return type(entry.__name__ + "_", (entry,), {"inplace": True})
+
+
+class _Softplus(_Activation):
+    saves = "input"
+
+    def options(self, args, kwargs):
+        return argument(args, kwargs, 1, "beta", 1.0)[1], argument(args, kwargs, 2, "threshold", 20.0)[1]
+
+    def kernel(self, out_adj, x, beta, threshold):
+        return _aten.softplus_backward(out_adj, x, beta, threshold)
+
+
 class _GELU(_Activation):
     saves = "input"
 
@@ -201,6 +244,11 @@ JUNCTIONS.update(entries({
     "F.silu": _SiLU,
     "F.mish": _Mish,
     "F.gelu": _GELU,
+    "F.leaky_relu": _LeakyReLU,
+    "F.leaky_relu_": _always_in_place(_LeakyReLU),
+    "F.elu": _ELU,
+    "F.elu_": _always_in_place(_ELU),
+    "F.softplus": _Softplus,
     "torch.softmax Tensor.softmax F.softmax": _Softmax,
     "torch.log_softmax Tensor.log_softmax F.log_softmax": lambda: _Softmax(log=True),
     "F.scaled_dot_product_attention": _Attention,
