@@ -245,6 +245,7 @@ class _MatMul(Junction):
     ``swap``: ``Tensor.__rmatmul__(b, a)`` computes ``a @ b``."""
 
     lfp = "matmul"
+    nlms = "matmul"  # with a parameter: normalised by the other operand's tokens (docs/maths.md §7.3)
 
     def __init__(self, swap=False):
         self.swap = swap
@@ -292,6 +293,7 @@ class _Einsum(Junction):
     operand onto its subscripts; a label only it carries is expanded back, one it broadcast is summed."""
 
     lfp = "matmul"
+    nlms = "einsum"
 
     @staticmethod
     def _operands(args):

@@ -132,6 +132,7 @@ class _Linear(_Function):
     the adjoints of its mm (O* W, O*ᵀ x) and of its bias (O* summed over the batch dims)."""
 
     signature = (("input", None), ("weight", None), ("bias", None))
+    nlms = "linear"  # normalised by its input (docs/maths.md §7.3)
 
     def check(self, args, kwargs):
         super().check(args, kwargs)
@@ -177,6 +178,7 @@ class _Conv(_Function):
 
     signature = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
                  ("dilation", 1), ("groups", 1))
+    nlms = "conv"  # normalised by its patches (docs/maths.md §6.5, §7.3)
 
     def __init__(self, n: int):
         self.n = n

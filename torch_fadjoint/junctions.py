@@ -120,6 +120,9 @@ class Junction:
     # "parametric" (the ε-rule, one value input), "identity", "rearrangement" (the ordinary backward), "product",
     # "matmul", "softmax"; None: LFP's rule for the op is not defined, refused by name
     lfp: str | None = None
+    # the weight op it is for consequentialism / NLMS (docs/maths.md §7.3; tfa.rules.consequentialism): "linear",
+    # "conv", "matmul" (a parameter applied to an input, normalised by that input), "einsum"; None: any other op
+    nlms: str | None = None
 
     def check(self, args: tuple, kwargs: dict) -> None:
         """Refuse, in one line naming the op, a call the entry cannot honour: :meth:`run` asks before the call
