@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 from . import activations, arithmetic, functionals, poolings, steps  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
 
-__all__ = ["Tape", "TapeMode", "TapeRule", "sweep_tape", "tape_grads", "check_versions"]
+__all__ = ["Tape", "TapeMode", "TapeRule", "sweep_tape", "tape_grads", "check_versions", "rerun"]
 
 
 # calls whose floating output carries no gradient in autograd either: new tensors shaped like a value, detach
@@ -69,12 +69,13 @@ def _undispatched(func):
 class _Op:
     """One recorded call: its entry, what it saved, where its inputs come from, which values it made."""
 
-    __slots__ = ("entry", "saved", "inputs", "outputs", "single", "where", "versions", "needed")
+    __slots__ = ("entry", "saved", "inputs", "outputs", "single", "where", "versions", "needed", "call")
 
     def __init__(self, entry, saved, inputs: dict, outputs: list[int], single: bool, where: str, versions: list,
                  needed: frozenset):
         self.entry, self.saved, self.inputs, self.outputs = entry, saved, inputs, outputs
         self.single, self.where, self.versions, self.needed = single, where, versions, needed
+        self.call = None  # with tape.keep: (func, args, kwargs, stale) with its values left out, for :func:`rerun`
 
 
 class Tape:
@@ -91,10 +92,12 @@ class Tape:
         self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
         self.grad_mode = True  # the grad mode the forward was called in (``value.requires_grad``'s answer)
-        self.keep = False  # keep every value and its version for a rule that reads them (LFP: sweep_tape's rule)
-        self.kept: dict[int, tuple[Tensor, int]] = {}  # value index → (the tensor as the forward made it, version)
         self.buffers: dict[int, Tensor] = {}  # id → the model's buffers: what the forward writes into them is undone
         self.buffer_copies: list[tuple[Tensor, Tensor]] = []  # (buffer, its value before the forward's first write)
+        self.keep = False  # keep every value and its version for a rule that reads them (LFP: sweep_tape's rule)
+        self.kept: dict[int, tuple[Tensor, int]] = {}  # value index → (the tensor as the forward made it, version)
+        self.derived: dict[int, weakref.ref] = {}  # with keep: tensors computed from values that are not values (a
+        # mask h > 0, an arg-max, a no_grad block's result): a re-run (:func:`rerun`) would read them stale
 
     def add_value(self, tensor: Tensor, needs: bool = False) -> int:
         """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it."""
@@ -189,7 +192,7 @@ class TapeMode(TorchFunctionMode):
         if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
-            return func(*args, **kwargs)
+            return _derived(tape, func(*args, **kwargs), inputs)
         if func is Tensor.register_hook:
             _refuse_attribute("register_hook")(tape, func, args, inputs)
         special = _VALUE_ATTRIBUTES.get(getattr(func, "__self__", None)) if func not in JUNCTIONS else None
@@ -209,7 +212,8 @@ class TapeMode(TorchFunctionMode):
             if not wrote and (func in _CONSTANT_MAKERS or not any(
                     isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex())
                     for leaf in tree_flatten(result)[0])):
-                return result  # metadata (x.shape), masks and indices (x > 0, argmax), x.new_zeros(…), x.detach()
+                # metadata (x.shape), masks and indices (x > 0, argmax), x.new_zeros(…), x.detach()
+                return _derived(tape, result, inputs) if func not in _CONSTANT_MAKERS or func in _DETACH else result
             raise ValueError(f"{_op_name(func)} in {tape.where()}: not in the table of ops the F-adjoint can sweep "
                              "back through (tfa.junctions.JUNCTIONS); the forward is refused")
         if entry.writes_first(args, kwargs):
@@ -227,6 +231,9 @@ class TapeMode(TorchFunctionMode):
                    for t in leaves]
         versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
         tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions, needed))
+        if tape.keep:  # a rule that re-runs the ops (inference learning, docs/maths.md §7.IL) reads the call
+            tape.ops[-1].call = _call_of(tape, func, args, kwargs, inputs)
+            _derived(tape, [t for t in leaves if isinstance(t, Tensor) and not t.is_floating_point()], inputs)
         return out
 
 
@@ -238,6 +245,73 @@ class TapeMode(TorchFunctionMode):
             raise ValueError(f"{_op_name(func)} in {self.tape.where()}: runs inside a torch.autograd.Function (e.g. "
                              "checkpoint(use_reentrant=True)) or inference_mode, whose backward the tape cannot sweep; "
                              "the forward is refused (use checkpoint(use_reentrant=False), or write the op in torch)")
+
+
+_DETACH = frozenset({Tensor.detach, torch.detach})
+
+
+def _derived(tape: Tape, result, inputs: dict):
+    """``result`` (returned unchanged): with ``tape.keep``, its tensors are marked as computed from values."""
+    if tape.keep and any(kind == "value" for kind, _ in inputs.values()):
+        for leaf in tree_flatten(result)[0]:
+            if isinstance(leaf, Tensor):
+                tape.derived[id(leaf)] = weakref.ref(leaf)
+    return result
+
+
+def _call_of(tape: Tape, func, args: tuple, kwargs: dict, inputs: dict) -> tuple:
+    """(func, args, kwargs, stale) with every value input left out (None; :func:`rerun` puts others in);
+    ``stale``: a constant argument computed from values (a mask ``h > 0``), which a re-run would read unchanged."""
+    args, kwargs = list(args), dict(kwargs)
+    for key, (kind, _) in inputs.items():
+        if kind == "value":
+            where, i = key if isinstance(key, tuple) else (key, None)
+            holder = args if isinstance(where, int) else kwargs
+            if i is None:
+                holder[where] = None
+            else:
+                holder[where] = [None if j == i else item for j, item in enumerate(holder[where])]
+    stale = any(isinstance(leaf, Tensor) and (ref := tape.derived.get(id(leaf))) is not None and ref() is leaf
+                for leaf in tree_flatten((args, kwargs))[0])
+    return func, tuple(args), kwargs, stale
+
+
+def rerun(op: _Op, values: dict):
+    """``(out, saved)``: ``op`` called again (its entry's :meth:`run`) with ``values`` ({input key: tensor}) for its
+    value inputs, for a rule that re-runs the forward from other values (inference learning, docs/maths.md §7.IL).
+    Out of place: a call that writes its first input writes a copy. It writes no buffer: ``F.batch_norm`` in
+    train mode normalises with the statistics of the batch it is given and leaves the running ones alone. Needs
+    the tape recorded with ``keep``; a call that read a constant computed from values (``h > 0``) is refused."""
+    if op.call is None:
+        raise RuntimeError(f"{op.entry.name} in {op.where}: the call was not kept for a re-run (record with "
+                           "keep_pre_activations=True)")
+    func, args, kwargs, stale = op.call
+    if stale:
+        raise ValueError(f"{op.entry.name} in {op.where}: reads a tensor computed from values outside the table (a "
+                         "mask such as h > 0, an arg-max, a no_grad block's result): a re-run would read it unchanged")
+    args, kwargs = list(args), dict(kwargs)
+    for key, value in values.items():
+        where, i = key if isinstance(key, tuple) else (key, None)
+        holder = args if isinstance(where, int) else kwargs
+        if i is None:
+            holder[where] = value
+        else:
+            items = list(holder[where])
+            items[i] = value
+            holder[where] = items
+    if op.entry.writes_first(args, kwargs):
+        first = 0 if args else next(k for k in ("input", "self", "tensor") if k in kwargs)
+        holder = args if first == 0 else kwargs
+        holder[first] = holder[first].clone()
+    if func is F.batch_norm:
+        training = args[5] if len(args) > 5 else kwargs.get("training", False)
+        if training:  # the batch's statistics; the running ones are left alone
+            for position, name in ((1, "running_mean"), (2, "running_var")):
+                if len(args) > position:
+                    args[position] = None
+                else:
+                    kwargs.pop(name, None)
+    return op.entry.run(func, tuple(args), kwargs)
 
 
 _IN_PLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
