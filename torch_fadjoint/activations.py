@@ -141,6 +141,11 @@ class _ELU(_LeakyReLU):
         return _aten.elu_backward(out_adj, alpha, 1.0, 1.0, is_result, value)
 
 
+def _in_place_flag(entry: type, position: int) -> type:
+    """``entry`` for a call whose ``inplace`` flag is at ``position`` (or the keyword): it writes its input when set."""
+    return type(entry.__name__ + "Flag", (entry,), {"inplace": position})
+
+
 def _always_in_place(entry: type) -> type:
     """The ``F.leaky_relu_`` form of an entry: the call always writes its input."""
     return type(entry.__name__ + "_", (entry,), {"inplace": True})
@@ -234,11 +239,16 @@ class _Attention(Junction):
 
 
 JUNCTIONS.update(entries({
-    "F.relu torch.relu Tensor.relu F.relu_ torch.relu_ Tensor.relu_": _ReLU,
-    "F.hardtanh F.hardtanh_": _Hardtanh,
-    "F.relu6": _ReLU6,
-    "torch.sigmoid Tensor.sigmoid F.sigmoid torch.sigmoid_ Tensor.sigmoid_": _Sigmoid,
-    "torch.tanh Tensor.tanh F.tanh torch.tanh_ Tensor.tanh_": _Tanh,
+    "torch.relu Tensor.relu": _ReLU,
+    "F.relu": _in_place_flag(_ReLU, 1),  # F.relu(x, inplace=True) writes x: a new version of it (the tape's keep)
+    "F.relu_ torch.relu_ Tensor.relu_": _always_in_place(_ReLU),
+    "F.hardtanh": _in_place_flag(_Hardtanh, 3),
+    "F.hardtanh_": _always_in_place(_Hardtanh),
+    "F.relu6": _in_place_flag(_ReLU6, 1),
+    "torch.sigmoid Tensor.sigmoid F.sigmoid": _Sigmoid,
+    "torch.sigmoid_ Tensor.sigmoid_": _always_in_place(_Sigmoid),
+    "torch.tanh Tensor.tanh F.tanh": _Tanh,
+    "torch.tanh_ Tensor.tanh_": _always_in_place(_Tanh),
     "F.hardswish": _Hardswish,
     "F.hardsigmoid": _Hardsigmoid,
     "F.silu": _SiLU,
