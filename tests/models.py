@@ -71,7 +71,9 @@ def labelled(batch: int, shape: int | Sequence[int], classes: int, *, seed: int,
 
 
 def recorded(model: nn.Module, x: torch.Tensor, **kwargs) -> tfa.FPropagation:
-    """``tfa.FPropagation(model, **kwargs)`` after one forward of ``x`` under ``torch.no_grad()``."""
+    """``tfa.FPropagation(model, **kwargs)`` after one forward of ``x`` under ``torch.no_grad()``; the chain recorder
+    (``graph=False``) unless ``graph`` is given: the tests that use it check the rules of docs/maths.md §6."""
+    kwargs.setdefault("graph", False)
     net = tfa.FPropagation(model, **kwargs)
     with torch.no_grad():
         net(x)

@@ -195,7 +195,7 @@ def test_non_sequential_equilibrium_optimizer_is_the_fadjoint_optimizer_on_a_cnn
     Nesterov, weight decay), with the default init."""
     sgd = dict(lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-2)
     got, want = make_cnn(pool="avg"), make_cnn(pool="avg")
-    net_got, net_want = tfa.FPropagation(got), tfa.FPropagation(want)
+    net_got, net_want = tfa.FPropagation(got, graph=False), tfa.FPropagation(want, graph=False)
     opt_got = EquilibriumFAdjoint(net_got, sequential=False, loss="cross_entropy", **equilibrium, **sgd)
     opt_want = tfa.optim.FAdjoint(net_want, loss="cross_entropy", **sgd)
     for seed in range(3):
@@ -255,7 +255,7 @@ def test_closed_form_equals_euler_in_the_optimizer_on_a_cnn(init, sequential):
     models = []
     for relaxation in ("closed_form", "euler"):
         model = make_cnn(pool="max")
-        net = tfa.FPropagation(model)
+        net = tfa.FPropagation(model, graph=False)
         opt = EquilibriumFAdjoint(net, relaxation=relaxation, **kw)
         for seed in range(3):
             x, t = images(5, seed=20 + seed)
@@ -558,7 +558,7 @@ def test_il_prox_proximal_output_target_at_batch_1_on_a_cnn(T, conv_details):
     with torch.no_grad():
         logits = model(x)
     old = copy.deepcopy(model)
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     opt = InferenceLearning(net, variant="il_prox", T=T, gamma_top=0.0, gamma_bot=0.0, alpha=alpha, prox_eps=eps,
                             conv_details=conv_details)
     net(x)
@@ -751,7 +751,7 @@ def test_il_matches_transcribed_pc_conv_py(arch, batch):
     T, g_top, g_bot, lr = 25, 0.005, 0.02, 0.05  # train_MLP_Conv.py l. 146–147 (IL-SGD); lr as §5.1's MNIST
     before = copy.deepcopy(_parametric(ours))
     _pc_conv_reference(wts, x, onehot, T, g_bot, g_top, 1.0, lr)
-    net = tfa.FPropagation(ours)
+    net = tfa.FPropagation(ours, graph=False)
     opt = InferenceLearning(net, lr=lr, variant="il", T=T, gamma_top=g_top, gamma_bot=g_bot, clamp=1.0)
     net(x)
     opt.step(target=t)
@@ -775,7 +775,7 @@ def test_il_prox_matches_transcribed_pc_prox_conv_py_batch1():
     T, g_top, g_bot, alpha, eps = 25, 0.1, 0.2, 2.5, 0.25
     before = copy.deepcopy(_parametric(ours))
     _pc_prox_conv_reference(wts, x, F.one_hot(t, 5).to(DT), T, g_bot, g_top, alpha, eps)
-    net = tfa.FPropagation(ours)
+    net = tfa.FPropagation(ours, graph=False)
     opt = InferenceLearning(net, variant="il_prox", T=T, gamma_top=g_top, gamma_bot=g_bot, alpha=alpha,
                             prox_eps=eps, conv_details=True)
     net(x)

@@ -352,6 +352,11 @@ def test_an_inplace_relu6_over_another_record_is_refused_as_autograd_does(form):
     net = tfa.FPropagation(model)
     opt = tfa.optim.FAdjoint(net, lr=0.1)
     x, t = inputs("mlp", 5)
+    if net.graph:  # a Call module: the tape records the model, and refuses at the end of the forward
+        with pytest.raises(RuntimeError, match=r"^FPropagation: a tensor that torch.tanh in 1 \(Tanh\) saved for the "
+                                               r"sweep was modified in place later"):
+            net(x)
+        return
     net(x)
     with pytest.raises(RuntimeError, match=r"^FPropagation: the record of 1 \(Tanh\) was modified in place"):
         opt.step(target=t)

@@ -169,8 +169,10 @@ class Scale(nn.Module):
         "in-place-on-the-output", "functional-at-the-end", "indexing-and-cat", "container-with-parameter",
         "parametric-module-without-entry"])
 def test_unsupported_structure_is_refused_at_the_first_forward(bad, exc, match):
+    """The chain recorder (graph=False) refuses what is not a chain; the default records these on the tape
+    (test_the_default_recorder_is_exact_or_refuses_what_the_chain_refuses)."""
     bad = bad().to(DT)
-    net = tfa.FPropagation(bad)
+    net = tfa.FPropagation(bad, graph=False)
     opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
     before = snapshot(bad, opt)
     raises_one_line(exc, match, lambda: net(batch()[0]))
@@ -188,7 +190,79 @@ def test_unsupported_structure_is_refused_at_the_first_forward(bad, exc, match):
      TypeError, r"^0 \(Conv1d\): padding_mode='reflect' is not supported; expected 'zeros'"),
 ], ids=["elu-negative-alpha", "leaky-relu-negative-slope", "logsoftmax-over-the-batch", "conv-padding-mode"])
 def test_unsupported_configuration_is_refused_at_wrapping(bad, exc, match):
-    raises_one_line(exc, match, lambda: tfa.FPropagation(bad().to(DT)))
+    raises_one_line(exc, match, lambda: tfa.FPropagation(bad().to(DT), graph=False))
+
+
+def _hooked(kind):
+    def make():
+        model = model_()
+        if kind == "weight_norm":
+            nn.utils.weight_norm(model[0])
+        elif kind == "spectral_norm":
+            nn.utils.spectral_norm(model[0])
+        elif kind == "parametrizations":
+            nn.utils.parametrizations.weight_norm(model[0])
+        elif kind == "user-hook":
+            model[0].register_forward_hook(lambda module, inputs, output: output * 2)
+        else:
+            model[0].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+        return model
+    return make
+
+
+_CHAIN_REFUSALS = {
+    "unsupported-map": lambda: nn.Sequential(nn.Linear(6, 5), nn.Softmax(dim=1), nn.Linear(5, 3)),
+    "group-norm": lambda: nn.Sequential(nn.Linear(6, 5), nn.GroupNorm(1, 5), nn.Linear(5, 3)),
+    "linear-subclass": lambda: nn.Sequential(MyLinear(6, 3)),
+    "skip-connection": Skip, "arithmetic": Arithmetic, "in-place-between": InPlaceBetween,
+    "in-place-on-the-output": InPlaceOutput, "functional-at-the-end": SoftmaxAfter, "indexing-and-cat": Concat,
+    "container-with-parameter": OwnParameter,
+    "parametric-module-without-entry": lambda: nn.Sequential(nn.Linear(6, 5), Scale(5), nn.Linear(5, 3)),
+    "elu-negative-alpha": lambda: nn.Sequential(nn.Linear(6, 5), nn.ELU(alpha=-0.5), nn.Linear(5, 3)),
+    "leaky-relu-negative-slope": lambda: nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(-0.1), nn.Linear(5, 3)),
+    "logsoftmax-over-the-batch": lambda: nn.Sequential(nn.Linear(6, 5), nn.LogSoftmax(dim=0)),
+    "conv-padding-mode": lambda: nn.Sequential(nn.Conv1d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                                               nn.Linear(12, 3)),
+    **{kind: _hooked(kind) for kind in ("weight_norm", "spectral_norm", "parametrizations", "user-hook",
+                                        "user-pre-hook")},
+}
+
+
+@pytest.mark.parametrize("name", list(_CHAIN_REFUSALS))
+def test_the_default_recorder_is_exact_or_refuses_what_the_chain_refuses(name):
+    """Issue 21: FPropagation(model) records every model that is not a plain chain on the tape. Each model the chain
+    recorder refuses is now either trained exactly (every .grad as autograd's, float64) or refused in one line
+    with nothing written — never a silent difference."""
+    torch.manual_seed(0)
+    model = _CHAIN_REFUSALS[name]().to(DT)
+    torch.manual_seed(0)
+    reference = _CHAIN_REFUSALS[name]().to(DT)
+    x, t = batch()
+    if name == "conv-padding-mode":
+        x = x[:, None, :]
+    try:
+        net = tfa.FPropagation(model)
+    except (TypeError, ValueError) as exc:
+        assert "\n" not in str(exc)
+        return
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
+    before = snapshot(model, opt)
+    try:
+        with torch.no_grad():
+            net(x)
+            opt.zero_grad()
+            net.backward(F.cross_entropy, t)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        assert "\n" not in str(exc)
+        assert_untouched(before, model, opt)
+        return
+    F.cross_entropy(reference(x), t).backward()
+    named = dict(reference.named_parameters())
+    for key, param in model.named_parameters():
+        expected = named[key].grad
+        assert (param.grad is None) == (expected is None), key
+        if expected is not None:
+            torch.testing.assert_close(param.grad, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_a_map_entry_for_a_module_with_parameters_is_refused():
@@ -208,7 +282,7 @@ def test_a_map_entry_for_a_module_with_parameters_is_refused():
     tfa.register_derivative(Gain, GainMap())
     try:
         raises_one_line(TypeError, r"^1 \(Gain\): holds parameters \['gain'\] but is registered as a parameter-free map",
-                        lambda: tfa.FPropagation(nn.Sequential(nn.Linear(6, 5), Gain(), nn.Linear(5, 3))))
+                        lambda: tfa.FPropagation(nn.Sequential(nn.Linear(6, 5), Gain(), nn.Linear(5, 3)), graph=False))
     finally:
         tfa.maps.MAPS.pop(Gain)
     raises_one_line(ValueError, r"^LayerNorm is a parametric layer", lambda: tfa.register_map(nn.LayerNorm, GainMap()))
@@ -228,7 +302,7 @@ def test_a_forward_hook_registered_before_wrapping_is_refused(wrap):
     else:
         model[0].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
     raises_one_line(TypeError, r"^0 \(Linear\): has a forward hook registered before wrapping \(.*\), which may change",
-                    lambda: tfa.FPropagation(model))
+                    lambda: tfa.FPropagation(model, graph=False))
 
 
 def test_a_hook_added_after_wrapping_is_refused_at_the_next_forward():
@@ -245,7 +319,7 @@ def test_a_hook_added_after_wrapping_is_refused_at_the_next_forward():
 def test_parametrizations_api_is_refused_by_its_type():
     model = model_()
     nn.utils.parametrizations.weight_norm(model[0])
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     raises_one_line(TypeError, r"^0 \(ParametrizedLinear\) holds parameters", lambda: net(batch()[0]))
 
 
@@ -309,10 +383,11 @@ def test_a_step_with_a_parameter_used_twice_equals_torch_sgd(make):
 
 
 def test_the_sequential_equilibrium_rule_refuses_a_parameter_used_twice():
+    """On the chain (graph=False); on the tape the parameter is updated once, after its last use (§7)."""
     torch.manual_seed(0)
     model = Tied().to(DT)
-    net = tfa.FPropagation(model)
-    opt = tfa.optim.EquilibriumFAdjoint(net, lr=0.1, loss="cross_entropy")
+    net = tfa.FPropagation(model, graph=False)
+    opt = tfa.optim.EquilibriumFAdjoint(net, lr=0.1, loss="cross_entropy", sequential=True)
     before = snapshot(model, opt)
     net(batch()[0])
     raises_one_line(ValueError, r"^EquilibriumFAdjoint\(sequential=True\): a.weight is used by two layers",
@@ -424,7 +499,7 @@ def test_inplace_dropout_is_applied_once(form):
     torch.manual_seed(0)
     model = (nn.Sequential(nn.Linear(6, 50), nn.Dropout(0.5, inplace=True), nn.Tanh(), nn.Linear(50, 3))
              if form == "module" else FunctionalDropout()).to(DT)
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     x, t = batch(64)
     net(x)
     first, last = net.layers

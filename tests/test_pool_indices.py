@@ -99,7 +99,7 @@ def _pool_record(net):
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_recorded_indices_are_the_forwards(form, n, geometry):
     model, x = _build(form, n, geometry)
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with torch.no_grad():
         out = net(x)
         assert isinstance(out, torch.Tensor) and torch.equal(out, model(x))  # the user gets the output alone
@@ -123,7 +123,7 @@ def test_pooling_runs_once_per_step_as_under_autograd(form, n):
     twin = copy.deepcopy(model)
     with _Ops() as theirs:
         twin(x.clone().requires_grad_()).sum().backward()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with _Ops() as ours:
         with torch.no_grad():
             out = net(x)
@@ -158,7 +158,7 @@ def test_tie_heavy_inputs_equal_autograd_bit_for_bit(form, n, kind, dtype):
     probe = x.clone().requires_grad_()
     out_adj = torch.randn(3, 4, dtype=dtype, generator=torch.Generator().manual_seed(1))
     twin(probe).backward(out_adj)
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with torch.no_grad():
         out = net(x)
     rec = _pool_record(net)
@@ -190,7 +190,7 @@ def test_entry_used_outside_the_recorder_still_takes_a_bare_input():
 def test_module_return_indices_is_restored_when_the_forward_raises():
     pool = nn.MaxPool2d(2)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 3))
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with pytest.raises(RuntimeError, match="too small"):
         net(torch.randn(2, 1, 3, 3))  # a 1×1 map: the pool itself raises, between the recorder's two hooks
     assert pool.return_indices is False
@@ -205,9 +205,9 @@ def test_module_return_indices_is_restored_when_the_forward_raises():
 
 def test_return_indices_stays_refused():
     with pytest.raises(ValueError, match=r"1 \(MaxPool2d\): MaxPool with return_indices=True"):
-        tfa.FPropagation(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, return_indices=True)))
+        tfa.FPropagation(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, return_indices=True)), graph=False)
     pool = nn.MaxPool2d(2)
-    net = tfa.FPropagation(nn.Sequential(nn.Conv2d(1, 2, 3), pool, nn.Flatten(), nn.Linear(8, 3)))
+    net = tfa.FPropagation(nn.Sequential(nn.Conv2d(1, 2, 3), pool, nn.Flatten(), nn.Linear(8, 3)), graph=False)
     pool.return_indices = True  # set after wrapping: refused at the forward, naming the module
     with pytest.raises(ValueError, match=r"1 \(MaxPool2d\): MaxPool with return_indices=True"):
         net(torch.randn(2, 1, 6, 6))
@@ -223,4 +223,4 @@ def test_return_indices_stays_refused():
             return self.fc(h.flatten(1))
 
     with pytest.raises(ValueError, match="not a map of the chain"):
-        tfa.FPropagation(Indices())(torch.randn(2, 1, 6, 6))
+        tfa.FPropagation(Indices(), graph=False)(torch.randn(2, 1, 6, 6))

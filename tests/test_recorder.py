@@ -1,4 +1,5 @@
-"""F-propagation recorder (docs/maths.md §1.1, §6.1): what it records, for modules and functionals, and its hooks.
+"""F-propagation recorder (docs/maths.md §1.1, §6.1): what the chain recorder (``graph=False``) records, for modules
+and functionals, and its hooks; which recorder ``FPropagation(model)`` picks (the tape's own tests: test_tape.py).
 
 Every refusal (non-chains, unsupported modules, in-place ops, foreign hooks, changes after wrapping) is in
 the misuse catalogue, tests/test_misuse.py.
@@ -19,7 +20,7 @@ def mlp():
 def test_net_output_equals_model_output_and_records_have_the_right_shapes():
     model = mlp()
     x = torch.randn(7, 2, 3, dtype=torch.float64)
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with torch.no_grad():
         out = net(x)
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)
@@ -38,7 +39,7 @@ def test_net_output_equals_model_output_and_records_have_the_right_shapes():
 
 
 def test_keep_pre_activations_records_y():
-    net = tfa.FPropagation(mlp(), keep_pre_activations=True)
+    net = tfa.FPropagation(mlp(), keep_pre_activations=True, graph=False)
     with torch.no_grad():
         net(torch.randn(3, 6, dtype=torch.float64))
     for layer in net.layers:
@@ -47,7 +48,7 @@ def test_keep_pre_activations_records_y():
 
 def test_remove_and_context_manager_leave_no_hooks():
     model = mlp()
-    with tfa.FPropagation(model) as net:
+    with tfa.FPropagation(model, graph=False) as net:
         assert any(m._forward_hooks for m in model.modules())
         net(torch.randn(2, 6, dtype=torch.float64))
     assert not any(m._forward_hooks for m in model.modules())
@@ -58,14 +59,14 @@ def test_remove_and_context_manager_leave_no_hooks():
 
 def test_attach_twice_is_idempotent():
     model = mlp()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     net.attach()
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert hooks == len(net._handles) == 2 * 6  # a pre-hook (the chain and input checks) and a hook per leaf
 
 
 def test_paused_records_nothing():
-    net = tfa.FPropagation(mlp())
+    net = tfa.FPropagation(mlp(), graph=False)
     with net.paused():
         net(torch.randn(2, 6, dtype=torch.float64))
     assert net.layers == []
@@ -85,7 +86,7 @@ class Chain(nn.Module):
 
 
 def test_custom_chain_module_is_supported():
-    net = tfa.FPropagation(Chain())
+    net = tfa.FPropagation(Chain(), graph=False)
     with torch.no_grad():
         net(torch.randn(3, 4))
     assert [layer.name for layer in net.layers] == ["fc1", "fc2"]
@@ -93,7 +94,7 @@ def test_custom_chain_module_is_supported():
 
 def test_eval_mode_dropout_records_nothing_and_train_mode_records_its_mask():
     model = nn.Sequential(nn.Linear(3, 40), nn.Dropout(0.5), nn.Linear(40, 2))
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with torch.no_grad():
         out = net(torch.randn(50, 3))
     mask = net.layers[0].maps[0].saved
@@ -109,7 +110,7 @@ def test_eval_mode_dropout_records_nothing_and_train_mode_records_its_mask():
 def test_every_kind_of_change_after_wrapping_is_detected(change):
     """(The one refusal kept here: it is about the fingerprint the recorder takes at attach.)"""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with torch.no_grad():
         net(torch.randn(1, 3))
     if change == "replace_child":
@@ -155,7 +156,7 @@ class ExamplesNet(nn.Module):
 
 def test_functional_forwards_are_recorded_through_the_map_table():
     model = ExamplesNet()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with torch.no_grad():
         out = net(torch.randn(3, 1, 14, 14))
     assert [layer.name for layer in net.layers] == ["conv1", "conv2", "fc1", "fc2"]
@@ -172,15 +173,15 @@ def test_functional_forwards_are_recorded_through_the_map_table():
 
 def test_models_of_sequentials_run_without_the_function_mode():
     """nn.Sequential's forward only calls its children: no mode (no per-op overhead); other containers need it."""
-    assert not tfa.FPropagation(mlp())._needs_mode
-    assert tfa.FPropagation(ExamplesNet())._needs_mode
-    assert tfa.FPropagation(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)))._needs_mode  # Dropout
+    assert not tfa.FPropagation(mlp(), graph=False)._needs_mode
+    assert tfa.FPropagation(ExamplesNet(), graph=False)._needs_mode
+    assert tfa.FPropagation(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)), graph=False)._needs_mode
 
 
 def test_state_dict_is_the_wrapped_models():
     """A checkpoint saved through the recorder loads into the bare model and back (issue 15)."""
     model = mlp()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     assert list(net.state_dict()) == list(model.state_dict())
     other = mlp()
     other.load_state_dict(net.state_dict())
@@ -195,7 +196,7 @@ def test_the_recorded_forward_builds_no_autograd_graph_even_with_grad_enabled():
     """A stock loop calls net(x) with grad enabled: nothing uses autograd's graph, so none is built (the output
     has requires_grad=False; the model's own forward outside the recorder is unchanged)."""
     model = mlp()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     assert torch.is_grad_enabled()
     out = net(x)
@@ -207,7 +208,7 @@ def test_the_recorded_forward_builds_no_autograd_graph_even_with_grad_enabled():
 
 def test_an_input_that_requires_grad_is_refused_in_one_line():
     """Autograd would fill x.grad; the F-adjoint fills only the parameters': refused, not silently left None."""
-    net = tfa.FPropagation(mlp())
+    net = tfa.FPropagation(mlp(), graph=False)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match=r"^FPropagation: input 0 requires grad: autograd would fill its \.grad, the "
                                          r"F-adjoint fills the parameters' only; pass it detached \(x\.detach\(\)\)$"):
@@ -226,7 +227,7 @@ class _ScaledBatchNorm(nn.Module):
 
 def test_a_refused_forward_leaves_batchnorm_statistics_as_they_were():
     model = _ScaledBatchNorm().double().train()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     before = {name: b.clone() for name, b in model.named_buffers()}
     with pytest.raises(ValueError, match="not a map of the chain"):
         net(torch.randn(8, 6, dtype=torch.float64))
@@ -247,7 +248,7 @@ class _ScheduledDropout(nn.Module):
 def test_functional_stand_ins_are_not_kept_one_per_scheduled_value():
     """F.dropout(h, self.p, …) with a scheduled p made one cached stand-in module per step (201 after 200 steps)."""
     model = _ScheduledDropout().double()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     x = torch.randn(4, 6, dtype=torch.float64)
     for step in range(200):
         model.p = step / 1000
@@ -262,7 +263,7 @@ def test_a_module_changed_between_forward_and_sweep_is_refused(change):
     torch's shape error for a changed kernel size). Now refused in one line, nothing written."""
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.1), nn.Unflatten(1, (1, 8)),
                           nn.AvgPool1d(2), nn.Flatten(), nn.Linear(4, 3)).double()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     net(torch.randn(5, 6, dtype=torch.float64))
     if change == "bn.eps":
         model[1].eps = 0.1
@@ -300,7 +301,7 @@ class _ReadsAParameter(nn.Module):
 def test_a_parameter_read_outside_its_modules_recorded_forward_is_refused(how):
     """Autograd trains `a`; the chain never saw it, so `a` silently never learned."""
     model = _ReadsAParameter(how).double()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     with pytest.raises(ValueError, match=r"reads the parameter a\.(weight|bias) outside its module's recorded forward"):
         net(torch.randn(4, 6, dtype=torch.float64))
 
@@ -318,7 +319,7 @@ class _FunctionalCall(nn.Module):
 def test_a_layer_run_with_other_tensors_than_its_parameters_is_refused():
     """torch.func.functional_call(b, {"weight": w, …}) inside the forward: the sweep would update b.weight from a
     forward that used w."""
-    net = tfa.FPropagation(_FunctionalCall().double())
+    net = tfa.FPropagation(_FunctionalCall().double(), graph=False)
     with pytest.raises(ValueError, match=r"^b \(Linear\): its weight is not the parameter it was wrapped with"):
         net(torch.randn(4, 6, dtype=torch.float64))
 
@@ -333,7 +334,7 @@ class _ViewsAsAnotherDtype(nn.Module):
 
 
 def test_a_view_to_another_dtype_is_refused():
-    net = tfa.FPropagation(_ViewsAsAnotherDtype().double())
+    net = tfa.FPropagation(_ViewsAsAnotherDtype().double(), graph=False)
     with pytest.raises(ValueError, match=r"a view to another dtype reinterprets the bits"):
         net(torch.randn(4, 6, dtype=torch.float64))
 
@@ -342,7 +343,7 @@ def test_a_view_to_another_dtype_is_refused():
 def test_a_backward_side_hook_is_refused_at_the_sweep(hook):
     """A user clipping or freezing through a hook got 0.37 where autograd gives 0: refused, nothing written."""
     model = mlp()
-    net = tfa.FPropagation(model)
+    net = tfa.FPropagation(model, graph=False)
     net(torch.randn(4, 2, 3, dtype=torch.float64))
     weight = model[1].weight
     if hook == "tensor":
@@ -360,3 +361,24 @@ def test_a_backward_side_hook_is_refused_at_the_sweep(hook):
         assert all(p.grad is None for p in model.parameters())
     finally:
         handle.remove()
+
+
+def test_the_default_records_a_plain_sequential_as_a_chain_and_anything_else_on_the_tape():
+    """Issue 21: FPropagation(model) picks the recorder from the model: a plain nn.Sequential of table entries is
+    provably a chain (net.layers, every rule of §6); a custom forward, an unsupported module or a forward hook goes
+    to the tape. graph=True/False force one; a chain-only optimizer claims a net left to choose."""
+    assert not tfa.FPropagation(mlp()).graph
+    assert tfa.FPropagation(ExamplesNet()).graph
+    assert tfa.FPropagation(nn.Sequential(nn.Linear(3, 4), nn.Softmax(1))).graph  # no chain entry
+    hooked = mlp()
+    hooked[0].register_forward_hook(lambda m, i, o: o * 2)
+    assert tfa.FPropagation(hooked).graph
+    assert tfa.FPropagation(mlp(), graph=True).graph and not tfa.FPropagation(ExamplesNet(), graph=False).graph
+    with pytest.raises(TypeError, match="graph must be True, False or None"):
+        tfa.FPropagation(mlp(), graph="yes")
+    net = tfa.FPropagation(ExamplesNet())
+    tfa.optim.FAdjoint(net, lr=0.1, fuse_update=True)  # the fused update runs in the chain's sweep
+    assert not net.graph and net.graph_choice is False
+    forced = tfa.FPropagation(ExamplesNet(), graph=True)
+    with pytest.raises(ValueError, match=r"^FAdjoint\(fuse_update=True\) sweeps a chain of layers"):
+        tfa.optim.FAdjoint(forced, lr=0.1, fuse_update=True)

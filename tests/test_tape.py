@@ -227,19 +227,6 @@ def test_a_model_returning_something_else_than_a_value_is_refused():
         net(torch.randn(2, 4, dtype=DT))
 
 
-@pytest.mark.parametrize("make", [  # LFP runs on the tape (tests/test_lfp_graph.py)
-    lambda net: tfa.optim.EquilibriumFAdjoint(net, lr=0.1, loss="cross_entropy"),
-])
-def test_the_other_rules_refuse_a_graph_in_one_line(make):
-    model = _Residual().to(DT)
-    net = tfa.FPropagation(model, graph=True)
-    opt = make(net)
-    net(torch.randn(2, 3, 8, 8, dtype=DT))
-    with pytest.raises(RuntimeError, match=r"^FPropagation\(graph=True\): this rule sweeps a chain of layers; .*issue 22"):
-        opt.step(target=torch.tensor([0, 1]))
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_frozen_layers_and_the_input_send_no_adjoint_and_the_rest_is_exact():
     """Ops with no trainable parameter upstream (the model's input, a frozen stem) are skipped by the sweep, as
     autograd skips them; the trainable parameters' gradients stay exact and the frozen ones get none."""

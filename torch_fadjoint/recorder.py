@@ -130,6 +130,15 @@ def _graph_backward_hook(model: nn.Module, modules, params) -> str | None:
     return None
 
 
+def _plain_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is provably a chain: every container is an ``nn.Sequential`` (whose forward calls its children
+    in order and nothing else), every other module has a table entry, and none has a forward hook. Such a model is recorded as the chain of §6 (its
+    special case, one use per value: ``net.layers``); any other on the tape."""
+    return all((type(m) is nn.Sequential if next(m.children(), None) is not None
+                else layer_for(m) is not None or map_for(m) is not None or isinstance(m, TRANSPARENT))
+               and not _foreign_hooks(m) for m in model.modules())
+
+
 def _normalisations(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that keep running statistics (found once, at attach: the fingerprint says when
     the model changed)."""
@@ -240,9 +249,13 @@ class FPropagation(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def __init__(self, model: nn.Module, keep_pre_activations: bool = False, process_group=None, graph: bool = False):
+    def __init__(self, model: nn.Module, keep_pre_activations: bool = False, process_group=None,
+                 graph: bool | None = None):
         super().__init__()
-        self.graph = bool(graph)  # record the whole graph on a tape (tfa.tape; the F-adjoint only, for now)
+        if graph is not None and not isinstance(graph, bool):
+            raise TypeError(f"graph must be True, False or None, got {graph!r}")
+        self.graph_choice = graph  # None: a chain when the model is one (plain nn.Sequential of table entries)
+        self.graph = bool(graph)   # what attach() resolved: the tape (tfa.tape) or the chain of §6
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -274,9 +287,16 @@ class FPropagation(nn.Module):
         self.remove()
         if model is not None:
             self.model = model
+        self.graph = self.graph_choice if self.graph_choice is not None else not _plain_chain(self.model)
         if self.graph:
             return self._attach_graph()
-        plans = [self._plan(name, module) for name, module in self.model.named_modules()]  # check all first
+        try:
+            plans = [self._plan(name, module) for name, module in self.model.named_modules()]  # check all first
+        except (TypeError, ValueError):
+            if self.graph_choice is False:
+                raise
+            self.graph = True  # not recordable as a chain: the tape records what the model computes
+            return self._attach_graph()
         for plan in plans:
             self._handles.extend(plan())
         self._needs_mode = any(
@@ -287,6 +307,17 @@ class FPropagation(nn.Module):
         self._normalisations = _normalisations(self.model)
         self._attached = True
         return self
+
+    def require_chain(self, who: str) -> None:
+        """A rule that sweeps a chain of layers (docs/maths.md §6) claims this net: one whose recorder was left to
+        FPropagation (``graph=None``) is re-attached as a chain; one asked for a graph (``graph=True``) is refused."""
+        if not self.graph:
+            return
+        if self.graph_choice:
+            raise ValueError(f"{who} sweeps a chain of layers (docs/maths.md §6); this net records a graph "
+                             "(FPropagation(model, graph=True)): wrap the model with graph=False (graphs: issue 22)")
+        self.graph_choice = False
+        self.attach()
 
     def _plan(self, name: str, module: nn.Module):
         """Check ``module`` and return a function that registers its hooks (nothing is registered on error)."""

@@ -90,11 +90,14 @@ class RuleOptimizer(Optimizer):
     state_keys: frozenset = frozenset({"momentum_buffer"})
     signal = "out_adj"
     capture_refusal: str | None = None  # why tfa.graphed_step cannot capture this rule's step (None: it can)
+    chain_only = False  # the rule sweeps a chain of layers (§6): a net left to choose (graph=None) records one
 
     def __init__(self, net: FPropagation, params, defaults: dict, loss="cross_entropy",
                  loss_kwargs: dict | None = None, validate=None):
         if not isinstance(net, FPropagation):
             raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
+        if self.chain_only:
+            net.require_chain(type(self).__name__)
         self.net = net
         self.loss = loss
         self._loss_fn = get_loss(loss)

@@ -43,6 +43,8 @@ class Consequentialism(DelegatingRuleOptimizer):
     >>> loss = opt.step(target=torch.randint(0, 3, (16,)))
     """
 
+    chain_only = True  # until the rule runs on the tape (issue 22)
+
     def __init__(self, net: FPropagation, lr: float = 0.1, mode: str = "consequentialism", base="sgd", *,
                  delta: float | None = None, delta_rel: float = 1e-3, loss="cross_entropy",
                  loss_kwargs: dict | None = None, validate=None, params=None, **base_kwargs):

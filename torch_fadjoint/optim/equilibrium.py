@@ -61,6 +61,8 @@ class EquilibriumFAdjoint(RuleOptimizer):
     >>> loss = opt.step(target=torch.randint(0, 3, (16,)))
     """
 
+    chain_only = True  # until the rule runs on the tape (issue 22)
+
     def __init__(self, net: FPropagation, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, tau: float = 0.1, steps: int | None = 100,
                  t: float | None = None, init: str = "zero", sequential: bool = False,

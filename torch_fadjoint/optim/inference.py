@@ -48,6 +48,8 @@ class InferenceLearning(DelegatingRuleOptimizer):
 
     _RULE_KEYS = ("variant", "T", "gamma_top", "gamma_bot", "clamp", "alpha", "prox_eps", "conv_details")
 
+    chain_only = True  # until the rule runs on the tape (issue 22)
+
     def __init__(self, net: FPropagation, lr: float | None = None, variant: str = "il", *, T: int = 25,
                  gamma_top: float | None = None, gamma_bot: float | None = None, clamp: float = 1.0,
                  alpha: float = 5.0, prox_eps: float = 0.25, conv_details: bool = False, base="sgd",
