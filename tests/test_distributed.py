@@ -58,6 +58,34 @@ def train(model, rule, rank=0, world=1, group=None):
     return model
 
 
+class Residual(nn.Module):
+    """Not a plain Sequential: FPropagation records it on the tape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(10, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + torch.relu(self.b(h))
+        return self.head(h)
+
+
+def make_graph(seed):
+    torch.manual_seed(seed)
+    return Residual().double()
+
+
+def train_graph(model, rank=0, world=1, group=None):
+    net = tfa.FPropagation(model, process_group=group)
+    assert net.graph
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
+    for x, t in data():
+        net(shard(x, rank, world).double())
+        opt.step(target=shard(t, rank, world))
+    return model
+
+
 def params(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -70,6 +98,9 @@ def _worker(rank, world, init_file, out_dir):
     try:
         for rule in RULES:  # different inits on each rank: the broadcast at wrap time aligns them
             out[rule] = params(train(make_model(seed=100 + rank), rule, rank, world, group))
+
+        # a graph (a residual block on the tape): the same average, once per sweep
+        out["graph"] = params(train_graph(make_graph(seed=100 + rank), rank, world, group))
 
         # net.adjoint + a torch optimizer: .grad is already the average when adjoint returns
         x, t = data()[0]
@@ -129,6 +160,13 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(ranks, rule):
     assert max((p - q).abs().max() for p, q in zip(single, params(make_model(100)))) > 1e-3  # it trained
     for rank in ranks:
         assert_close(rank[rule], single)
+
+
+def test_a_graph_on_two_ranks_equals_one_process_with_the_whole_batch(ranks):
+    single = params(train_graph(make_graph(seed=100)))
+    assert max((p - q).abs().max() for p, q in zip(single, params(make_graph(100)))) > 1e-3  # it trained
+    for rank in ranks:
+        assert_close(rank["graph"], single)
 
 
 def test_adjoint_returns_with_averaged_grads(ranks):

@@ -770,6 +770,9 @@ class FPropagation(nn.Module):
         try:
             grads = (tape_grads(tape, out_adj, release=not retain_records) if rule is None
                      else sweep_tape(tape, out_adj, rule, release=not retain_records))
+            if self.reducer is not None and grads:  # data parallel: the mean over the ranks (one bucket per sweep)
+                self.reducer.launch(list(grads.values()))
+                self.reducer.wait()
         except BaseException:
             self.clear()
             raise
