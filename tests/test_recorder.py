@@ -173,9 +173,9 @@ def test_functional_forwards_are_recorded_through_the_map_table():
 
 def test_models_of_sequentials_run_without_the_function_mode():
     """nn.Sequential's forward only calls its children: no mode (no per-op overhead); other containers need it."""
-    assert not tfa.FPropagation(mlp(), graph=False)._needs_mode
-    assert tfa.FPropagation(ExamplesNet(), graph=False)._needs_mode
-    assert tfa.FPropagation(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)), graph=False)._needs_mode
+    assert not tfa.FPropagation(mlp(), graph=False)._recorder._needs_mode
+    assert tfa.FPropagation(ExamplesNet(), graph=False)._recorder._needs_mode
+    assert tfa.FPropagation(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)), graph=False)._recorder._needs_mode
 
 
 def test_state_dict_is_the_wrapped_models():
@@ -253,7 +253,7 @@ def test_functional_stand_ins_are_not_kept_one_per_scheduled_value():
     for step in range(200):
         model.p = step / 1000
         net(x)
-    assert len(net._standins) <= 64
+    assert len(net._recorder._standins) <= 64
 
 
 @pytest.mark.parametrize("change", ["bn.eps", "leaky.negative_slope", "train->eval", "fc2.weight replaced",

@@ -1,122 +1,41 @@
-"""F-propagation: record what each layer received and produced (docs/maths.md §1.1, §6.1, §6.7).
+"""F-propagation: ``FPropagation``, the façade over the two recorders (docs/maths.md §1.1, §6.1, §6.7, §7.1).
 
-``FPropagation(model)`` wraps the user's model (not a copy; its ``forward`` runs as written) and keeps
-one handle per hook it registers (zennit's ``Hook.register``/``remove``, STYLE P4). While ``net(x)``
-runs it records, for each parametric layer k (an entry of :mod:`torch_fadjoint.layers`) and the
-parameter-free maps after it (:mod:`torch_fadjoint.maps`), a :class:`~torch_fadjoint.layers.LayerRecord`:
+``FPropagation(model)`` wraps the user's model (not a copy; its ``forward`` runs as written) and records what the
+forward computes, with one of two recorders picked at :meth:`FPropagation.attach` from the model:
 
-    x_prev  X^{k-1}   what the layer received        y  Y^k (kept when a rule or a map needs it)
-    x       X^k       the next layer's input, or the model's output
-    maps    one record per map: what its backward needs (a mask, X, the pool's input, a shape)
+* the **chain** (:class:`torch_fadjoint.chain.ChainRecorder`, §6): a plain ``nn.Sequential`` of table entries —
+  provably a chain — records one :class:`~torch_fadjoint.layers.LayerRecord` per parametric layer (``net.layers``),
+  what every rule of §1–§6 sweeps;
+* the **tape** (:class:`TapeRecorder` below over :mod:`torch_fadjoint.tape`, §7.1): any other model — the user's
+  own ``forward``, residuals, concatenations, attention, parameters wherever they are read.
 
-Functional forwards between modules (``F.relu(x)``, ``F.max_pool2d(x, 2)``, ``torch.flatten(x, 1)``,
-``x.view(x.size(0), -1)``, ``F.dropout(x, p, training=self.training)``, ``F.log_softmax(x, dim=1)``) are
-seen by a ``TorchFunctionMode`` active during ``net(x)`` (STYLE P10) and go through the same table as
-the modules. Models whose containers are all ``nn.Sequential`` (whose forward only calls its children)
-run without the mode. Records are detached tensors that share storage with the forward's own.
-
-Exact or refused (§6.7): the executed modules and functionals must form a chain — every layer and map
-receives exactly what the one before it returned, and the model returns the last one's output.
-Refused, naming the module or op: any other op on the chain (arithmetic, an in-place op, a skip
-connection, ``torch.cat``, indexing); a module with no table entry, or holding parameters without a
-parametric-layer entry; a forward hook or pre-hook registered on a module before wrapping
-(hook-based ``weight_norm``/``spectral_norm``, a user's hook that changes an output); a model changed
-after wrapping; an in-place map that overwrites the input its own derivative needs. Every record keeps
-the version counter it was taken at, and the sweep refuses a record (or a parameter it reads) that
-was modified in place after the forward. Tied parameters (one parameter in two layers, or a module
-run twice) accumulate both contributions, as autograd does; frozen parameters get no feedback.
-
-Over 400 lines for a reason that is also a debt: ``FPropagation`` is today the façade, the attach-time plan and
-the per-forward chain record in one class. Issue 21 replaces the chain by a tape of the user's graph and splits
-the three (the plan, the tape, a thin ``nn.Module``).
+``graph=True`` / ``False`` forces one; a rule that sweeps chains only claims a net left to choose
+(:meth:`FPropagation.require_chain`). The façade owns what both share: the model's fingerprint (a model changed
+after wrapping is refused at the next forward), ``paused()``, the model's ``state_dict``, the loss and the
+F-adjoint's entry points ``net.backward`` / ``net.adjoint``.
 """
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .layers import Layer, LayerRecord, layer_for, supported_layers
+from .chain import ChainRecorder, _check_inputs, _describe, _foreign_hooks, _ours, plain_chain
+from .layers import LayerRecord
 from .losses import get_loss
-from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
+from .maps import MapRecord
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
 from .tape import Tape, TapeMode, check_versions, put_back_buffers, sweep_tape, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
 
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # looked up once, not per call
-
-
-def _compiling() -> bool:
-    return _is_compiling is not None and bool(_is_compiling())
-
-
-def _detach(tensor: Tensor) -> Tensor:
-    """The tensor itself when it carries no graph (the usual no_grad case), else a detached view."""
-    return tensor.detach() if tensor.requires_grad else tensor
-
-
-def _ours(hook):
-    """Mark a hook as a recorder's: other recorders on the same model ignore it (it does nothing unless its
-    own recorder is recording)."""
-    hook._fadjoint = True
-    return hook
-
-
-_STANDINS_KEPT = 64  # functional stand-ins cached per call signature, least recently used evicted first
-
-
-_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
-_SETTING_KEYS: dict[type, tuple] = {}
-
-
-def _settings(module: nn.Module) -> tuple:
-    """What a backward reads from a module besides its records: its plain settings (``eps``, ``negative_slope``,
-    ``stride``, ``count_include_pad``, ``training``, …) and which tensors its parameters and buffers are."""
-    keys = _SETTING_KEYS.get(type(module))
-    if keys is None:  # the names a freshly made module of this type holds (torch's own table modules)
-        keys = _SETTING_KEYS[type(module)] = tuple(
-            k for k, v in module.__dict__.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
-    return (tuple(map(module.__dict__.get, keys)), tuple(map(id, module._parameters.values())),
-            tuple(map(id, module._buffers.values())))
-
-
-def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
-    """The first difference between two ``_settings`` of ``module``, in words."""
-    keys = _SETTING_KEYS[type(module)]
-    for key, a, b in zip(keys, then[0], now[0]):
-        if a != b:
-            return f"{key}: {a!r} → {b!r}"
-    return "a parameter or buffer was replaced"
-
-
-def _backward_hook_of(layers, configs) -> str | None:
-    """The first backward-side hook the sweep would have to call, in words (None if there is none): a tensor hook
-    or post-accumulate hook on a recorded parameter, a (full) backward (pre-)hook on a recorded module, or a global
-    module backward hook."""
-    if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
-        return "a global module backward hook is registered (register_module_full_backward_hook)"
-    for module, what, _ in configs:
-        if module._backward_hooks or module._backward_pre_hooks:
-            return f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)"
-    for layer in layers:
-        for name in layer.entry.param_names:
-            param = getattr(layer.module, name, None)
-            if param is not None and (param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None)):
-                return (f"{layer.name}.{name} has a gradient hook (register_hook / "
-                        "register_post_accumulate_grad_hook)")
-    return None
-
-
 def _graph_backward_hook(model: nn.Module, modules, params) -> str | None:
-    """graph=True: the first backward-side hook anywhere in the model, in words (None if there is none).
+    """The first backward-side hook anywhere in the model, in words (None if there is none).
     ``modules``: the model's modules; ``params``: its (name, parameter) pairs (as attach found them)."""
     if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
         return "a global module backward hook is registered (register_module_full_backward_hook)"
@@ -130,101 +49,120 @@ def _graph_backward_hook(model: nn.Module, modules, params) -> str | None:
     return None
 
 
-def _plain_chain(model: nn.Module) -> bool:
-    """Whether ``model`` is provably a chain: every container is an ``nn.Sequential`` (whose forward calls its children
-    in order and nothing else), every other module has a table entry, and none has a forward hook. Such a model is recorded as the chain of §6 (its
-    special case, one use per value: ``net.layers``); any other on the tape."""
-    return all((type(m) is nn.Sequential if next(m.children(), None) is not None
-                else layer_for(m) is not None or map_for(m) is not None or isinstance(m, TRANSPARENT))
-               and not _foreign_hooks(m) for m in model.modules())
+class TapeRecorder:
+    """The tape of ``net``'s model (docs/maths.md §7.1): one pre- and one post-hook per module keep the module path
+    for messages (the tape's ``TorchFunctionMode`` sees the functions, whichever module calls them); each forward
+    records a :class:`~torch_fadjoint.tape.Tape` (``tape``), swept by :meth:`grads`."""
 
-
-def _normalisations(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that keep running statistics (found once, at attach: the fingerprint says when
-    the model changed)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-
-
-def _check_inputs(inputs) -> None:
-    """An input that requires grad is refused: autograd would fill its ``.grad``, the sweep does not."""
-    for i, value in enumerate(inputs):
-        if isinstance(value, Tensor) and value.requires_grad:
-            raise ValueError(f"FPropagation: input {i} requires grad: autograd would fill its .grad, the F-adjoint "
-                             "fills the parameters' only; pass it detached (x.detach())")
-
-
-def _put_back(statistics: list[tuple[Tensor, Tensor]]) -> None:
-    for buffer, value in statistics:
-        buffer.copy_(value)
-
-
-def _running_statistics(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
-    """(buffer, a copy) of every running statistic a train-mode normalisation layer among ``modules`` updates in its
-    own forward (BatchNorm's running mean and variance, ``num_batches_tracked``): a refused forward puts them back."""
-    kept = []
-    for module in modules:
-        if module.training and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-                if buffer is not None:
-                    kept.append((buffer, buffer.clone()))
-    return kept
-
-
-def _foreign_hooks(module: nn.Module) -> list:
-    return [h for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values()
-            if not getattr(h, "_fadjoint", False)]
-
-
-def _describe(name: str, module: nn.Module) -> str:
-    return f"{name or '<model>'} ({type(module).__name__})"
-
-
-def _op_name(func) -> str:
-    name = getattr(func, "__name__", repr(func))
-    qualname = getattr(func, "__qualname__", name)
-    if qualname.split(".")[0] in ("Tensor", "TensorBase", "_TensorBase"):
-        return "Tensor." + name
-    module = getattr(func, "__module__", "") or ""
-    if module.startswith("torch.nn.functional"):
-        return "F." + name
-    return "torch." + name
-
-
-class _ChainMode(TorchFunctionMode):
-    """Sees every torch function called in the user's forward; the recorder decides (STYLE P10)."""
-
-    def __init__(self, net: "FPropagation"):
-        super().__init__()
+    def __init__(self, net):
         self.net = net
+        self._handles: list = []
+        self._path: list[str] = []
+        self._params: dict[int, tuple[str, nn.Parameter]] = {}
+        self.clear()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def attach(self) -> None:
+        def leave(module, inputs, output) -> None:  # a forward hook's return value would replace the output
+            if self._path:
+                self._path.pop()
+
+        for name, module in self.net.model.named_modules():
+            describe = _describe(name, module)
+            self._handles.append(module.register_forward_pre_hook(
+                _ours(lambda m, i, d=describe: self._path.append(d) and None)))
+            self._handles.append(module.register_forward_hook(_ours(leave)))
+        self._params = {id(p): (n, p) for n, p in self.net.model.named_parameters(remove_duplicate=False)}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.tape: Tape | None = None
+        self._output = None  # the model's output (the tape keeps its index and version)
+
+    def forward(self, args: tuple, kwargs: dict):
+        """Record one forward on a new tape; a refused forward puts back every buffer it wrote."""
         net = self.net
-        if net._depth or not net._recording:
-            return func(*args, **kwargs)
-        for value in (*args, *kwargs.values()):  # a parameter read here is not a recorded layer's: never trained
-            name = net._param_names.get(id(value)) if isinstance(value, nn.Parameter) else None
-            if name is not None:
-                raise ValueError(f"{_op_name(func)} reads the parameter {name} outside its module's recorded forward "
-                                 "(F.linear(x, self.fc.weight), self.fc.forward(x), x @ self.fc.weight.T): its "
-                                 "gradient would be missed; call the module itself (self.fc(x))")
-        if net._last is None:
-            return func(*args, **kwargs)
-        return net._on_function(func, args, kwargs)
+        self.clear()
+        leaves = tree_flatten((args, kwargs))[0]
+        _check_inputs(leaves)
+        tape = Tape(self._params)
+        tape.path = self._path
+        tape.keep = net.keep_pre_activations  # rules that read the values themselves (LFP, §7.2)
+        self._path.clear()
+        for value in leaves:
+            if isinstance(value, Tensor) and value.is_floating_point():
+                tape.add_value(value)
+        bound = [(m._buffers, dict(m._buffers)) for m in net._modules_seen() if m._buffers]
+        tape.buffers = {id(b): b for _, buffers in bound for b in buffers.values() if b is not None}  # copied when
+        # first written, put back if the forward is refused
+        try:
+            tape.grad_mode = torch.is_grad_enabled()
+            # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a
+            # constant as autograd has it, and a grad mode switched off unseen (an autograd.Function) is refused
+            with torch.enable_grad(), TapeMode(tape, tape.grad_mode):
+                output = net.model(*args, **kwargs)
+            index = tape.value_of(output) if isinstance(output, Tensor) else None
+            if index is None:
+                raise ValueError(f"FPropagation: the model returned {type(output).__name__}, expected a tensor computed "
+                                 "from its input (the loss reads the recorded output)")
+            tape.output_tensor, tape.output_version = output, output._version
+            check_versions(tape)  # an overwritten record refused now, while the buffers can be put back
+        except BaseException:
+            self.clear()
+            put_back_buffers(tape)
+            for buffers, before in bound:  # a buffer rebound in the forward (self.buf = …)
+                buffers.clear()
+                buffers.update(before)
+            raise
+        finally:
+            self._path.clear()
+        tape.buffers, tape.buffer_copies = {}, []
+        tape.output = index
+        self.tape, self._output = tape, output
+        return output
+
+    def grads(self, out_adj: Tensor, *, retain_records: bool = False, rule=None) -> dict[Tensor, Tensor]:
+        """{parameter: feedback} by the sweep over the last forward's tape; see :meth:`FPropagation.graph_grads`."""
+        net, tape = self.net, self.tape
+        if tape is None:
+            raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
+        check_out_adj(net, out_adj)
+        hook = _graph_backward_hook(net.model, net._modules_seen(), self._params.values())
+        if hook is not None:
+            self.clear()
+            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
+                               "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
+        try:
+            grads = (tape_grads(tape, out_adj, release=not retain_records) if rule is None
+                     else sweep_tape(tape, out_adj, rule, release=not retain_records))
+            if net.reducer is not None and grads:  # data parallel: the mean over the ranks (one bucket per sweep)
+                net.reducer.launch(list(grads.values()))
+                net.reducer.wait()
+        except BaseException:
+            self.clear()
+            raise
+        if not retain_records:
+            self.clear()
+        return grads
 
 
 class FPropagation(nn.Module):
-    """Wrap ``model`` and record its F-propagation (docs/maths.md §1.1, §6.1); ``net(x) == model(x)``.
+    """Wrap ``model`` and record its F-propagation (docs/maths.md §1.1, §6.1, §7.1); ``net(x) == model(x)``.
 
     Args:
-        model: the user's module (not copied). Its executed layers and maps must form a chain of
-            entries of ``tfa.layers.LAYERS`` and ``tfa.maps.MAPS`` (modules or functionals).
-        keep_pre_activations: also keep Y^k of every layer and the input and output of every map
-            (rules that need them: LFP, the equilibrium quirk).
+        model: the user's module (not copied).
+        keep_pre_activations: also keep Y^k of every layer and the input and output of every map (the chain), or
+            every value (the tape): for the rules that read them (LFP, the equilibrium quirk).
         process_group: a ``torch.distributed`` group for data-parallel training: parameters and buffers
-            are broadcast from its first rank now, and every sweep averages each layer's feedback over
-            its ranks (``tfa.distributed``). BatchNorm then uses each rank's local batch statistics
-            (as DDP without SyncBatchNorm).
+            are broadcast from its first rank now, and every sweep averages the feedback over its ranks
+            (``tfa.distributed``). BatchNorm then uses each rank's local batch statistics (as DDP without
+            SyncBatchNorm).
+        graph: ``None`` (default): the chain for a plain ``nn.Sequential`` of table entries, the tape for any
+            other model; ``True``: the tape; ``False``: the chain (refusing what is not one).
 
     ``state_dict()`` / ``load_state_dict()`` are the wrapped model's (its own keys), so a checkpoint
     saved through the recorder loads into the bare model and back.
@@ -235,13 +173,12 @@ class FPropagation(nn.Module):
     ...     [layer.name for layer in net.layers]
     ['0', '2']
 
-    ``net.adjoint(out_adj)`` runs the F-adjoint sweep (docs/maths.md §1.2, §6.2) and accumulates into
+    ``net.adjoint(out_adj)`` runs the F-adjoint sweep (docs/maths.md §1.2, §6.2, §7.1) and accumulates into
     ``.grad`` exactly as ``loss.backward()`` would.
     """
 
-    # Per-forward state is written many times per step: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_normalisations", "_tape", "_tape_params", "_path", "_param_names", "_layer_params", "_layers", "_output", "_last", "_last_version", "_last_from", "_calls", "_watch", "_configs",
-                              "_recording", "_paused", "_attached", "_depth", "_transparent", "_undo"})
+    # Per-forward state is written at every forward: plain attributes, not nn.Module.__setattr__.
+    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -266,45 +203,34 @@ class FPropagation(nn.Module):
             self.reducer = GradientAverager(process_group)
             broadcast_parameters(model, process_group)
         self.keep_pre_activations = keep_pre_activations
-        self._handles: list = []
-        self._standins: dict = {}
-        self._fingerprint: tuple = ()
-        self._needs_mode = False
-        self._recording = False
+        self._recorder: ChainRecorder | TapeRecorder | None = None
+        self._fingerprint: tuple = ((), ())
         self._paused = False
         self._attached = False
-        self._undo: list = []  # what map entries' prepare() set on a module for one call (MaxPool's return_indices)
-        self.clear()
         self.attach(model)
 
-    # -- hooks ---------------------------------------------------------------------------------
+    # -- the recorder ----------------------------------------------------------------------------
     def attach(self, model: nn.Module | None = None) -> "FPropagation":
         """(Re)register the hooks on ``model`` (default: the wrapped one); removes old ones first.
 
-        Raises TypeError naming the module when a module cannot be recorded whatever it is given: a
-        foreign forward hook, an unsupported layer configuration, a parameter-holding map.
+        With ``graph=False``, raises TypeError naming the module when a module cannot be recorded as a chain
+        whatever it is given (a foreign forward hook, an unsupported layer configuration, a parameter-holding map);
+        left to choose, such a model goes to the tape.
         """
         self.remove()
         if model is not None:
             self.model = model
-        self.graph = self.graph_choice if self.graph_choice is not None else not _plain_chain(self.model)
-        if self.graph:
-            return self._attach_graph()
+        self.graph = self.graph_choice if self.graph_choice is not None else not plain_chain(self.model)
+        recorder = TapeRecorder(self) if self.graph else ChainRecorder(self)
         try:
-            plans = [self._plan(name, module) for name, module in self.model.named_modules()]  # check all first
+            recorder.attach()
         except (TypeError, ValueError):
-            if self.graph_choice is False:
+            if self.graph_choice is not None:
                 raise
-            self.graph = True  # not recordable as a chain: the tape records what the model computes
-            return self._attach_graph()
-        for plan in plans:
-            self._handles.extend(plan())
-        self._needs_mode = any(
-            (next(m.children(), None) is not None and type(m) is not nn.Sequential) or isinstance(m, TRANSPARENT)
-            for m in self.model.modules())
+            self.graph, recorder = True, TapeRecorder(self)  # not recordable as a chain: the tape records it
+            recorder.attach()
+        self._recorder = recorder
         self._fingerprint = self._make_fingerprint()
-        self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        self._normalisations = _normalisations(self.model)
         self._attached = True
         return self
 
@@ -319,66 +245,16 @@ class FPropagation(nn.Module):
         self.graph_choice = False
         self.attach()
 
-    def _plan(self, name: str, module: nn.Module):
-        """Check ``module`` and return a function that registers its hooks (nothing is registered on error)."""
-        foreign = _foreign_hooks(module)
-        if foreign:
-            hook = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
-            raise TypeError(f"{_describe(name, module)}: has a forward hook registered before wrapping ({hook}), which "
-                            "may change what the module computes behind the recorder (hook-based weight_norm or "
-                            "spectral_norm?); remove it, or register it after wrapping")
-        own = [n for n, p in module._parameters.items() if p is not None]
-        layer, entry = layer_for(module), map_for(module)
-        if layer is not None:
-            why = layer.check(module)
-            if why:
-                raise TypeError(f"{_describe(name, module)}: {why}")
-            return lambda: [module.register_forward_pre_hook(self._layer_pre_hook(name, layer)),
-                            module.register_forward_hook(self._layer_hook(name, layer))]
-        if entry is not None and own:
-            raise TypeError(f"{_describe(name, module)}: holds parameters {own} but is registered as a parameter-free "
-                            "map, which cannot train them; use tfa.layers.register_layer()")
-        if isinstance(module, TRANSPARENT):
-            return lambda: [module.register_forward_pre_hook(self._transparent_pre_hook(name)),
-                            module.register_forward_hook(self._transparent_hook(name))]
-        if entry is not None:
-            try:
-                entry.check(module)
-            except ValueError as exc:
-                raise ValueError(f"{_describe(name, module)}: {exc}") from None
-            return lambda: [module.register_forward_pre_hook(self._map_pre_hook(name, entry)),
-                            module.register_forward_hook(self._map_hook(name, entry))]
-        if next(module.children(), None) is not None and not own:
-            return lambda: []  # a container: its leaves are hooked, its own forward runs under the mode
-        if own:
-            why = (f"holds parameters {own} and has no parametric-layer entry; register_layer() it or use one of: "
-                   f"{', '.join(supported_layers())}")
-        else:
-            why = (f"is not supported; register_map() it or use one of: "
-                   f"{', '.join(supported_layers() + supported_maps())}")
-        return lambda: [module.register_forward_pre_hook(self._refusal(name, why))]
-
     def remove(self) -> None:
         """Remove every hook and drop every record."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._recorder is not None:
+            self._recorder.remove()
         self._attached = False
-        self.clear()
 
     def clear(self) -> None:
         """Drop the records of the last forward."""
-        self._layers: list[LayerRecord] = []
-        self._output = None
-        self._last = None
-        self._last_version = 0
-        self._last_from = ""
-        self._calls: dict[int, int] = {}
-        self._watch: list[tuple[Tensor, int, str]] = []
-        self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
-        self._tape = None  # graph=True: the last forward's tape (its output stays in _output until the next one)
-        self._depth = 0
-        self._transparent = None
+        if self._recorder is not None:
+            self._recorder.clear()
 
     def __enter__(self) -> "FPropagation":
         return self
@@ -411,6 +287,10 @@ class FPropagation(nn.Module):
         params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps, _ in modules for _, p in ps if p is not None)
         return modules, params
 
+    def _modules_seen(self) -> list[nn.Module]:
+        """The model's modules as ``attach`` found them (the fingerprint: no walk of the tree)."""
+        return [m for m, *_ in self._fingerprint[0]]
+
     def _changed(self) -> bool:
         """True if the model is not what ``attach`` saw (checked at every forward without walking the tree)."""
         modules, params = self._fingerprint
@@ -427,409 +307,67 @@ class FPropagation(nn.Module):
                     return True
         return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
 
-    # -- the chain -----------------------------------------------------------------------------
-    def _watch_tensor(self, tensor, what: str) -> None:
-        """Keep ``tensor``'s version (a weak reference: the sweep frees records as it goes). Inference tensors
-        (a forward under ``torch.inference_mode``) carry no version counter and are not watched."""
-        if isinstance(tensor, Tensor) and not tensor.is_inference() and not _compiling():
-            self._watch.append((weakref.ref(tensor), tensor._version, what))
-
-    def _consume(self, what: str, inputs: tuple) -> Tensor | None:
-        """The chain tensor a module or op receives (None before the first layer); refuses a non-chain."""
-        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-            raise ValueError(f"{what}: expected one tensor input, got {len(inputs)} inputs")
-        x_in = inputs[0]
-        if not self._layers:
-            return x_in
-        if x_in is not self._last:
-            raise ValueError(f"{what} received a tensor that {self._last_from} did not return: an op or a skip "
-                             "connection between layers is not a chain")
-        if self._last_version is not None and x_in._version != self._last_version:
-            raise ValueError(f"{what}: its input, the output of {self._last_from}, was modified in place before it")
-        return x_in
-
-    def _advance(self, output: Tensor, source: str) -> None:
-        self._last, self._last_from = output, source
-        # inference tensors carry no version counter; under torch.compile the versions of traced tensors
-        # are not the eager ones (functionalised): the in-place checks are eager-mode checks
-        self._last_version = None if output.is_inference() or _compiling() else output._version
-
-    def _refusal(self, name: str, why: str):
-        def refuse(module, inputs):
-            if self._recording:
-                self._depth += 1
-                raise TypeError(f"{_describe(name, module)} {why}")
-        return _ours(refuse)
-
-    def _layer_pre_hook(self, name: str, layer: Layer):
-        def check_input(module, inputs):
-            if not self._recording:
-                return None
-            self._depth += 1  # the module's own ops are not the chain's (reset by forward() on error)
-            what = _describe(name, module)
-            for param_name in layer.param_names:
-                value = getattr(module, param_name, None)
-                if value is not None and self._param_names.get(id(value)) is None:
-                    raise ValueError(f"{what}: its {param_name} is not the parameter it was wrapped with (torch.func."
-                                     "functional_call, or a tensor assigned in its place?): the sweep would update "
-                                     "the wrapped one")
-            x_prev = self._consume(what, inputs)
-            why = layer.check_input(module, x_prev)
-            if why:
-                raise ValueError(f"{what}: {why}")
-            return None
-        return _ours(check_input)
-
-    def _layer_hook(self, name: str, layer: Layer):
-        def on_layer(module, inputs, output):
-            if not self._recording:
-                return None
-            try:
-                if not isinstance(output, Tensor):
-                    raise ValueError(f"{_describe(name, module)}: expected a tensor output, got {type(output).__name__}")
-                x_prev = _detach(inputs[0])
-                call = self._calls[id(module)] = self._calls.get(id(module), 0) + 1
-                rec = LayerRecord(k=len(self._layers) + 1, name=name, module=module, entry=layer, x_prev=x_prev,
-                                  saved=layer.record(module, x_prev, output), call=call)
-                if self._layers:
-                    self._layers[-1].x = x_prev
-                if self.keep_pre_activations:
-                    rec.y = _detach(output)
-                    self._watch_tensor(rec.y, f"Y^{rec.k}, the output of {rec.describe}")
-                self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
-                for param_name in layer.param_names:
-                    self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}")
-                buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
-                if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
-                    for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
-                        self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
-                self._configs.append((module, rec.describe, _settings(module)))
-                self._layers.append(rec)
-                self._advance(output, rec.describe)
-            finally:
-                self._depth -= 1
-            return None
-        return _ours(on_layer)
-
-    def _map_pre_hook(self, name: str, entry: Map):
-        def check_input(module, inputs):
-            if not self._recording:
-                return None
-            self._depth += 1
-            self._consume(_describe(name, module), inputs)
-            try:
-                undo = entry.prepare(module)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{_describe(name, module)}: {exc}") from None
-            self._undo.append(undo)
-            return None
-        return _ours(check_input)
-
-    def _map_hook(self, name: str, entry: Map):
-        def on_map(module, inputs, output):
-            if not self._recording:
-                return None
-            try:
-                undo = self._undo.pop() if self._undo else None
-                if undo is not None:
-                    undo()
-                return self._record_map(_describe(name, module), name, module, entry, inputs[0],
-                                        lambda: output, module_output=output)
-            finally:
-                self._depth -= 1
-        return _ours(on_map)
-
-    def _record_map(self, what: str, name: str, module: nn.Module, entry: Map, y: Tensor, call, module_output=None):
-        """Run (or take) the map's output, record it into the current layer; returns a replaced output or None."""
-        try:
-            if module_output is not None:
-                x, saved = entry.hook_output(module, y, module_output)
-            else:
-                x, saved = entry.run(module, y, call)
-        except (TypeError, ValueError) as exc:  # a table entry refusing this use: name the module or op
-            raise type(exc)(f"{what}: {exc}") from None
-        if not self._layers:  # before the first layer: input preprocessing, nothing to record
-            return None if x is module_output else x
-        layer = self._layers[-1]
-        if x is y and entry.saves == "input":
-            raise ValueError(f"{what}: an in-place map overwrites its own input, which its derivative needs; "
-                             "use inplace=False")
-        if isinstance(saved, Tensor):
-            saved = _detach(saved)
-            self._watch_tensor(saved, f"the record of {what}")
-        elif isinstance(saved, tuple):  # MaxPool's (Y, indices)
-            saved = tuple(_detach(item) if isinstance(item, Tensor) else item for item in saved)
-            for item in saved:
-                self._watch_tensor(item, f"the record of {what}")
-        rec = MapRecord(name, module, entry, saved)
-        self._configs.append((module, what, _settings(module)))
-        if self.keep_pre_activations:
-            rec.y, rec.x = _detach(y), _detach(x)
-            self._watch_tensor(rec.y, f"the input of {what}")
-        if entry.saves == "input" and layer.y is None and not layer.maps:
-            layer.y = saved[0] if isinstance(saved, tuple) else saved  # the same tensor: Y^k is kept once
-        layer.maps.append(rec)
-        self._advance(x, what)
-        return None if x is module_output else x
-
-    def _transparent_pre_hook(self, name: str):
-        def enter(module, inputs):
-            if self._recording:
-                self._consume(_describe(name, module), inputs)
-                self._transparent = (name, module)
-        return _ours(enter)
-
-    def _transparent_hook(self, name: str):
-        def leave(module, inputs, output):
-            if self._recording:
-                self._transparent = None
-                if self._layers and output is not self._last:
-                    raise ValueError(f"{_describe(name, module)}: its output is not what its functional returned")
-        return _ours(leave)
-
-    def _on_function(self, func, args: tuple, kwargs: dict):
-        """A torch function called on the chain tensor between modules: a map of the table, or refused."""
-        last = self._last
-        leaves, _ = tree_flatten((args, kwargs))
-        if not any(leaf is last for leaf in leaves):
-            return func(*args, **kwargs)  # not on the chain: a later use of its result is refused there
-        op = _op_name(func)
-        name = self._transparent[0] if self._transparent is not None else f"{op} after {self._last_from}"
-        where = _describe(*self._transparent) if self._transparent is not None else name
-        builder = FUNCTIONALS.get(func)
-        others = [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf is not last]
-        if (builder is None and func not in VIEWS) or others or args[0] is not last:
-            result = func(*args, **kwargs)
-            if not any(isinstance(leaf, Tensor) for leaf in tree_flatten(result)[0]):
-                return result  # metadata: x.size(0), x.shape, x.dim()
-            raise ValueError(f"{op} on the output of {self._last_from} is not a map of the chain (arithmetic, an "
-                             f"in-place op, indexing, a skip connection or torch.cat are refused); supported: "
-                             f"the modules and functionals of tfa.maps")
-        if self._last_version is not None and last._version != self._last_version:
-            raise ValueError(f"{where}: its input, the output of {self._last_from}, was modified in place before it")
-        if func in VIEWS:
-            if any(isinstance(arg, torch.dtype) for arg in (*args, *kwargs.values())):
-                raise ValueError(f"{where}: a view to another dtype reinterprets the bits (not differentiable); "
-                                 "expected a shape")
-            x = func(*args, **kwargs)
-            module = Reshape(x.shape[1:])
-            self._record_map(where, name, module, MAPS[Reshape], last, lambda: x)
-            return x
-        module = self._transparent[1] if self._transparent is not None else self._standin(func, builder, args, kwargs)
-        entry = map_for(module)
-        try:
-            entry.check(module)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        replaced = self._record_map(where, name, module, entry, last, lambda: func(*args, **kwargs))
-        return self._last if replaced is None else replaced
-
-    def _standin(self, func, builder, args, kwargs) -> nn.Module:
-        """The module equivalent to a functional call (cached per call signature)."""
-        try:
-            key = (func, args[1:], tuple(sorted(kwargs.items())))
-            hash(key)
-        except TypeError:
-            return builder(*args, **kwargs)
-        module = self._standins.pop(key, None)
-        if module is None:
-            module = builder(*args, **kwargs)
-            if len(self._standins) >= _STANDINS_KEPT:  # a scheduled argument (dropout's p) makes a new key each step
-                del self._standins[next(iter(self._standins))]
-        self._standins[key] = module  # most recently used last
-        return module
-
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if self._paused:
             return self.model(*args, **kwargs)
-        if self.graph:
-            return self._forward_graph(args, kwargs)
         if not self._attached:
             raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
-        if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
-            raise RuntimeError("FPropagation: a global module forward hook is registered "
-                               "(nn.modules.module.register_module_forward_hook); it may change outputs unseen")
-        self.clear()
-        _check_inputs(args if not kwargs and all(isinstance(a, Tensor) for a in args)
-                      else tree_flatten((args, kwargs))[0])
-        statistics = _running_statistics(self._normalisations)  # what a refused forward must put back
-        self._recording = True
-        try:
-            # no autograd graph: nothing would use it (the sweep is ours); the output has requires_grad=False
-            with torch.no_grad(), (_ChainMode(self) if self._needs_mode else contextlib.nullcontext()):
-                output = self.model(*args, **kwargs)
-            self._finish(output)
-        except BaseException:
-            self.clear()
-            _put_back(statistics)
-            raise
-        finally:
-            self._recording = False
-            while self._undo:  # a forward that raised inside a module whose entry prepared it
-                undo = self._undo.pop()
-                if undo is not None:
-                    undo()
-        return output
-
-    def _finish(self, output) -> None:
-        if not self._layers:
-            raise ValueError(f"FPropagation: no parametric layer ran in the forward; nothing to record "
-                             f"(layers: {', '.join(supported_layers())})")
-        if output is not self._last:
-            raise ValueError(f"FPropagation: the model's output is not what {self._last_from} returned (an op after "
-                             "it that is not a map of the table?)")
-        if self._last_version is not None and output._version != self._last_version:
-            raise ValueError(f"FPropagation: the model's output, from {self._last_from}, was modified in place")
-        self._output = self._layers[-1].x = _detach(output)
-        self._watch_tensor(self._output, "the model's output X^L")
-
-    # -- graph=True: the tape -----------------------------------------------------------------
-    def _attach_graph(self) -> "FPropagation":
-        """Graph mode: no per-module plan (the tape sees functions, whichever module calls them); one pre- and one
-        post-hook per module keep the module path for messages."""
-        self._path: list[str] = []
-
-        def leave(module, inputs, output) -> None:  # a forward hook's return value would replace the output
-            if self._path:
-                self._path.pop()
-
-        for name, module in self.model.named_modules():
-            describe = _describe(name, module)
-            self._handles.append(module.register_forward_pre_hook(
-                _ours(lambda m, i, d=describe: self._path.append(d) and None)))
-            self._handles.append(module.register_forward_hook(_ours(leave)))
-        self._fingerprint = self._make_fingerprint()
-        self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        self._tape_params = {id(p): (n, p) for n, p in self.model.named_parameters(remove_duplicate=False)}
-        self._normalisations = _normalisations(self.model)
-        self._attached = True
-        return self
-
-    def _forward_graph(self, args: tuple, kwargs: dict):
-        if not self._attached:
-            raise RuntimeError("FPropagation: no hooks are attached (remove() was called); call attach()")
-        if self._changed():
-            raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
-                               "call net.attach()")
-        self.clear()
-        leaves = tree_flatten((args, kwargs))[0]
-        _check_inputs(leaves)
-        tape = Tape(self._tape_params)
-        tape.path = self._path
-        tape.keep = self.keep_pre_activations  # LFP reads the values themselves (tfa.tape.sweep_tape's rules)
-        self._path.clear()
-        for value in leaves:
-            if isinstance(value, Tensor) and value.is_floating_point():
-                tape.add_value(value)
-        bound = [(m._buffers, dict(m._buffers)) for m, *_ in self._fingerprint[0] if m._buffers]
-        tape.buffers = {id(b): b for _, buffers in bound for b in buffers.values() if b is not None}  # copied when
-        # first written, put back if the forward is refused
-        try:
-            tape.grad_mode = torch.is_grad_enabled()
-            # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a
-            # constant as autograd has it, and a grad mode switched off unseen (an autograd.Function) is refused
-            with torch.enable_grad(), TapeMode(tape, tape.grad_mode):
-                output = self.model(*args, **kwargs)
-            index = tape.value_of(output) if isinstance(output, Tensor) else None
-            if index is None:
-                raise ValueError(f"FPropagation: the model returned {type(output).__name__}, expected a tensor computed "
-                                 "from its input (the loss reads the recorded output)")
-            tape.output_tensor, tape.output_version = output, output._version
-            check_versions(tape)  # an overwritten record refused now, while the statistics can be put back
-        except BaseException:
-            self.clear()
-            put_back_buffers(tape)
-            for buffers, before in bound:  # a buffer rebound in the forward (self.buf = …)
-                buffers.clear()
-                buffers.update(before)
-            raise
-        finally:
-            self._path.clear()
-        tape.buffers, tape.buffer_copies = {}, []
-        tape.output = index
-        self._tape, self._output = tape, output
-        return output
-
-    def graph_grads(self, out_adj: Tensor, *, retain_records: bool = False, rule=None) -> dict[Tensor, Tensor]:
-        """graph=True: {parameter: ∂J/∂θ} from X*^L by the sweep over the last forward's tape (docs/maths.md §7.1);
-        nothing is written; the tape is freed unless ``retain_records``. ``rule``: another signal's rule for
-        the same sweep (a ``tfa.tape.TapeRule``: LFP's reward, §7.2), ``out_adj`` then being its top signal."""
-        tape = self._tape
-        if tape is None:
-            raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
-        check_out_adj(self, out_adj)
-        hook = _graph_backward_hook(self.model, [m for m, *_ in self._fingerprint[0]], self._tape_params.values())
-        if hook is not None:
-            self.clear()
-            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
-                               "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
-        try:
-            grads = (tape_grads(tape, out_adj, release=not retain_records) if rule is None
-                     else sweep_tape(tape, out_adj, rule, release=not retain_records))
-            if self.reducer is not None and grads:  # data parallel: the mean over the ranks (one bucket per sweep)
-                self.reducer.launch(list(grads.values()))
-                self.reducer.wait()
-        except BaseException:
-            self.clear()
-            raise
-        if not retain_records:
-            self.clear()
-        return grads
+        return self._recorder.forward(args, kwargs)
 
     # -- records -------------------------------------------------------------------------------
     @property
+    def _handles(self) -> list:
+        return self._recorder._handles if self._recorder is not None else []
+
+    @property
+    def _tape(self) -> Tape | None:
+        """The tape of the last forward (None on a chain, or when none is recorded)."""
+        return self._recorder.tape if isinstance(self._recorder, TapeRecorder) else None
+
+    @property
     def layers(self) -> list[LayerRecord]:
-        """The records of the last forward, layer 1 first."""
-        return self._layers
+        """The chain's records of the last forward, layer 1 first (a net on the tape has none: ``[]``)."""
+        return self._recorder.layers if isinstance(self._recorder, ChainRecorder) else []
 
     @property
     def records(self) -> dict[str, LayerRecord]:
         """The records of the last forward keyed by the layer's qualified name (``name#2`` for a second call)."""
-        return {(layer.name if layer.call == 1 else f"{layer.name}#{layer.call}"): layer for layer in self._layers}
+        return {(layer.name if layer.call == 1 else f"{layer.name}#{layer.call}"): layer for layer in self.layers}
 
     @property
     def output(self) -> Tensor:
         """X^L of the last recorded forward."""
-        if self._output is None:
+        output = self._recorder._output if self._recorder is not None else None
+        if output is None:
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
-        return self._output
+        return output
 
     def recorded_layers(self) -> list[LayerRecord]:
-        """The layers of the last forward after checking that no record went stale; RuntimeError otherwise."""
+        """The chain's layers of the last forward after checking that no record went stale; RuntimeError otherwise."""
         self.output  # noqa: B018 - raises when nothing is recorded
         if self.graph:
-            raise RuntimeError("FPropagation(graph=True): this rule sweeps a chain of layers; on a graph only the "
-                               "F-adjoint and LFP run (FAdjoint, net.backward, net.adjoint, LFP, lfp_grads); equilibrium, "
-                               "consequentialism and inference learning on graphs: issue 22")
-        for ref, version, what in self._watch:
-            tensor = ref()
-            if tensor is not None and tensor._version != version:
-                self.clear()
-                raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
-                                   "records cleared, nothing was changed (run the forward again)")
-        hook = _backward_hook_of(self._layers, self._configs)
-        if hook is not None:
-            self.clear()
-            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
-                               "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
-        for module, what, then in self._configs:
-            now = _settings(module)
-            if now != then:
-                change = _setting_change(module, then, now)
-                self.clear()
-                raise RuntimeError(f"FPropagation: {what} was changed between the forward and the sweep ({change}); "
-                                   "the sweep would use what the forward did not; records cleared, nothing was "
-                                   "changed (run the forward again)")
-        return self._layers
+            raise RuntimeError("FPropagation: this rule sweeps a chain of layers and this net records a graph (a model "
+                               "other than a plain nn.Sequential): wrap it with FPropagation(model, graph=False), or "
+                               "use a rule that runs on graphs (the README's rules table)")
+        return self._recorder.recorded_layers()
+
+    # -- the F-adjoint -------------------------------------------------------------------------
+    def graph_grads(self, out_adj: Tensor, *, retain_records: bool = False, rule=None) -> dict[Tensor, Tensor]:
+        """On the tape: {parameter: ∂J/∂θ} from X*^L by the sweep over the last forward's tape (docs/maths.md §7.1);
+        nothing is written; the tape is freed unless ``retain_records``. ``rule``: another signal's rule for
+        the same sweep (a ``tfa.tape.TapeRule``: LFP's reward, §7.2), ``out_adj`` then being its top signal."""
+        if not isinstance(self._recorder, TapeRecorder):
+            raise RuntimeError("FPropagation: graph_grads sweeps a tape; this net records a chain (graph=False)")
+        return self._recorder.grads(out_adj, retain_records=retain_records, rule=rule)
 
     def adjoint(self, out_adj: Tensor, *, validate: bool = True, retain_records: bool = False) -> None:
         """Run the F-adjoint sweep from X*^L = ``out_adj`` and accumulate ∂J/∂θ into ``.grad``.
 
-        out_adj: the output's shape, dtype and device (docs/maths.md §1.2, §6.2). Equal to
+        out_adj: the output's shape, dtype and device (docs/maths.md §1.2, §6.2, §7.1). Equal to
         ``loss.backward()`` (to rounding; bit for bit where autograd's kernels are used), without
         autograd. Frozen parameters (``requires_grad=False``) get no ``.grad``. Nothing is written
         when it raises.
@@ -867,4 +405,5 @@ class FPropagation(nn.Module):
         return value
 
     def extra_repr(self) -> str:
-        return f"hooks={len(self._handles)}, keep_pre_activations={self.keep_pre_activations}"
+        recorder = "tape" if self.graph else "chain"
+        return f"{recorder}, hooks={len(self._handles)}, keep_pre_activations={self.keep_pre_activations}"
