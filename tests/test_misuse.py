@@ -292,15 +292,7 @@ def test_a_map_entry_for_a_module_with_parameters_is_refused():
 def test_a_forward_hook_registered_before_wrapping_is_refused(wrap):
     """Hook-based weight_norm / spectral_norm keep the type nn.Linear but recompute the weight in a pre-hook;
     a user's hook may change the output. Either changes what the module computes behind the recorder."""
-    model = model_()
-    if wrap == "weight_norm":
-        nn.utils.weight_norm(model[0])
-    elif wrap == "spectral_norm":
-        nn.utils.spectral_norm(model[0])
-    elif wrap == "user-hook":
-        model[0].register_forward_hook(lambda module, inputs, output: output * 2)
-    else:
-        model[0].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    model = _hooked(wrap)()
     raises_one_line(TypeError, r"^0 \(Linear\): has a forward hook registered before wrapping \(.*\), which may change",
                     lambda: tfa.FPropagation(model, graph=False))
 
