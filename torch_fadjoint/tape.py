@@ -231,7 +231,7 @@ class TapeMode(TorchFunctionMode):
                    for t in leaves]
         versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
         tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions, needed))
-        if tape.keep:  # a rule that re-runs the ops (inference learning, docs/maths.md §7.IL) reads the call
+        if tape.keep:  # a rule that re-runs the ops (inference learning, docs/maths.md §7.5) reads the call
             tape.ops[-1].call = _call_of(tape, func, args, kwargs, inputs)
             _derived(tape, [t for t in leaves if isinstance(t, Tensor) and not t.is_floating_point()], inputs)
         return out
@@ -278,7 +278,7 @@ def _call_of(tape: Tape, func, args: tuple, kwargs: dict, inputs: dict) -> tuple
 
 def rerun(op: _Op, values: dict):
     """``(out, saved)``: ``op`` called again (its entry's :meth:`run`) with ``values`` ({input key: tensor}) for its
-    value inputs, for a rule that re-runs the forward from other values (inference learning, docs/maths.md §7.IL).
+    value inputs, for a rule that re-runs the forward from other values (inference learning, docs/maths.md §7.5).
     Out of place: a call that writes its first input writes a copy. It writes no buffer: ``F.batch_norm`` in
     train mode normalises with the statistics of the batch it is given and leaves the running ones alone. Needs
     the tape recorded with ``keep``; a call that read a constant computed from values (``h > 0``) is refused."""
@@ -450,6 +450,7 @@ def sweep_tape(tape: Tape, top: Tensor, rule: TapeRule = FADJOINT, *, release: b
     check_versions(tape)
     rule.check(tape)
     adjoints: dict[int, Tensor] = {tape.output: top}
+    owned: set[int] = set()  # values whose stored signal no other tensor shares: a later use adds into it in place
     grads: dict[Tensor, Tensor] = {}
     for op in reversed(tape.ops):
         outs = [adjoints.pop(i, None) if i >= 0 else None for i in op.outputs]
@@ -459,6 +460,7 @@ def sweep_tape(tape: Tape, top: Tensor, rule: TapeRule = FADJOINT, *, release: b
                 _release_kept(tape, op)
             continue
         found = rule.through_op(tape, op, outs[0] if op.single else tuple(outs))
+        alone = _unshared(found, outs, op.saved)
         if release:
             op.saved, op.versions = None, []
             _release_kept(tape, op)
@@ -468,10 +470,38 @@ def sweep_tape(tape: Tape, top: Tensor, rule: TapeRule = FADJOINT, *, release: b
                 continue  # a constant input, or one whose adjoint reaches no trainable parameter
             kind, target = source
             if kind == "value":
-                adjoints[target] = adjoint if target not in adjoints else adjoints[target] + adjoint
+                _accumulate(adjoints, owned, target, adjoint, key in alone)
             elif target.requires_grad:
                 grads[target] = adjoint if target not in grads else grads[target] + adjoint
     return grads
+
+
+def _unshared(found: dict, outs: list, saved) -> set:
+    """The keys of ``found`` whose tensor shares its memory with nothing else the sweep holds (not the op's output
+    signals, another key's tensor, or a saved tensor) and has no overlapping entries: a fresh kernel result, which
+    the sum at a fan-out may add into in place."""
+    storages = [t.untyped_storage().data_ptr() for t in found.values() if isinstance(t, Tensor)]
+    taken = {t.untyped_storage().data_ptr() for t in (*outs, *_tensors_in(saved)) if isinstance(t, Tensor)}
+    return {key for key, t in found.items()
+            if isinstance(t, Tensor) and t.numel() and t.is_contiguous() and not t.requires_grad
+            and storages.count(ptr := t.untyped_storage().data_ptr()) == 1 and ptr not in taken}
+
+
+def _accumulate(adjoints: dict, owned: set, target: int, signal: Tensor, alone: bool) -> None:
+    """adjoints[target] += signal (the sum over a value's uses, §7.1), in place where one side is the sweep's alone
+    (autograd's input buffer does the same): the same additions, no extra tensor at the junction."""
+    held = adjoints.get(target)
+    if held is None:
+        adjoints[target] = signal
+        (owned.add if alone else owned.discard)(target)
+    elif target in owned:
+        held.add_(signal)
+    elif alone:
+        adjoints[target] = signal.add_(held)
+        owned.add(target)
+    else:
+        adjoints[target] = held + signal
+        owned.add(target)
 
 
 def _release_kept(tape: Tape, op: _Op) -> None:

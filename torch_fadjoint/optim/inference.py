@@ -1,4 +1,4 @@
-"""``InferenceLearning``: IL and IL-prox's local updates handed to a torch optimizer (docs/maths.md §5, §6.6).
+"""``InferenceLearning``: IL and IL-prox's local updates handed to a torch optimizer (docs/maths.md §5, §6.6, §7.5).
 
 A thin optimizer over :mod:`torch_fadjoint.rules.inference`.
 """
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..recorder import FPropagation
-from ..rules.inference import VARIANTS, _gammas, check_inference, inference_grads
+from ..rules.inference import IL_PROX_ON_GRAPHS, VARIANTS, _gammas, check_inference, inference_grads
 from ..losses import _check_logits
 from .base import _as_target
 from .delegating import DelegatingRuleOptimizer
@@ -30,7 +30,10 @@ class InferenceLearning(DelegatingRuleOptimizer):
     Args:
         net: the ``FPropagation`` of a chain of Linear / Conv layers, each followed by an elementwise
             activation and optionally pooling and views (they belong to the next layer's map, §6.6),
-            ending in logits. Normalisation layers, Dropout and noise are refused.
+            ending in logits. Normalisation layers, Dropout and noise are refused. On a net that records the
+            tape (``graph=True``, or a model that is not a chain), variant "il" runs on the graph (docs/maths.md
+            §7.5: states on the inputs of the weight ops, BatchNorm allowed; the net is switched to
+            ``keep_pre_activations=True``); "il_prox" claims the chain of a net left to choose and refuses a graph.
         lr: the base optimizer's learning rate (default 0.05 for il, 1.0 for il_prox).
         variant: "il" | "il_prox";  T: inference iterations;  gamma_top, gamma_bot: the γ's;
         clamp: n, the output clamp of il;  alpha, prox_eps: α and ε of il_prox;
@@ -48,7 +51,7 @@ class InferenceLearning(DelegatingRuleOptimizer):
 
     _RULE_KEYS = ("variant", "T", "gamma_top", "gamma_bot", "clamp", "alpha", "prox_eps", "conv_details")
 
-    chain_only = True  # until the rule runs on the tape (issue 22)
+    chain_only = False  # IL runs on the tape (docs/maths.md §7.5); IL-prox claims the chain (set per instance)
 
     def __init__(self, net: FPropagation, lr: float | None = None, variant: str = "il", *, T: int = 25,
                  gamma_top: float | None = None, gamma_bot: float | None = None, clamp: float = 1.0,
@@ -59,8 +62,13 @@ class InferenceLearning(DelegatingRuleOptimizer):
         lr = (0.05 if variant == "il" else 1.0) if lr is None else lr
         rule = dict(variant=variant, T=T, gamma_top=gamma_top, gamma_bot=gamma_bot, clamp=clamp, alpha=alpha,
                     prox_eps=prox_eps, conv_details=bool(conv_details))
+        self.chain_only = variant == "il_prox"  # a net left to choose (graph=None) records a chain for IL-prox
+        if self.chain_only and isinstance(net, FPropagation) and net.graph and getattr(net, "graph_choice", True):
+            raise ValueError(IL_PROX_ON_GRAPHS)  # asked for a graph (graph=True): refused, saying why
         super().__init__(net, params, lr, base, base_kwargs, loss="cross_entropy", validate=validate,
                          rule_defaults=rule)
+        if net.graph:
+            net.keep_pre_activations = True  # IL re-runs the recorded ops from the kept values (§7.5)
 
     def _check_groups(self) -> None:
         super()._check_groups()

@@ -41,6 +41,14 @@ size; ρ is not applied to the input x (the code applies it; identical for x ≥
 leaves room we follow the authors' code (the source of truth): IL re-clamps x̂^L = n onehot +
 (1 − n) softmax(a^L) in every iteration with a^L from before it (the same as clamping once for n = 1),
 and IL-prox's "+1" in N is the bias input, so a layer without bias has none.
+
+On ``FPropagation(model, graph=True)`` (docs/maths.md §7.5) IL is predictive coding on the tape: states on every
+value a weight op reads (``entry.nlms``) and on the output, the model's inputs clamped, and every other op part of
+a prediction μ_v, re-run from the upstream states by :func:`torch_fadjoint.tape.rerun` (out of place; BatchNorm in
+train mode on the states' batch statistics, its running ones untouched). Each error goes back through the exact
+adjoints of the ops between its state and the states upstream (:class:`_GraphIL`); the update is
+−(1/B) J_θᵀ e_v for every parameter between them. On a chain without pooling after an activation it is §5.1 / §6.6
+to the bit. IL-prox is defined on chains and refused on a graph, in one line.
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ from ..layers import LayerRecord
 from ..losses import _check_logits, onehot as to_onehot
 from ..maps import MapRecord
 from ..sweep import check_finite, param_names
+from ..tape import rerun
 
 __all__ = ["inference_grads", "VARIANTS", "check_inference"]
 
@@ -232,11 +241,194 @@ def _il_prox(chain: list[_Block], x: Tensor, states: list[Tensor], onehot: Tenso
     return [(errs[k] / (sq_norm(ins[k]) + ones(k) + prox_eps), ins[k]) for k in range(L)]
 
 
+# -- §7.5: inference learning on the graph ------------------------------------------------------------------
+_PROBABILITIES = ("softmax", "log_softmax", "sigmoid")
+IL_PROX_ON_GRAPHS = ("IL-prox (docs/maths.md §5.2) is defined on chains of layers (pre-activation states, one "
+                     "normaliser per layer input); on a graph (FPropagation(graph=True)) use variant='il' "
+                     "(docs/maths.md §7.5) or record the model as a chain (graph=False)")
+
+
+def _weight_inputs(op) -> list[int]:
+    """The value indices that ``op`` multiplies by a parameter (the weight ops, ``entry.nlms``): the input of the
+    linear and convolution entries whose weight is a parameter, the value operand of a matmul / einsum of a
+    parameter."""
+    kind = getattr(op.entry, "nlms", None)
+    if kind in ("linear", "conv"):
+        weight = op.inputs.get(1, op.inputs.get("weight"))
+        value = op.inputs.get(0, op.inputs.get("input"))
+        if weight is not None and weight[0] == "param" and value is not None and value[0] == "value":
+            return [value[1]]
+    elif kind is not None:
+        sources = list(op.inputs.values())
+        values = [target for k, target in sources if k == "value"]
+        if len(sources) == 2 and len(values) == 1:
+            return values
+    return []
+
+
+class _GraphIL:
+    """The tape read for inference learning (docs/maths.md §7.5): the clamped values (the model's inputs and what
+    is computed from them alone), the states (every other value that a weight op reads, and the output), the ops
+    that lead to a state, and for each op the input keys whose adjoint a state's drive (``drive``) or a parameter's
+    update (``param``) needs (a state cuts: what reaches it goes to its drive, not further down)."""
+
+    def __init__(self, tape):
+        self.tape = tape
+        self.top = tape.output
+        produced: dict[int, object] = {}
+        for op in tape.ops:
+            for index in op.outputs:
+                if index >= 0:
+                    produced[index] = op
+        clamped = {i for i in range(tape.count) if i not in produced}  # the model's inputs
+        for op in tape.ops:
+            if all(kind == "value" and target in clamped for kind, target in op.inputs.values()):
+                clamped.update(i for i in op.outputs if i >= 0)  # a function of the inputs alone: no state
+        self.clamped = clamped
+        states = {i for op in tape.ops for i in _weight_inputs(op) if i not in clamped}
+        self.hidden = sorted(states - {self.top})
+        hidden = set(self.hidden)
+        live = {self.top} | hidden  # the ops that lead to a state (the others are not re-run)
+        self.ops = []
+        for op in reversed(tape.ops):  # an op of the inputs alone is not re-run: its kept output is read
+            if any(i in live and i not in clamped for i in op.outputs if i >= 0):
+                self.ops.append(op)
+                live.update(target for kind, target in op.inputs.values() if kind == "value" and target not in hidden)
+        self.ops.reverse()
+        to_state, to_param = {}, {}
+        self.needed = {}
+        for op in self.ops:
+            drive, param = set(), set()
+            for key, (kind, target) in op.inputs.items():
+                if kind == "param":
+                    if target.requires_grad:
+                        param.add(key)
+                elif target in hidden:
+                    drive.add(key)
+                elif target not in clamped:
+                    if to_state.get(target):
+                        drive.add(key)
+                    if to_param.get(target):
+                        param.add(key)
+            for index in op.outputs:
+                to_state[index], to_param[index] = bool(drive), bool(param)
+            self.needed[id(op)] = {"drive": frozenset(drive), "param": frozenset(param)}
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse, before anything runs, what a re-run cannot repeat or IL cannot read."""
+        for op in self.ops:
+            if getattr(op.entry, "kernels", None) and op.entry.name.startswith("F.dropout") and op.saved[1] is not None:
+                raise TypeError(f"{op.entry.name} in {op.where}: inference learning re-runs the recorded ops, and a "
+                                "random mask would be drawn again; it needs deterministic ops (put the model in eval "
+                                "mode or drop the dropout; docs/maths.md §7.5)")
+            if self.top in op.outputs and op.entry.name.rsplit(".", 1)[-1] in _PROBABILITIES:
+                raise TypeError(f"{op.entry.name} in {op.where}: inference learning needs the logits at the top (it "
+                                "takes their softmax itself); return the logits")
+
+    def predict(self, inputs: dict, states: dict) -> tuple[dict, list]:
+        """The ops re-run (out of place, tfa.tape.rerun) with each state's value in place of the value the forward
+        computed there: {value: tensor} (a state's entry: its prediction μ_v) and each op's record."""
+        env = dict(inputs)
+        records = []
+        for op in self.ops:
+            values = {key: states[target] if target in states else env[target]
+                      for key, (kind, target) in op.inputs.items() if kind == "value"}
+            out, saved = rerun(op, values)
+            for index, tensor in zip(op.outputs, [out] if op.single else list(out)):
+                if index >= 0:
+                    env[index] = tensor
+            records.append(saved)
+        return env, records
+
+    def pull(self, records: list, signals: dict, what: str) -> dict:
+        """Each state's error sent back through the ops between it and the states upstream (their exact adjoints):
+        ``what="drive"``: {state: Σ_uses J_{μ_c, x̂_v}ᵀ e_c}; ``"param"``: {parameter: Σ J_θᵀ e_v}."""
+        adjoints = dict(signals)
+        found: dict = {}
+        for op, saved in zip(reversed(self.ops), reversed(records)):
+            outs = [adjoints.pop(i, None) if i >= 0 else None for i in op.outputs]
+            needed = self.needed[id(op)][what]
+            if not needed or all(o is None for o in outs):
+                continue
+            out = outs[0] if op.single else tuple(outs)
+            if getattr(op.entry, "takes_needed", False):
+                adjs = op.entry.input_adjoints(saved, out, needed=needed)
+            else:
+                adjs = op.entry.input_adjoints(saved, out)
+            for key, adj in adjs.items():
+                if adj is None or key not in needed:
+                    continue
+                kind, target = op.inputs[key]
+                into = found if kind == "param" or target in signals else adjoints
+                into[target] = adj if target not in into else into[target] + adj
+        return found
+
+
+def _recorded_tape(net):
+    """The last forward's tape after the recorder's checks (nothing recorded, a record overwritten, a backward hook
+    the sweep would not call: refused, records cleared)."""
+    from torch.nn.modules import module as module_globals
+
+    from ..tape import check_versions
+
+    net.output  # noqa: B018 - raises when nothing is recorded
+    tape = net._tape
+    hook = None
+    if module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks:
+        hook = "a global module backward hook is registered (register_module_full_backward_hook)"
+    for name, module in net.model.named_modules():
+        if hook is None and (module._backward_hooks or module._backward_pre_hooks):
+            hook = f"{name or '<model>'} ({type(module).__name__}) has a backward hook"
+    for name, param in net.model.named_parameters():
+        if hook is None and (param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None)):
+            hook = f"{name} has a gradient hook (register_hook / register_post_accumulate_grad_hook)"
+    try:
+        if hook is not None:
+            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and inference learning does not; "
+                               "records cleared, nothing was changed")
+        if not tape.keep:
+            raise RuntimeError("inference learning re-runs the recorded ops: it needs FPropagation(model, graph=True, "
+                               "keep_pre_activations=True) (InferenceLearning sets it); run the forward again")
+        check_versions(tape)
+    except RuntimeError:
+        net.clear()
+        raise
+    return tape
+
+
+def _il_graph(net, onehot: Tensor, T: int, gamma_top: float, gamma_bot: float, clamp: float):
+    """§7.5: (the states, their final errors, {parameter: −J_θᵀ e_v / B}) on the last forward's tape."""
+    tape = _recorded_tape(net)
+    graph = _GraphIL(tape)
+    kept = {i: tape.kept[i][0] for i in graph.clamped if i in tape.kept}
+    states = {v: tape.kept[v][0] for v in graph.hidden}
+    logits = tape.kept[graph.top][0]
+    target = clamp * onehot + (1 - clamp) * torch.softmax(logits, dim=1)  # x̂^L, held fixed (n = 1)
+    for _ in range(T):
+        env, records = graph.predict(kept, states)
+        logits = env[graph.top]
+        errors = {v: states[v] - env[v] for v in graph.hidden}
+        errors[graph.top] = 0.5 * (target - torch.softmax(logits, dim=1))
+        drive = graph.pull(records, errors, "drive")
+        states = {v: states[v] - gamma_top * errors[v] + gamma_bot * drive[v] if v in drive
+                  else states[v] - gamma_top * errors[v] for v in graph.hidden}
+        if clamp != 1.0:  # PC.py re-clamps every iteration, from the logits before the update
+            target = clamp * onehot + (1 - clamp) * torch.softmax(logits, dim=1)
+    env, records = graph.predict(kept, states)
+    errors = {v: states[v] - env[v] for v in graph.hidden}
+    errors[graph.top] = target - torch.softmax(env[graph.top], dim=1)
+    scale = -1.0 / onehot.shape[0]
+    grads = {param: grad * scale for param, grad in graph.pull(records, errors, "param").items()}
+    return states, errors, grads
+
+
 @torch.no_grad()
 def inference_grads(net, target: Tensor, variant: str = "il", *, T: int = 25, gamma_top: float | None = None,
                     gamma_bot: float | None = None, clamp: float = 1.0, alpha: float = 5.0, prox_eps: float = 0.25,
                     conv_details: bool = False, validate: bool = True) -> dict[Tensor, Tensor]:
-    """The §5 / §6.6 local updates as gradients {param: grad} from the recorded forward and targets (B,).
+    """The §5 / §6.6 local updates as gradients {param: grad} from the recorded forward and targets (B,); on a net
+    that records the tape, IL on the graph (§7.5: needs ``keep_pre_activations=True``; IL-prox refused).
 
     il: ∂θ_k = −J_θ^T(e^k ⊙ ρ'(a^k)) / B after T inference iterations (hand to any optimizer);
     il_prox: −(the normalised proximal step), so that SGD with lr = 1 applies the step exactly.
@@ -253,6 +445,8 @@ def inference_grads(net, target: Tensor, variant: str = "il", *, T: int = 25, ga
     """
     gamma_top, gamma_bot = _gammas(variant, gamma_top, gamma_bot)
     check_inference(variant, T, gamma_top, gamma_bot, clamp, alpha, prox_eps)
+    if getattr(net, "graph", False):
+        return _graph_grads(net, target, variant, T, gamma_top, gamma_bot, clamp, validate)
     layers = net.recorded_layers()
     chain = _chain(layers)
     output = net.output
@@ -294,3 +488,25 @@ def _post_activation(block: _Block) -> Tensor:
     if not block.structural:
         return block.record.x
     return block.rho(_pre_activation(block))
+
+
+def _graph_grads(net, target, variant, T, gamma_top, gamma_bot, clamp, validate) -> dict[Tensor, Tensor]:
+    """inference_grads on FPropagation(graph=True) (docs/maths.md §7.5)."""
+    if variant == "il_prox":
+        net.clear()
+        raise ValueError(IL_PROX_ON_GRAPHS)
+    output = net.output
+    if not isinstance(target, Tensor):
+        raise ValueError(f"{variant} target: expected a tensor, got {type(target).__name__}")
+    _check_logits(output, target, f"{variant} target", validate)
+    onehot = to_onehot(target, output.shape[1], output.dtype)
+    try:
+        grads = _il_graph(net, onehot, T, gamma_top, gamma_bot, clamp)[2]
+    finally:
+        net.clear()
+    if net.reducer is not None:
+        net.reducer.launch(list(grads.values()))
+        net.reducer.wait()
+    if validate:
+        check_finite(list(grads.values()), f"{variant} gradients", names=lambda: param_names(net, grads))
+    return grads
