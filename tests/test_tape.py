@@ -480,3 +480,172 @@ def test_a_refused_forward_puts_back_every_buffer_it_wrote():
         net(torch.randn(3, 4, dtype=DT))
     assert_untouched(before, model)
     assert model.last is last and float(model.count) == 0 and int(model.bn.num_batches_tracked) == 0
+
+
+# -- issue 21's second red team (each a silent difference or a state change before) -------------------------------
+class _Two(nn.Module):
+    """l1 → relu → (what `how` does) → l2, with a buffer and a module-level parameter to hand."""
+
+    def __init__(self, how, outside=None):
+        super().__init__()
+        self.l1, self.l2, self.how = nn.Linear(4, 5), nn.Linear(5, 3), how
+        self.__dict__["outside"] = outside  # not registered: a parameter of no module of the model
+        self.register_buffer("buf", torch.zeros(5))
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        if self.how == "view-of-constant":
+            z = torch.zeros_like(h)
+            z[0:].add_(h)
+            h = z
+        elif self.how == "vmap":
+            h = h + torch.vmap(lambda r: r * 2 + torch.tanh(r))(h)
+        elif self.how == "outside-parameter":
+            h = h * self.outside
+        elif self.how == "weight-view-in-place":
+            self.l1.weight[0].mul_(2)
+        elif self.how == "numpy":
+            h = h + torch.from_numpy(h.numpy())
+        elif self.how == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.l2(h)
+        elif self.how.startswith("write-then-refuse"):
+            if self.how.endswith("buffer-view"):
+                self.buf[0] += 1
+            elif self.how.endswith("buffer-data"):
+                self.buf.data.add_(1)
+            elif self.how.endswith("buffer-set"):
+                self.buf.data = torch.ones(5, dtype=self.buf.dtype)
+            else:
+                with torch.no_grad():
+                    self.l1.weight.clamp_(-0.01, 0.01)
+            h = torch.sort(h, 1).values  # not in the table: refused after the write
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("how, match", [
+    ("view-of-constant", r"writes a value in place into a tensor the tape holds as a constant"),
+    ("vmap", r"runs under a torch.func transform"),
+    ("outside-parameter", r"reads a tensor that requires grad and is not a parameter of the model"),
+    ("weight-view-in-place", r"writes in place into a view of a parameter that requires grad"),
+    ("numpy", r"^Tensor.numpy in .*: takes a value out of torch"),
+    ("autocast", r"runs under torch.autocast"),
+    ("write-then-refuse-buffer-view", r"^torch.sort in"),
+    ("write-then-refuse-buffer-data", r"^torch.sort in"),
+    ("write-then-refuse-buffer-set", r"^torch.sort in"),
+    ("write-then-refuse-parameter", r"^torch.sort in"),
+])
+def test_the_second_red_teams_forwards_are_refused_with_nothing_changed(how, match):
+    """Before: a value written into a view of a constant, a vmap branch and a module-level parameter trained
+    silently wrong (no gradient where autograd gives one); a view of a weight was written in place; numpy round
+    trips were constants; autocast failed in the sweep without a name; a buffer written through a view, .data or a
+    setter, or a weight clamped under no_grad, stayed changed after the refusal."""
+    from .state import assert_untouched, snapshot
+    torch.manual_seed(0)
+    outside = nn.Parameter(torch.ones(5, dtype=torch.float32 if how == "autocast" else DT))
+    model = _Two(how, outside).to(torch.float32 if how == "autocast" else DT)
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match) as info:
+        net(torch.randn(3, 4, dtype=torch.float32 if how == "autocast" else DT))
+    assert "\n" not in str(info.value)
+    assert_untouched(before, model, opt)
+    assert outside.grad is None
+
+
+def test_the_picker_reads_the_exact_types_and_an_instance_forward():
+    """A forward replaced on an instance, or a subclass of a table module, is not provably what the table says: the
+    tape records it (before: the chain applied ReLU's rule to sigmoid's output, or crashed with an AttributeError)."""
+    torch.manual_seed(0)
+    patched = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).to(DT)
+    patched[1].forward = torch.sigmoid
+    reference = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)).to(DT)
+    reference.load_state_dict(patched.state_dict())
+
+    class OddDropout(nn.Dropout):
+        def forward(self, x):
+            return torch.sigmoid(x)
+
+    odd = nn.Sequential(nn.Linear(4, 5), OddDropout(), nn.Linear(5, 3)).to(DT)
+    odd.load_state_dict(patched.state_dict())
+    x, t = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    F.cross_entropy(reference(x), t).backward()
+    for model in (patched, odd):
+        net = tfa.FPropagation(model)
+        assert net.graph
+        net(x)
+        net.backward(F.cross_entropy, t)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match=r"^1 \(ReLU\): its forward is replaced on the instance"):
+        tfa.FPropagation(patched, graph=False)
+    with pytest.raises(TypeError, match=r"^1 \(OddDropout\) is not supported"):
+        net = tfa.FPropagation(odd, graph=False)
+        net(x)
+
+
+def test_a_torchscript_submodule_is_refused_at_wrapping():
+    class Traced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.sub = nn.Linear(4, 5), torch.jit.trace(nn.Linear(5, 5), torch.randn(2, 5))
+
+        def forward(self, x):
+            h = self.a(x)
+            return h + self.sub(h)
+
+    with pytest.raises(TypeError, match=r"^sub \(.*\): a TorchScript module .* runs a graph the tape cannot see"):
+        tfa.FPropagation(Traced())
+
+
+def test_a_claim_refused_at_construction_leaves_the_net_as_it_was():
+    """FAdjoint(fuse_update=True, loss_kwargs={bad}) used to switch the net to the chain (dropping its recorded
+    forward) before refusing; the claim is now the constructor's last act, and a chain refusal names the claimant."""
+    torch.manual_seed(0)
+    model = _Residual().to(DT)
+    net = tfa.FPropagation(model)
+    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    net(x)
+    with pytest.raises(ValueError):
+        tfa.optim.FAdjoint(net, lr=0.1, fuse_update=True, loss_kwargs={"bogus": 1})
+    assert net.graph and net._tape is not None
+    tfa.optim.FAdjoint(net, lr=0.1, fuse_update=True)
+    assert not net.graph
+    with pytest.raises(ValueError, match=r"because FAdjoint\(fuse_update=True\) sweeps one"):
+        net(x)
+
+
+def test_aten_ops_are_named_as_aten_names_them():
+    class Sin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.ops.aten.sin(self.a(x))
+
+    with pytest.raises(ValueError, match=r"^aten.sin in <model> \(Sin\): not in the table"):
+        tfa.FPropagation(Sin().to(DT))(torch.randn(2, 4, dtype=DT))
+
+
+
+def test_signals_summed_in_place_never_write_a_shared_one():
+    """The sweep adds a value's second signal into the first in place when the first is its own (autograd's input
+    buffer does the same). Signals shared between values (x + x, a sum's expanded adjoint, a view's) must not be
+    written: a graph made of such fan-outs stays exact."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            s = h + h                        # add's adjoint: the same O* for both uses of h
+            m = s.mean(1, keepdim=True)      # an expanded adjoint
+            v = s.view(-1, 2, 2).reshape(-1, 4)  # a view's adjoint
+            u = torch.relu(h) + v + m + s    # h, s used three times
+            return self.b(u + h * s)
+
+    torch.manual_seed(0)
+    _compare(Shared().to(DT), torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)), tol=1e-12)

@@ -112,11 +112,12 @@ def _backward_hook_of(layers, configs) -> str | None:
 
 def plain_chain(model: nn.Module) -> bool:
     """Whether ``model`` is provably a chain: every container is an ``nn.Sequential`` (whose forward calls its children
-    in order and nothing else), every other module has a table entry, and none has a forward hook. Such a model is recorded as the chain of §6 (its
+    in order and nothing else), every other module has a table entry (its exact type), and none has a forward hook or
+    a forward replaced on the instance. Such a model is recorded as the chain of §6 (its
     special case, one use per value: ``net.layers``); any other on the tape."""
     return all((type(m) is nn.Sequential if next(m.children(), None) is not None
-                else layer_for(m) is not None or map_for(m) is not None or isinstance(m, TRANSPARENT))
-               and not _foreign_hooks(m) for m in model.modules())
+                else layer_for(m) is not None or map_for(m) is not None or type(m) in TRANSPARENT)
+               and not _foreign_hooks(m) and "forward" not in m.__dict__ for m in model.modules())
 
 
 def _normalisations(model: nn.Module) -> list[nn.Module]:
@@ -259,6 +260,9 @@ class ChainRecorder:
             raise TypeError(f"{_describe(name, module)}: has a forward hook registered before wrapping ({hook}), which "
                             "may change what the module computes behind the recorder (hook-based weight_norm or "
                             "spectral_norm?); remove it, or register it after wrapping")
+        if "forward" in module.__dict__:
+            raise TypeError(f"{_describe(name, module)}: its forward is replaced on the instance, so it may not compute "
+                            "what its type's table entry says; record the model on the tape (graph=None or True)")
         own = [n for n, p in module._parameters.items() if p is not None]
         layer, entry = layer_for(module), map_for(module)
         if layer is not None:
@@ -270,7 +274,7 @@ class ChainRecorder:
         if entry is not None and own:
             raise TypeError(f"{_describe(name, module)}: holds parameters {own} but is registered as a parameter-free "
                             "map, which cannot train them; use tfa.layers.register_layer()")
-        if isinstance(module, TRANSPARENT):
+        if type(module) in TRANSPARENT:
             return lambda: [module.register_forward_pre_hook(self._transparent_pre_hook(name)),
                             module.register_forward_hook(self._transparent_hook(name))]
         if entry is not None:

@@ -29,7 +29,7 @@ from .layers import LayerRecord
 from .losses import get_loss
 from .maps import MapRecord
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
-from .tape import Tape, TapeMode, check_versions, put_back_buffers, sweep_tape, tape_grads
+from .tape import Tape, TapeMode, check_versions, put_back_state, state_of, sweep_tape, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
@@ -68,6 +68,10 @@ class TapeRecorder:
 
         for name, module in self.net.model.named_modules():
             describe = _describe(name, module)
+            if isinstance(module, torch.jit.ScriptModule):
+                self.remove()
+                raise TypeError(f"{describe}: a TorchScript module (torch.jit.script / trace) runs a graph the tape "
+                                "cannot see; wrap the eager module instead")
             self._handles.append(module.register_forward_pre_hook(
                 _ours(lambda m, i, d=describe: self._path.append(d) and None)))
             self._handles.append(module.register_forward_hook(_ours(leave)))
@@ -97,8 +101,10 @@ class TapeRecorder:
             if isinstance(value, Tensor) and value.is_floating_point():
                 tape.add_value(value)
         bound = [(m._buffers, dict(m._buffers)) for m in net._modules_seen() if m._buffers]
-        tape.buffers = {id(b): b for _, buffers in bound for b in buffers.values() if b is not None}  # copied when
-        # first written, put back if the forward is refused
+        params = [p for _, p in self._params.values()]
+        tape.state = state_of(params, (b for _, buffers in bound for b in buffers.values()))  # copied when first
+        # written (through any alias), put back if the forward is refused
+        tape.trained = {p.untyped_storage().data_ptr() for p in params if p.requires_grad and p.numel()}
         try:
             tape.grad_mode = torch.is_grad_enabled()
             # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a
@@ -113,14 +119,14 @@ class TapeRecorder:
             check_versions(tape)  # an overwritten record refused now, while the buffers can be put back
         except BaseException:
             self.clear()
-            put_back_buffers(tape)
+            put_back_state(tape)
             for buffers, before in bound:  # a buffer rebound in the forward (self.buf = …)
                 buffers.clear()
                 buffers.update(before)
             raise
         finally:
             self._path.clear()
-        tape.buffers, tape.buffer_copies = {}, []
+        tape.state, tape.state_copies = {}, []
         tape.output = index
         self.tape, self._output = tape, output
         return output
@@ -178,7 +184,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written at every forward: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached"})
+    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached", "_claimed_by"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -207,6 +213,7 @@ class FPropagation(nn.Module):
         self._fingerprint: tuple = ((), ())
         self._paused = False
         self._attached = False
+        self._claimed_by = None  # the rule that switched a net left to choose to the chain (require_chain)
         self.attach(model)
 
     # -- the recorder ----------------------------------------------------------------------------
@@ -244,6 +251,7 @@ class FPropagation(nn.Module):
                              "(FPropagation(model, graph=True)): wrap the model with graph=False (graphs: issue 22)")
         self.graph_choice = False
         self.attach()
+        self._claimed_by = who
 
     def remove(self) -> None:
         """Remove every hook and drop every record."""
@@ -316,7 +324,13 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
-        return self._recorder.forward(args, kwargs)
+        if self._claimed_by is None:
+            return self._recorder.forward(args, kwargs)
+        try:
+            return self._recorder.forward(args, kwargs)
+        except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded
+            raise type(exc)(f"{exc} (this net records a chain because {self._claimed_by} sweeps one; that rule does "
+                            "not run on graphs)") from None
 
     # -- records -------------------------------------------------------------------------------
     @property

@@ -92,8 +92,10 @@ class Tape:
         self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
         self.grad_mode = True  # the grad mode the forward was called in (``value.requires_grad``'s answer)
-        self.buffers: dict[int, Tensor] = {}  # id → the model's buffers: what the forward writes into them is undone
-        self.buffer_copies: list[tuple[Tensor, Tensor]] = []  # (buffer, its value before the forward's first write)
+        self.state: dict[int, Tensor] = {}  # storage → the model's parameter or buffer there: what the forward writes
+        # into one (through any alias: a view, .data, set_) is copied first and put back if the forward is refused
+        self.state_copies: list[tuple[Tensor, Tensor, bool]] = []  # (tensor, its value then, whether it was replaced)
+        self.trained: set[int] = set()  # storages of the parameters that require grad (never written in place)
         self.keep = False  # keep every value and its version for a rule that reads them (LFP: sweep_tape's rule)
         self.kept: dict[int, tuple[Tensor, int]] = {}  # value index → (the tensor as the forward made it, version)
         self.derived: dict[int, weakref.ref] = {}  # with keep: tensors computed from values that are not values (a
@@ -138,25 +140,40 @@ class Tape:
         return None
 
 
-def _inputs(tape: Tape, args: tuple, kwargs: dict) -> dict:
+def _inputs(tape: Tape, func, args: tuple, kwargs: dict) -> dict:
     """{adjoint key: source} for every value or parameter among the call's arguments (the table's keys:
-    position, keyword, or (position, i) inside a list)."""
+    position, keyword, or (position, i) inside a list). A tensor that requires grad and is neither (a parameter of
+    another model, a module-level ``nn.Parameter``) is refused: autograd would fill its ``.grad``, the sweep would not."""
     found = {}
     for key, arg in [*enumerate(args), *kwargs.items()]:
-        if isinstance(arg, (list, tuple)):
-            for i, item in enumerate(arg):
-                source = tape.source(item)
-                if source is not None:
-                    found[(key, i)] = source
-        else:
-            source = tape.source(arg)
+        for i, item in (enumerate(arg) if isinstance(arg, (list, tuple)) else ((None, arg),)):
+            source = tape.source(item)
             if source is not None:
-                found[key] = source
+                found[key if i is None else (key, i)] = source
+            elif isinstance(item, Tensor) and item.requires_grad:
+                raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a tensor that requires grad and is not a "
+                                 "parameter of the model (autograd would fill its .grad, the sweep does not): register "
+                                 "it on a module of the model, or detach it")
     return found
+
+
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_LEAVING = frozenset(f for f in (Tensor.numpy, Tensor.__array__, getattr(Tensor, "__dlpack__", None),
+                                 getattr(torch, "from_dlpack", None)) if f is not None)
+
+
+def _autocasting() -> bool:
+    """Whether an autocast region is active (CPU or CUDA), on any torch ≥ 2.1."""
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _op_name(func) -> str:
     """The name a user wrote: ``Tensor.sort``, ``torch.conv2d``, ``F.max_pool2d``."""
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(func)  # aten::sin, aten.mul.Tensor
     owner = getattr(func, "__self__", None)
     if getattr(func, "__name__", "") == "__get__" and hasattr(owner, "__name__"):
         return f"Tensor.{owner.__name__}"  # a property: x.data, x.T
@@ -184,11 +201,17 @@ class TapeMode(TorchFunctionMode):
             self._check_grad_mode(func)
             self.seen_grad = bool(args[0] if args else kwargs.get("mode"))
             return func(*args, **kwargs)
-        inputs = _inputs(tape, args, kwargs)
+        if _transforms_active():
+            raise ValueError(f"{_op_name(func)} in {tape.where()}: runs under a torch.func transform (vmap, grad, "
+                             "jacrev …), whose tensors the tape cannot follow; the forward is refused")
+        inputs = _inputs(tape, func, args, kwargs)
         if inputs:
             self._check_grad_mode(func)
-        if tape.buffers:
-            _keep_buffers_written(tape, func, args, kwargs)
+            if func in _LEAVING and any(kind == "value" and tape.needs[index] for kind, index in inputs.values()):
+                raise ValueError(f"{_op_name(func)} in {tape.where()}: takes a value out of torch (autograd refuses "
+                                 "it on a tensor that requires grad too); detach it first, or keep it in torch")
+        if tape.state:
+            _keep_state_written(tape, func, args, kwargs)
         if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
@@ -216,6 +239,9 @@ class TapeMode(TorchFunctionMode):
                 return _derived(tape, result, inputs) if func not in _CONSTANT_MAKERS or func in _DETACH else result
             raise ValueError(f"{_op_name(func)} in {tape.where()}: not in the table of ops the F-adjoint can sweep "
                              "back through (tfa.junctions.JUNCTIONS); the forward is refused")
+        if _autocasting():
+            raise ValueError(f"{_op_name(func)} in {tape.where()}: runs under torch.autocast, whose casts the tape does "
+                             "not record; the forward is refused (cast the model instead: model.to(dtype))")
         if entry.writes_first(args, kwargs):
             _check_in_place(tape, func, args, inputs)
             tape.keep_before_write(inputs.get(0))
@@ -318,29 +344,42 @@ _IN_PLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul_
                                  "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
 _STATISTICS = {F.batch_norm: (1, 2, "running_mean", "running_var"), torch.batch_norm: (3, 4, "running_mean", "running_var"),
                F.instance_norm: (1, 2, "running_mean", "running_var")}
+_REPLACING = frozenset({"set_", "__set__"})  # x.set_(…), x.data = …: the tensor gets other memory
 
 
-def _keep_buffers_written(tape: Tape, func, args: tuple, kwargs: dict) -> None:
-    """Copy a buffer of the model before the forward first writes into it (``self.count += 1``, ``out=``, BatchNorm's
-    running statistics): a refused forward puts every one back (:func:`put_back_buffers`), so it changes nothing."""
+def state_of(params, buffers) -> dict[int, Tensor]:
+    """{storage: tensor} of a model's parameters and buffers (what a forward may write and must put back)."""
+    return {t.untyped_storage().data_ptr(): t for t in (*params, *buffers) if t is not None and t.numel()}
+
+
+def _keep_state_written(tape: Tape, func, args: tuple, kwargs: dict) -> None:
+    """Copy a parameter or buffer of the model before the forward first writes into it, through any alias
+    (``self.count += 1``, ``self.buf[0] += 1``, ``self.buf.data.add_(1)``, ``out=``, ``.data = …``, BatchNorm's running
+    statistics, a clamp under ``no_grad``): a refused forward puts every one back (:func:`put_back_state`)."""
     written = [kwargs.get("out")]
     name = getattr(func, "__name__", "")
-    if args and ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS):
+    if args and ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
+                 or name in _REPLACING):
         written.append(args[0])
     positions = _STATISTICS.get(func)
     if positions is not None:
         written += [args[i] if len(args) > i else kwargs.get(key) for i, key in zip(positions[:2], positions[2:])]
     for tensor in written:
-        if isinstance(tensor, Tensor) and tape.buffers.pop(id(tensor), None) is not None:
-            tape.buffer_copies.append((tensor, tensor.detach().clone()))
+        if isinstance(tensor, Tensor) and tensor.numel():
+            owner = tape.state.pop(tensor.untyped_storage().data_ptr(), None)
+            if owner is not None:
+                tape.state_copies.append((owner, owner.detach().clone(), name in _REPLACING))
 
 
-def put_back_buffers(tape: Tape) -> None:
-    """Every buffer the refused forward wrote into holds its value from before the forward again."""
+def put_back_state(tape: Tape) -> None:
+    """Every parameter and buffer the refused forward wrote into holds its value from before the forward again."""
     with torch.no_grad():
-        for tensor, before in reversed(tape.buffer_copies):
-            tensor.copy_(before)
-    tape.buffer_copies = []
+        for tensor, before, replaced in reversed(tape.state_copies):
+            if replaced:
+                tensor.set_(before)
+            else:
+                tensor.copy_(before)
+    tape.state_copies = []
 
 
 def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
@@ -348,14 +387,18 @@ def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
     that requires grad) and on a value that shares its memory with another live value (a view or its base:
     autograd tracks views, the tape does not, so the alias would keep its old value in the sweep)."""
     source = inputs.get(0)
-    if source is None:
-        return
+    if source is None:  # a constant written with a value: it would become one, and its aliases would not
+        raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place into a tensor the tape holds "
+                         "as a constant (torch.zeros(…), a buffer, a view of one): write out of place (z = z + h)")
     kind, target = source
     if kind == "param":
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into the parameter "
                          f"{tape.params[id(target)][0]} (autograd refuses it too)")
     written = args[0]
     storage = written.untyped_storage().data_ptr()
+    if storage in tape.trained:
+        raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a view of a parameter that "
+                         "requires grad (autograd refuses it too)")
     for ref, _ in tape._values.values():
         other = ref()
         if other is not None and other is not written and other.untyped_storage().data_ptr() == storage:

@@ -96,8 +96,6 @@ class RuleOptimizer(Optimizer):
                  loss_kwargs: dict | None = None, validate=None):
         if not isinstance(net, FPropagation):
             raise TypeError(f"expected an FPropagation (tfa.FPropagation(model)), got {type(net).__name__}")
-        if self.chain_only:
-            net.require_chain(type(self).__name__)
         self.net = net
         self.loss = loss
         self._loss_fn = get_loss(loss)
@@ -106,6 +104,8 @@ class RuleOptimizer(Optimizer):
         self.guard = StepGuard(validate, net.reducer)
         super().__init__(net.parameters() if params is None else params, defaults)
         self._check_groups()
+        if self.chain_only:  # last: a refused construction leaves the net as it was
+            net.require_chain(type(self).__name__)
 
     @property
     def validate(self):

@@ -105,12 +105,11 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
                  foreach: bool | None = None, loss="cross_entropy", loss_kwargs: dict | None = None,
                  validate=None, fuse_update: bool = False, params=None):
         defaults = self._sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach)
-        if fuse_update and isinstance(net, FPropagation):
-            net.require_chain("FAdjoint(fuse_update=True)")  # the fused update runs inside the chain's sweep
         super().__init__(net, params, defaults, loss=loss, loss_kwargs=loss_kwargs, validate=validate)
         self.fuse_update = bool(fuse_update)
         if fuse_update:
             self._check_fusable()
+            net.require_chain("FAdjoint(fuse_update=True)")  # last: the fused update runs inside the chain's sweep
 
     def _rule_step(self, out_adj: Tensor) -> None:
         if self.net.graph:  # the tape's sweep (docs/maths.md §7.1); the gradient is read by its bound
