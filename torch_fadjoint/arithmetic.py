@@ -271,6 +271,21 @@ class _MatMul(Junction):
             adjs[kb] = b_adj.reshape(b.shape)
         return adjs
 
+    def input_energy(self, saved, weight_key) -> Tensor:
+        """The squared norms of the other operand's tokens, broadcastable to the output (docs/maths.md §7.3): the
+        rows of a for a @ W (``weight_key`` is b's), the columns of b for W @ b."""
+        ka, a, kb, b = saved
+        if weight_key == kb:
+            energy = a.pow(2).sum(-1)
+            return energy.unsqueeze(-1) if b.dim() > 1 and a.dim() > 1 else energy
+        energy = b.pow(2).sum(-2) if b.dim() > 1 else b.pow(2).sum()
+        return energy.unsqueeze(-2) if b.dim() > 1 and a.dim() > 1 else energy
+
+    def input_gram(self, saved, weight_key) -> Tensor | None:
+        """a aᵀ for a 2-d a @ W with a 2-d W (§4's B × B solve); None otherwise."""
+        ka, a, kb, b = saved
+        return a.mm(a.t()) if weight_key == kb and a.dim() == 2 and b.dim() == 2 else None
+
 
 def _subscripts(equation: str, ndims: list[int]) -> tuple[list[str], str]:
     """The operands' and the output's subscripts with ``...`` spelled out in unused letters (right-aligned, as
@@ -330,6 +345,15 @@ class _Einsum(Junction):
             adj = adj.expand([n if m == 1 else m for m, n in zip(adj.shape, mine.shape)])
             adjs[key] = fit(adj, mine.shape, mine.dtype)
         return adjs
+
+    def input_energy(self, saved, weight_key) -> Tensor:
+        """The squared norms of the other operand over the labels it contracts with the weight, broadcastable to the
+        output (docs/maths.md §7.3; every other label of it must be in the output)."""
+        operands, out_sub = saved
+        (_, wsub, _), (_, xsub, x) = operands if operands[0][0] == weight_key else operands[::-1]
+        kept = "".join(c for c in out_sub if c in xsub)
+        energy = torch.einsum(f"{xsub}->{kept}", x * x)
+        return energy.reshape([x.shape[xsub.index(c)] if c in kept else 1 for c in out_sub])
 
 
 JUNCTIONS.update(entries({

@@ -163,6 +163,20 @@ class _Linear(_Function):
             adjs["bias"] = (grad if fused else out_adj).sum_to_size(bias_shape)
         return {key: adjs[name] for name, key in keys}
 
+    def input_energy(self, saved, bias: bool) -> Tensor:
+        """‖x̃_r‖² of every row r of the input, x̃ = [x, 1] with ``bias``: (…, 1), broadcastable to the output
+        (consequentialism / NLMS, docs/maths.md §7.3)."""
+        energy = saved[1].pow(2).sum(-1, keepdim=True)
+        return energy + 1.0 if bias else energy
+
+    def input_gram(self, saved, bias: bool) -> Tensor | None:
+        """X̃ X̃ᵀ (B, B) of a 2-d input (§4's B × B solve); None for any other rank."""
+        x = saved[1]
+        if x.dim() != 2:
+            return None
+        gram = x.mm(x.t())
+        return gram + 1.0 if bias else gram
+
 
 # ---------------------------------------------------------------- F.conv1d / conv2d / conv3d
 
@@ -220,6 +234,20 @@ class _Conv(_Function):
             x_adj = x_adj.squeeze(0) if unbatched else x_adj
         adjs = {"input": x_adj, "weight": w_adj, "bias": b_adj}
         return {key: adjs[name] for name, key in keys}
+
+    def input_energy(self, saved, bias: bool) -> Tensor:
+        """‖x̃_{b,p}‖² of every patch, in the output's shape (docs/maths.md §6.5, §7.3): X² correlated with a ones
+        kernel of the call's geometry, per group, repeated over the group's output channels, + 1 with ``bias``."""
+        _, x, weight, _, (stride, padding, dilation, _, groups), pad = saved
+        unbatched = x.dim() == self.n + 1
+        x_in = x.unsqueeze(0) if unbatched else x
+        x_in = x_in if pad is None else _aten.constant_pad_nd(x_in, pad, 0)
+        ones = x_in.new_ones((groups,) + tuple(weight.shape[1:]))
+        correlate = (F.conv1d, F.conv2d, F.conv3d)[self.n - 1]
+        energy = correlate(x_in.pow(2), ones, None, stride, padding, dilation, groups)
+        energy = energy.repeat_interleave(weight.shape[0] // groups, dim=1)
+        energy = energy.squeeze(0) if unbatched else energy
+        return energy + 1.0 if bias else energy
 
 
 # ---------------------------------------------------------------- F.batch_norm / layer_norm / group_norm

@@ -39,7 +39,7 @@ per sample (an MLP) both are the same.
 
 On a graph (``FPropagation(model, graph=True)``, docs/maths.md §7.3) the sweep is the F-adjoint's over the tape
 (:func:`torch_fadjoint.tape.sweep_tape`): :class:`ConsequentialismGraphRule` changes only the parameter feedback of
-the weight ops (``entry.nlms``: ``F.linear``, ``F.conv*d``, a matmul or einsum with a parameter), normalised by the
+the weight ops (``entry.nlms``: linear, convolution, a matmul or einsum with a parameter), normalised by the
 input the weight is applied to, as above; every other op's feedback (normalisation layers, bare parameters,
 embeddings) is the F-adjoint's, and so is every value's adjoint. B is the first dimension of the model's output.
 """
@@ -49,8 +49,6 @@ import math
 
 import torch
 from torch import Tensor
-
-import torch.nn.functional as F
 
 from ..layers import LayerRecord
 from ..sweep import Rule, check_finite, check_out_adj, check_rule, param_names, sweep_grads
@@ -111,7 +109,8 @@ class ConsequentialismRule(Rule):
             coef = y_adj / (energy + delta)
         scale = batch
         if self.positions == "mean":  # ÷ P, the positions per sample (Y is (B, P·…, out) or (B, out, *P))
-            scale = batch * batch * layer.module.weight.shape[0] / y_adj.numel()
+            outputs = getattr(layer.module, "out_channels", None) or layer.module.out_features
+            scale = batch * batch * outputs / y_adj.numel()
         return layer.entry.param_feedback(layer, coef * scale)                      # B Δᵀ K⁻¹ X̃ (weight, bias)
 
 
@@ -133,7 +132,8 @@ class ConsequentialismGraphRule(TapeRule):
     =========  ====================================================  =========================================
 
     Every value's adjoint and every other parameter's feedback is the F-adjoint's. ``positions="mean"`` divides G by
-    P = (rows of the op) / B. Refused in one line naming the op and its module: an ``F.linear``/``F.conv*d`` whose
+    P = (rows of the op) / B. The entries' verbs give the energies and Gram: ``input_energy``, ``input_gram``.
+    Refused in one line naming the op and its module: a linear or convolution entry whose
     weight is computed from parameters (weight normalisation, a hypernetwork), or is a constant while its bias is a
     parameter; a matmul or einsum of two parameters; an einsum that sums a label of one operand alone. ``failures``/``failure_layers``: the Cholesky ``info`` of each solve and the op's description.
     """
@@ -184,7 +184,7 @@ class ConsequentialismGraphRule(TapeRule):
     def _split(self, op, found: dict, params: list) -> dict:
         return {key: adj for key, adj in found.items() if key not in params}
 
-    # -- F.linear, F.conv*d: saved = (keys, x, weight, bias, …) (tfa.functionals) ------------------------------
+    # -- linear and convolution entries: saved = (keys, x, weight, bias, …) (tfa.functionals) ---------------------
     def _weight_and_bias(self, op, params):
         keys = dict(op.saved[0])
         weight, bias = op.inputs.get(keys.get("weight")), op.inputs.get(keys.get("bias"))
@@ -194,34 +194,20 @@ class ConsequentialismGraphRule(TapeRule):
 
     def _linear(self, tape, op, out_adj, params):
         keys, bias = self._weight_and_bias(op, params)
-        _, x, weight, _, _ = op.saved
+        weight = op.saved[2]
         others = op.needed - set(params)
         found = op.entry.input_adjoints(op.saved, out_adj, needed=others) if others else {}
-        energy = x.pow(2).sum(-1, keepdim=True)
-        energy = energy + 1.0 if bias else energy
-        gram = None
-        if x.dim() == 2:
-            def gram():
-                k = x.mm(x.t())
-                return k + 1.0 if bias else k
-        coef = self._coef(op, out_adj, energy, weight, weight.shape[1], gram)
+        gram = (lambda: op.entry.input_gram(op.saved, bias)) if op.saved[1].dim() == 2 else None
+        coef = self._coef(op, out_adj, op.entry.input_energy(op.saved, bias), weight, weight.shape[1], gram)
         found.update(op.entry.input_adjoints(op.saved, coef, needed=frozenset(params)))
         return found
 
     def _conv(self, tape, op, out_adj, params):
         keys, bias = self._weight_and_bias(op, params)
-        _, x, weight, _, (stride, padding, dilation, _, groups), pad = op.saved
+        weight = op.saved[2]
         others = op.needed - set(params)
         found = op.entry.input_adjoints(op.saved, out_adj, needed=others) if others else {}
-        n = op.entry.n
-        x_in = x.unsqueeze(0) if x.dim() == n + 1 else x
-        x_in = x_in if pad is None else F.pad(x_in, pad)
-        ones = x_in.new_ones((groups,) + tuple(weight.shape[1:]))
-        energy = (F.conv1d, F.conv2d, F.conv3d)[n - 1](x_in.pow(2), ones, None, stride, padding, dilation, groups)
-        energy = energy.repeat_interleave(weight.shape[0] // groups, dim=1)
-        energy = energy.squeeze(0) if x.dim() == n + 1 else energy
-        energy = energy + 1.0 if bias else energy
-        coef = self._coef(op, out_adj, energy, weight, weight[0].numel())
+        coef = self._coef(op, out_adj, op.entry.input_energy(op.saved, bias), weight, weight[0].numel())
         found.update(op.entry.input_adjoints(op.saved, coef, needed=frozenset(params)))
         return found
 
@@ -235,19 +221,12 @@ class ConsequentialismGraphRule(TapeRule):
         found = op.entry.input_adjoints((ka if ka in others else None, a, kb if kb in others else None, b), out_adj)
         gram = None
         if side[0] == kb:  # X @ W: the rows of X
-            weight, contracted = b, b.shape[-2] if b.dim() > 1 else b.shape[0]
-            energy = a.pow(2).sum(-1)
-            energy = energy.unsqueeze(-1) if b.dim() > 1 and a.dim() > 1 else energy
+            weight, contracted, saved = b, b.shape[-2] if b.dim() > 1 else b.shape[0], (None, a, kb, b)
             if a.dim() == 2 and b.dim() == 2:
-                def gram():
-                    return a.mm(a.t())
-            saved = (None, a, kb, b)
+                gram = lambda: op.entry.input_gram(op.saved, kb)  # noqa: E731
         else:              # W @ X: the columns of X
-            weight, contracted = a, a.shape[-1]
-            energy = b.pow(2).sum(-2) if b.dim() > 1 else b.pow(2).sum()
-            energy = energy.unsqueeze(-2) if b.dim() > 1 and a.dim() > 1 else energy
-            saved = (ka, a, None, b)
-        coef = self._coef(op, out_adj, energy, weight, contracted, gram)
+            weight, contracted, saved = a, a.shape[-1], (ka, a, None, b)
+        coef = self._coef(op, out_adj, op.entry.input_energy(op.saved, side[0]), weight, contracted, gram)
         found.update(op.entry.input_adjoints(saved, coef))
         return found
 
@@ -260,13 +239,9 @@ class ConsequentialismGraphRule(TapeRule):
         alone = [c for sub, other in ((xsub, wsub), (wsub, xsub)) for c in sub if c not in other and c not in out_sub]
         if alone:
             self._refuse(op, f"it sums the label {alone[0]!r} of one operand alone")
-        contracted_labels = [c for c in xsub if c in wsub and c not in out_sub]
-        kept = "".join(c for c in out_sub if c in xsub and c not in contracted_labels)
-        energy = torch.einsum(f"{xsub}->{kept}", x * x)
-        energy = energy.reshape([x.shape[xsub.index(c)] if c in kept else 1 for c in out_sub])
-        contracted = math.prod(x.shape[xsub.index(c)] for c in contracted_labels)
+        contracted = math.prod(x.shape[xsub.index(c)] for c in xsub if c in wsub and c not in out_sub)
         found = self._split(op, super().through_op(tape, op, out_adj), params)
-        coef = self._coef(op, out_adj, energy, weight, contracted)
+        coef = self._coef(op, out_adj, op.entry.input_energy(op.saved, wkey), weight, contracted)
         found[wkey] = op.entry.input_adjoints(op.saved, coef)[wkey]
         return found
 
