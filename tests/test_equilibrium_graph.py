@@ -15,6 +15,7 @@ What is checked, each able to fail:
   "async"), the reference quirk and a start without the kept values are refused in one line, nothing written;
 * a residual net trains with the default (sequential=False, zero start, K = 100).
 """
+import functools
 import math
 
 import pytest
@@ -27,6 +28,7 @@ from torch_fadjoint.losses import cross_entropy
 from torch_fadjoint.optim.equilibrium import EquilibriumFAdjoint, equilibrium_grads
 from torch_fadjoint.rules.equilibrium import EquilibriumGraphRule, graph_states
 
+from .graphs import AttentionBlock, DenseGate, Residual
 from .models import labelled, labelled_batches, mlp
 from .state import assert_untouched, snapshot
 
@@ -34,73 +36,9 @@ DT = torch.float64
 
 
 # ------------------------------------------------------------------------------------------------------ models
-class _Residual(nn.Module):
-    """A BasicBlock (conv-BN-ReLU-conv-BN, ``out += identity``, ReLU), a downsampling block with a 1×1 shortcut,
-    average pooling, a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.down = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False), nn.BatchNorm2d(6))
-        self.conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-        self.fc = nn.Linear(6, 5)
-        for m in self.modules():  # BatchNorm's default γ = 1, β = 0 would hide their parts
-            if isinstance(m, nn.BatchNorm2d):
-                with torch.no_grad():
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(h))
-        out += h
-        h = F.relu(out)
-        h = F.relu(self.conv3(h) + self.down(h))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
-
-
-class _Dense(nn.Module):
-    """DenseNet-style concatenations, a squeeze-excitation gate (a product of two values), a layer scale (a bare
-    parameter times a value), chunk."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 4), nn.Linear(10, 4)
-        self.gate = nn.Linear(14, 14)
-        self.gamma = nn.Parameter(torch.rand(14) + 0.5)
-        self.head = nn.Linear(7, 5)
-
-    def forward(self, x):
-        h = torch.cat([x, torch.tanh(self.a(x))], dim=1)
-        h = torch.cat([h, F.gelu(self.b(h))], 1)
-        h = h * torch.sigmoid(self.gate(h)) * self.gamma
-        left, right = h.chunk(2, dim=1)
-        return self.head(left - right / 2)
-
-
-class _Attention(nn.Module):
-    """A ViT-style block: class token and positions (bare parameters), pre-LayerNorm, two-head SDPA, a residual,
-    a GELU MLP, the class token's output."""
-
-    def __init__(self, dim=8, heads=2, tokens=5):
-        super().__init__()
-        self.embed = nn.Linear(3, dim)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
-        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.1)
-        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.norm2, self.mlp1, self.mlp2 = nn.LayerNorm(dim), nn.Linear(dim, 16), nn.Linear(16, dim)
-        self.head, self.heads = nn.Linear(dim, 5), heads
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        h = torch.cat([self.cls.expand(b, -1, -1), self.embed(x)], dim=1) + self.pos
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
-        split = lambda z: z.reshape(b, t + 1, self.heads, -1).transpose(1, 2)  # noqa: E731
-        a = F.scaled_dot_product_attention(split(q), split(k), split(v))
-        h = h + self.proj(a.transpose(1, 2).reshape(b, t + 1, -1))
-        h = h + self.mlp2(F.gelu(self.mlp1(self.norm2(h))))
-        return self.head(h[:, 0])
+_Residual = functools.partial(Residual, down_bias=False, spread_bn=True)
+_Dense = functools.partial(DenseGate, classes=5)
+_Attention = functools.partial(AttentionBlock, classes=5)
 
 
 GRAPHS = {"residual-bn-inplace": (_Residual, (3, 8, 8)), "dense-cat-gate": (_Dense, 6),

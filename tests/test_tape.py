@@ -15,6 +15,7 @@ from torch import nn
 import torch_fadjoint as tfa
 
 from . import oracles
+from .graphs import AttentionBlock, DenseGate, Residual, TinyLM
 
 DT = torch.float64
 
@@ -40,89 +41,7 @@ def _compare(model: nn.Module, x, target, *, loss=F.cross_entropy, tol=1e-10):
 
 
 # -- hand-made graphs: every junction kind --------------------------------------------------------------------
-class _Residual(nn.Module):
-    """A BasicBlock: conv-bn-relu-conv-bn, `out += identity` (in place), relu; then a downsampling block."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.down = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2), nn.BatchNorm2d(6))
-        self.conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(h))
-        out += h
-        h = F.relu(out)
-        h = F.relu(self.conv3(h) + self.down(h))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
-
-
-class _DenseGate(nn.Module):
-    """Concatenations (DenseNet), a squeeze-excitation gate (a product of two values), a layer scale (a bare
-    parameter times a value), split and chunk."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 4), nn.Linear(10, 4)
-        self.gate = nn.Linear(14, 14)
-        self.gamma = nn.Parameter(torch.rand(14) + 0.5)
-        self.head = nn.Linear(7, 3)
-
-    def forward(self, x):
-        h = torch.cat([x, torch.tanh(self.a(x))], dim=1)
-        h = torch.cat([h, F.gelu(self.b(h))], 1)
-        h = h * torch.sigmoid(self.gate(h)) * self.gamma
-        left, right = h.chunk(2, dim=1)
-        return self.head(left - right / 2)
-
-
-class _Attention(nn.Module):
-    """A ViT-style block: a class token and position embedding (bare parameters), pre-LayerNorm, causal-free SDPA
-    with heads, a residual, a GELU MLP, the class token's output."""
-
-    def __init__(self, dim=8, heads=2, tokens=5):
-        super().__init__()
-        self.embed = nn.Linear(3, dim)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
-        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.1)
-        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.norm2, self.mlp1, self.mlp2 = nn.LayerNorm(dim), nn.Linear(dim, 16), nn.Linear(16, dim)
-        self.head, self.heads = nn.Linear(dim, 4), heads
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        h = torch.cat([self.cls.expand(b, -1, -1), self.embed(x)], dim=1) + self.pos
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
-        split = lambda z: z.reshape(b, t + 1, self.heads, -1).transpose(1, 2)  # noqa: E731
-        a = F.scaled_dot_product_attention(split(q), split(k), split(v))
-        h = h + self.proj(a.transpose(1, 2).reshape(b, t + 1, -1))
-        h = h + self.mlp2(F.gelu(self.mlp1(self.norm2(h))))
-        return self.head(h[:, 0])
-
-
-class _TinyLM(nn.Module):
-    """A decoder-only language model in plain torch: token embedding tied to the head, learned positions,
-    pre-LayerNorm blocks with causal SDPA and a GELU MLP, residuals."""
-
-    def __init__(self, vocab=11, dim=8, context=6, blocks=2):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Parameter(torch.randn(context, dim) * 0.1)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(dict(n1=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim),
-                               n2=nn.LayerNorm(dim), up=nn.Linear(dim, 4 * dim), down=nn.Linear(4 * dim, dim)))
-            for _ in range(blocks))
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, ids):
-        h = self.tokens(ids) + self.positions[: ids.shape[1]]
-        for block in self.blocks:
-            q, k, v = block["qkv"](block["n1"](h)).chunk(3, dim=-1)
-            h = h + block["proj"](F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            h = h + block["down"](F.gelu(block["up"](block["n2"](h))))
-        return F.linear(self.norm(h), self.tokens.weight).flatten(0, 1)  # tied head: (B·T, vocab)
+_Residual, _DenseGate, _Attention, _TinyLM = Residual, DenseGate, AttentionBlock, TinyLM
 
 
 @pytest.mark.parametrize("make, shape", [
