@@ -9,6 +9,10 @@ validation accuracy after ``select_epochs`` epochs from seed 0; then the variant
 ``<out>/runs/`` as it completes; ``--resume`` reuses those files. ``REPORT.md`` and the PNG plots in
 ``<out>`` are rebuilt from the run files at the end.
 
+A variant's own ``datasets`` runs it on those data sets only. ``reuse_selection = true``: where a variant's final
+epochs equal ``select_epochs``, its seed-0 final run is the chosen setting's selection run (the same seed, data,
+split and epochs: the same run), read instead of repeated.
+
 ``stop_after_s`` > 0: no run starts once that many seconds have passed (a run in progress finishes); what
 finished is reported (a variant whose selection is incomplete, or with no finished final run, is listed as
 not run) and ``--resume`` continues from there (``benchmarks.gpu`` runs the protocol in its time left).
@@ -51,6 +55,7 @@ DEFAULTS = {
     "speed_results": "benchmarks/results/speed/speed.json",  # interleaved step-time / memory ratios (benchmarks.speed)
     "beside": "",  # another compare's summary.json: its test accuracy per variant shown beside (the MLP's for CNNs)
     "stop_after_s": 0.0,  # > 0: start no run after this many seconds (resume later with --resume)
+    "reuse_selection": False,  # true: seed 0's final run is the chosen selection run when select_epochs = epochs
 }
 QUICK = {"seeds": [0], "epochs": 2, "select_epochs": 1, "train_subset": 3000, "validation": 1000}
 
@@ -103,7 +108,8 @@ def main(argv=None) -> Path:
     if not variants:
         raise SystemExit("error: no [variants.*] in the config (or none matches --only)")
     selections = {name: (1 if cfg["quick"] else len(_grid(s))) * bool(s.get("grid")) for name, s in variants.items()}
-    jobs = sum(selections[name] + len(s.get("seeds", cfg["seeds"])) for name, s in variants.items()) * len(cfg["datasets"])
+    jobs = sum((selections[name] + len(s.get("seeds", cfg["seeds"]))) * len(set(s.get("datasets", cfg["datasets"])))
+               for name, s in variants.items())
     overall = tqdm(total=jobs, desc="compare", disable=not cfg["progress"], file=sys.stderr)
     env = environment(device)
     summary = {"config": cfg, "environment": env, "datasets": {}}
@@ -115,6 +121,8 @@ def main(argv=None) -> Path:
         splits = load_splits({**cfg, "dataset": dataset}, device)
         per_dataset = summary["datasets"][dataset] = {}
         for name, spec in variants.items():
+            if dataset not in spec.get("datasets", [dataset]):
+                continue  # a variant run on some data sets only (its own `datasets`: a budget)
             rule = spec.get("rule", name)
             selection = []
             grid = _grid(spec) if spec.get("grid") else []  # no grid: nothing to select
@@ -143,11 +151,17 @@ def main(argv=None) -> Path:
                 vcfg = {**_variant_cfg(cfg, dataset, spec), **best, "epochs": spec.get("epochs", cfg["epochs"])}
                 overall.set_postfix_str(f"{dataset} {name} seed {seed}")
                 path = out / "runs" / f"{dataset}_{name}_final_{_tag(best)}_seed{seed}.json"
+                chosen_run = out / "runs" / f"{dataset}_{name}_select_{_tag(best)}.json"
+                reuse = cfg["reuse_selection"] and seed == 0 and selection and vcfg["epochs"] == cfg["select_epochs"] \
+                    and chosen_run.exists()
+                if reuse:
+                    write_json(path, {**json.loads(chosen_run.read_text()), "reused_from": chosen_run.name})
                 if out_of_time(path):
                     skipped += 1
                     continue
-                result = _run_cached(path, cfg["resume"], lambda: _diverged_or(lambda: run(vcfg, rule, seed, splits,
-                                                                                           device, position=1)), env)
+                result = json.loads(path.read_text()) if reuse else _run_cached(
+                    path, cfg["resume"], lambda: _diverged_or(lambda: run(vcfg, rule, seed, splits, device, position=1)),
+                    env)
                 runs.append({**result, "seed": seed})
                 overall.update()
             if not runs:

@@ -3,9 +3,12 @@
 ``model`` = ``"mlp"``            :func:`benchmarks.common.build_mlp` (``widths``, ``activation``, …), input (B, 784)
           = ``"examples_mnist"`` pytorch/examples' MNIST ``Net`` as written there (functional forward), input (B, 1, 28, 28)
           = ``"examples_mnist_modules"`` the same net written with modules in an ``nn.Sequential``
+          = ``"examples_mnist_logits"`` the same layers without Dropout and LogSoftmax (the logits; every rule trains it)
           = ``"small_cnn"``      a small ReLU CNN every rule can train (no Dropout, no LogSoftmax): see :func:`build_small_cnn`
           = ``"resnet20"``       He et al. 2016's CIFAR ResNet-20 (:class:`ResNet20`), BatchNorm, option-B shortcuts
           = ``"resnet18_tv"``    torchvision's ``resnet18(num_classes=10)`` (:func:`build_resnet18_tv`)
+          = ``"vit_tiny"``       a small ViT in plain torch (:class:`TinyViT`): 7×7 patches, class token, learned
+                                 positions, 2 pre-LN blocks, attention as explicit matmul + softmax (LFP's rules)
 
 The two ResNets read their input channels from :func:`input_shape`: ``image_shape`` when set (the speed configs'
 random input), else the data set's (1 × 28 × 28 for MNIST and Fashion-MNIST, 3 × 32 × 32 for CIFAR-10). They
@@ -63,6 +66,16 @@ def net_modules() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
         nn.Flatten(1), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10), nn.LogSoftmax(dim=1))
+
+
+def net_logits() -> nn.Sequential:
+    """:class:`Net`'s layers as modules without its two Dropouts and its LogSoftmax: the logits, on which the
+    cross-entropy equals ``Net``'s ``nll_loss`` of ``log_softmax`` (same layers, same order, the same weights from
+    one seed). Every rule trains it: LFP has no rule for LogSoftmax, inference learning needs the logits and
+    deterministic maps (``configs/compare_cnn_examples.toml``)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(1), nn.Linear(9216, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None, "": None}
@@ -165,7 +178,48 @@ def build_resnet18_tv(in_channels: int = 3, n_classes: int = 10) -> nn.Module:
     return model
 
 
-MODELS = ("mlp", "examples_mnist", "examples_mnist_modules", "small_cnn", "resnet20", "resnet18_tv")
+class TinyViT(nn.Module):
+    """A small vision transformer in plain torch (issue 22's benchmarks): a ``patch``×``patch`` stride-``patch``
+    convolution embeds the image's patches (28 / 7 = 4 × 4 = 16 tokens of width ``dim``), a learned class token is
+    put first and learned positions added, then ``depth`` pre-LayerNorm blocks ``h = h + proj(attn(LN(h)))``,
+    ``h = h + fc2(GELU(fc1(LN(h))))``, a final LayerNorm and a Linear head on the class token. The attention is
+    written as ``softmax(q kᵀ / √d_h) v`` with ``matmul`` and ``softmax`` rather than
+    ``F.scaled_dot_product_attention``: LFP's graph rules cover matmul and softmax (AttnLRP's) and refuse SDPA
+    (docs/maths.md §7.2); every other rule sees the same function. Not a ``nn.Sequential``: it is recorded on the
+    tape (``FPropagation(model)``). Default widths: dim 32, 2 heads, MLP 64: 19 658 parameters."""
+
+    def __init__(self, in_channels: int = 1, image: int = 28, patch: int = 7, dim: int = 32, depth: int = 2,
+                 heads: int = 2, mlp: int = 64, n_classes: int = 10):
+        super().__init__()
+        if image % patch or dim % heads:
+            raise ValueError(f"image {image} must be a multiple of patch {patch} and dim {dim} of heads {heads}")
+        tokens = (image // patch) ** 2
+        self.heads = heads
+        self.embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # not zero: LFP cannot move a zero parameter
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(norm1=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim),
+                               norm2=nn.LayerNorm(dim), fc1=nn.Linear(dim, mlp), fc2=nn.Linear(mlp, dim)))
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        h = self.embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
+        b, n, d = h.shape
+        h = torch.cat([self.cls.expand(b, -1, -1), h], dim=1) + self.pos
+        n += 1
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](h)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * (d // self.heads) ** -0.5, dim=-1)
+            a = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, d)
+            h = h + block["proj"](a)
+            h = h + block["fc2"](F.gelu(block["fc1"](block["norm2"](h))))
+        return self.head(self.norm(h)[:, 0])
+
+
+MODELS = ("mlp", "examples_mnist", "examples_mnist_modules", "examples_mnist_logits", "small_cnn", "resnet20", "resnet18_tv", "vit_tiny")
 RESNETS = ("resnet20", "resnet18_tv")
 # one image of each data set (C, H, W); the MNIST-like sets are IMAGE_SHAPE
 DATASET_SHAPES = {"cifar10": (3, 32, 32), "cifar_10": (3, 32, 32)}
@@ -199,10 +253,14 @@ def build_model(cfg: dict) -> nn.Module:
         built = Net()
     elif model == "examples_mnist_modules":
         built = net_modules()
+    elif model == "examples_mnist_logits":
+        built = net_logits()
     elif model == "resnet20":
         built = ResNet20(in_channels=input_shape(cfg)[0])
     elif model == "resnet18_tv":
         built = build_resnet18_tv(in_channels=input_shape(cfg)[0])
+    elif model == "vit_tiny":
+        built = TinyViT()
     else:
         built = build_small_cnn(cfg["channels"], cfg["kernels"], cfg["strides"], cfg["pools"], cfg["hidden"],
                                 cfg["activation"], cfg.get("input_noise", 0.0))
@@ -222,6 +280,12 @@ def describe(cfg: dict) -> str:
         return "pytorch/examples' MNIST Net (functional forward)"
     if model == "examples_mnist_modules":
         return "pytorch/examples' MNIST Net written with modules (nn.Sequential)"
+    if model == "examples_mnist_logits":
+        return ("pytorch/examples' MNIST Net's layers as an nn.Sequential without Dropout and LogSoftmax (the logits; "
+                "1199882 parameters)")
+    if model == "vit_tiny":
+        return (f"a tiny ViT (7×7 patches, class token, learned positions, 2 pre-LN blocks, dim 32, 2 heads, MLP 64, "
+                f"explicit matmul + softmax attention; {sum(p.numel() for p in build_model(cfg).parameters())} parameters)")
     if model in RESNETS:
         c = input_shape(cfg)[0]
         name = "ResNet-20 (He et al. 2016, option-B shortcuts)" if model == "resnet20" else \
