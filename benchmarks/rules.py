@@ -217,7 +217,8 @@ def _lfp(model: nn.Module, cfg: dict) -> RuleTrainer:
 
 
 def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
-    """§4 with a base optimizer (``base`` = sgd | adam | …; momentum/nesterov go to SGD only)."""
+    """§4 with a base optimizer (``base`` = sgd | adam | …; momentum/nesterov go to SGD only); ``positions``
+    "sum" | "mean" (docs/maths.md §7.3: "mean" divides a weight's feedback by its positions per sample)."""
     def factory(model: nn.Module, cfg: dict) -> RuleTrainer:
         base = cfg.get("base", "sgd")
         base_kwargs = {"weight_decay": cfg.get("weight_decay", 0.0)}
@@ -225,8 +226,9 @@ def _consequentialism(mode: str) -> Callable[[nn.Module, dict], RuleTrainer]:
             base_kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
         return RuleTrainer(model, lambda net: tfa.optim.Consequentialism(
             net, lr=cfg["lr"], mode=mode, base=base, delta_rel=cfg.get("delta_rel", 1e-3),
-            loss=_rule_loss(cfg), loss_kwargs={"reduction": cfg.get("reduction", "mean")},
-            validate=cfg.get("validate", True), **base_kwargs), graph=_graph(cfg))
+            positions=cfg.get("positions", "sum"), loss=_rule_loss(cfg),
+            loss_kwargs={"reduction": cfg.get("reduction", "mean")}, validate=cfg.get("validate", True),
+            **base_kwargs), graph=_graph(cfg))
     return factory
 
 

@@ -74,7 +74,7 @@ DEFAULTS = {
     "graph": False,  # true: every library rule (and `record`) records the whole graph on a tape (the ResNets need it)
     "image_shape": [],  # the ResNets' input [C, H, W] (random); empty: MNIST's 1 x 28 x 28
     **{k: TRAIN_DEFAULTS[k] for k in ("channels", "kernels", "strides", "pools", "hidden")},  # small_cnn
-    **{k: TRAIN_DEFAULTS[k] for k in ("sequential", "relax_init", "T", "clip_norm", "delta_rel")},  # rule knobs
+    **{k: TRAIN_DEFAULTS[k] for k in ("sequential", "relax_init", "T", "clip_norm", "delta_rel", "positions")},
     "activation": "relu",
     "loss": "cross_entropy",
     "lr": 0.01,

@@ -97,7 +97,7 @@ DEFAULTS = {
     "tau": 0.1, "steps": 100, "sequential": True, "relax_init": "forward",   # equilibrium (§2)
     "reference_output_derivative": False, "relaxation": "closed_form",
     "clip_norm": 3.0, "reward": "softmax", "eps": 1e-6, "batch_reduction": "mean",  # lfp (§3)
-    "base": "sgd", "delta_rel": 1e-3,                                          # consequentialism, nlms (§4)
+    "base": "sgd", "delta_rel": 1e-3, "positions": "sum",                      # consequentialism, nlms (§4, §7.3)
     "T": 25, "gamma_top": -1.0, "gamma_bot": -1.0, "clamp": 1.0,              # il, il_prox (§5); γ < 0: defaults
     "alpha": 5.0, "prox_eps": 0.25,
 }
