@@ -185,9 +185,10 @@ def bytes_kept(trainer, model: torch.nn.Module, x: torch.Tensor, target: torch.T
         return _unique_bytes(saved, params)
     with torch.no_grad():
         trainer.net(x)
-    if getattr(trainer.net, "graph", False):  # the tape: what each op saved for the sweep, and the output X^L
-        tape = trainer.net._tape
-        kept = _unique_bytes(_tensors([[op.saved for op in tape.ops], trainer.net.output]), params)
+    if getattr(trainer.net, "graph", False):  # the tape: what each op saved for the sweep, and the output X^L, and
+        tape = trainer.net._tape                # the values a rule that reads them keeps (LFP, IL: tape.kept)
+        kept_values = [tensor for tensor, _ in getattr(tape, "kept", {}).values()]
+        kept = _unique_bytes(_tensors([[op.saved for op in tape.ops], trainer.net.output, kept_values]), params)
     else:
         kept = _unique_bytes(_tensors(trainer.net.layers), params)
     trainer.net.clear()
