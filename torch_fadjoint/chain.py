@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten
 from .layers import Layer, LayerRecord, layer_for, supported_layers
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
 
-__all__ = ["ChainRecorder", "plain_chain"]
+__all__ = ["ChainRecorder", "HookedRecorder", "plain_chain"]
 
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # looked up once, not per call
@@ -194,7 +194,22 @@ class _ChainMode(TorchFunctionMode):
         return net._on_function(func, args, kwargs)
 
 
-class ChainRecorder:
+class HookedRecorder:
+    """What both recorders share: the handles of the hooks they registered on the model (STYLE P4), removed at once."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+class ChainRecorder(HookedRecorder):
     """The chain of §6 for ``net`` (an ``FPropagation``): its hooks on the model, and the records of the last
     forward (``layers``). Raises from :meth:`attach` (TypeError/ValueError naming the module) what it cannot record
     whatever it is given."""
@@ -228,12 +243,6 @@ class ChainRecorder:
             for m in self.model.modules())
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         self._normalisations = _normalisations(self.model)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.clear()
 
     def clear(self) -> None:
         """Drop the records of the last forward."""

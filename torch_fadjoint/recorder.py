@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 from torch.utils._pytree import tree_flatten
 
-from .chain import ChainRecorder, _check_inputs, _describe, _foreign_hooks, _ours, plain_chain
+from .chain import ChainRecorder, HookedRecorder, _check_inputs, _describe, _foreign_hooks, _ours, plain_chain
 from .layers import LayerRecord
 from .losses import get_loss
 from .maps import MapRecord
@@ -49,7 +49,7 @@ def _graph_backward_hook(model: nn.Module, modules, params) -> str | None:
     return None
 
 
-class TapeRecorder:
+class TapeRecorder(HookedRecorder):
     """The tape of ``net``'s model (docs/maths.md §7.1): one pre- and one post-hook per module keep the module path
     for messages (the tape's ``TorchFunctionMode`` sees the functions, whichever module calls them); each forward
     records a :class:`~torch_fadjoint.tape.Tape` (``tape``), swept by :meth:`grads`."""
@@ -76,12 +76,6 @@ class TapeRecorder:
                 _ours(lambda m, i, d=describe: self._path.append(d) and None)))
             self._handles.append(module.register_forward_hook(_ours(leave)))
         self._params = {id(p): (n, p) for n, p in self.net.model.named_parameters(remove_duplicate=False)}
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.clear()
 
     def clear(self) -> None:
         self.tape: Tape | None = None
