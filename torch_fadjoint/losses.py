@@ -85,6 +85,7 @@ def cross_entropy(
     >>> out_adj.shape
     torch.Size([2, 3])
     """
+    x_out = x_out.detach()  # read, not changed: no graph, and net(x)'s watched output stays unnoted (tfa.output)
     _check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -117,6 +118,7 @@ def nll(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     >>> nll(torch.log_softmax(torch.zeros(2, 3), 1), torch.tensor([0, 2]))[1][0]
     tensor([-0.5000,  0.0000,  0.0000])
     """
+    x_out = x_out.detach()  # read, not changed: no graph, and net(x)'s watched output stays unnoted (tfa.output)
     _check_reduction(reduction)
     _check_logits(x_out, target, "nll", validate)
     target = target.long()
@@ -140,6 +142,7 @@ def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     tensor([[0.5000, 0.5000],
             [0.5000, 0.5000]])
     """
+    x_out = x_out.detach()  # read, not changed: no graph, and net(x)'s watched output stays unnoted (tfa.output)
     _check_reduction(reduction)
     if not target.is_floating_point():
         _check_logits(x_out, target, "mse", validate)

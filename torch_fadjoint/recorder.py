@@ -28,6 +28,7 @@ from .chain import ChainRecorder, HookedRecorder, _check_inputs, _describe, _for
 from .layers import LayerRecord
 from .losses import get_loss
 from .maps import MapRecord
+from .output import unwatched, watch_output
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
 from .tape import Tape, TapeMode, check_versions, put_back_state, state_of, sweep_tape, tape_grads
 
@@ -178,7 +179,7 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written at every forward: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached", "_claimed_by"})
+    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached", "_claimed_by", "_output_note"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -208,6 +209,7 @@ class FPropagation(nn.Module):
         self._paused = False
         self._attached = False
         self._claimed_by = None  # the rule that switched a net left to choose to the chain (require_chain)
+        self._output_note: list = []  # what changed the returned output before the loss (tfa.output)
         self.attach(model)
 
     # -- the recorder ----------------------------------------------------------------------------
@@ -318,13 +320,17 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
-        if self._claimed_by is None:
-            return self._recorder.forward(args, kwargs)
+        args = tuple(map(unwatched, args))  # an earlier output fed back in is an input like any other
+        kwargs = {key: unwatched(value) for key, value in kwargs.items()}
         try:
-            return self._recorder.forward(args, kwargs)
+            output = self._recorder.forward(args, kwargs)
         except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded
+            if self._claimed_by is None:
+                raise
             raise type(exc)(f"{exc} (this net records a chain because {self._claimed_by} sweeps one; that rule does "
                             "not run on graphs)") from None
+        self._output_note = []
+        return watch_output(output, self._output_note) if isinstance(output, Tensor) else output
 
     # -- records -------------------------------------------------------------------------------
     @property
@@ -352,6 +358,19 @@ class FPropagation(nn.Module):
         output = self._recorder._output if self._recorder is not None else None
         if output is None:
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
+        return output
+
+    @property
+    def loss_input(self) -> Tensor:
+        """X^L for a loss computed here (``net.backward``, a step given ``target=``): the recorded output, refused
+        (RuntimeError, nothing written) when the one ``net(x)`` returned went through a differentiable op first
+        (:mod:`torch_fadjoint.output`)."""
+        output = self.output
+        if self._output_note:
+            raise RuntimeError(f"FPropagation: the output of net(x) went through {self._output_note[0]} after net(x) "
+                               "returned, which the loss would not see (net.backward and the optimizers start from the "
+                               "recorded output): put that op inside the model's forward, or read the output under "
+                               "torch.no_grad() / through out.detach() when it is only for metrics")
         return output
 
     def recorded_layers(self) -> list[LayerRecord]:
@@ -400,7 +419,7 @@ class FPropagation(nn.Module):
         >>> loss = net.backward(torch.nn.functional.nll_loss, torch.tensor([0, 2]))
         """
         loss_fn = get_loss(loss)
-        output = self.output
+        output = self.loss_input
         if output.shape[0] == 0:
             raise ValueError("FPropagation.backward: the recorded forward has batch size 0; nothing to learn from")
         result = loss_fn(output, target, **loss_kwargs)

@@ -195,7 +195,7 @@ class RuleOptimizer(Optimizer):
             if target is None:
                 raise ValueError("step() needs target= (or the top signal as out_adj=)")
             target = _as_target(target)
-            loss, signal = self._top_signal(output, target)
+            loss, signal = self._top_signal(self.net.loss_input, target)
         else:
             loss, signal = None, out_adj
         check_out_adj(self.net, signal, self.signal)
