@@ -332,6 +332,7 @@ class CompiledStep:
     def __init__(self, net: FPropagation, opt, check_steps: int, compile_kwargs: dict):
         import torch._inductor.config  # noqa: F401  (fallback_random below)
 
+        net.require_chain("tfa.compiled_step")  # dynamo cannot trace the tape's TorchFunctionMode
         self.net, self.opt, self.check_steps = net, opt, check_steps
         self.checked = 0
         self._compiled = torch.compile(self._step, **compile_kwargs)
@@ -359,7 +360,13 @@ class CompiledStep:
         torch.random.set_rng_state(rng[0])
         if rng[1] is not None:
             torch.cuda.set_rng_state_all(rng[1])
-        loss = self._compiled(x, target)
+        try:
+            loss = self._compiled(x, target)
+        except Exception as exc:  # a trace that fails part-way may have run the segments before it: put them back
+            before.restore()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RuntimeError(f"compiled_step: torch.compile could not run step {self.checked + 1} "
+                               f"({type(exc).__name__}: {first[:200]}); nothing was changed; use the eager step") from exc
         self.checked += 1
         with torch.no_grad():
             for (tensor, old), want in zip(before.values, eager):
