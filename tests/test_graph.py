@@ -430,7 +430,7 @@ def _compiled_run(rule, steps=5, cnn=False, **kwargs):
     return model, step
 
 
-_DYNAMO_MOMENTUM = ("torch 2.14.1's dynamo fails to trace the momentum update (fake tensors: the buffers arrive as "
+_DYNAMO_MOMENTUM = ("since stop 24 (it passed before), torch 2.14.1's dynamo fails to trace the momentum update (fake tensors: the buffers arrive as "
                     "the first parameter's, repeated); compiled_step refuses it, changing nothing (the test below)")
 
 

@@ -104,7 +104,7 @@ def test_compiled_step_is_refused_below_its_torch_version(monkeypatch):
 @pytest.mark.skipif(_OLD_TORCH, reason="torch.compile of the whole step needs torch >= 2.14 (refused below)")
 @pytest.mark.parametrize("rule", [
     *(pytest.param(rule, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
-        "torch 2.14.1's dynamo fails to trace the momentum update; compiled_step refuses it, changing nothing "
+        "since stop 24, torch 2.14.1's dynamo fails to trace the momentum update; compiled_step refuses it, changing nothing "
         "(tests/test_graph.py)"))) for rule in ("fadjoint", "fadjoint_fused")), "sgd"])
 def test_compiled_step_equals_eager_on_cpu(rule):
     """torch.compile of the whole step (forward with the recorder's hooks, adjoint, SGD update) on CPU:
