@@ -19,7 +19,7 @@ ALLOWED = {
     "steps": {"junctions"},  # tfa.nn.Step's entry (torch.heaviside)
     "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps"},  # the graph: ops through the table
     "chain": {"layers", "maps"},
-    "output": {"tape"},  # the returned output that notices a change before the loss (its op names: the tape's)  # the chain recorder (§6)
+    "output": {"tape", "losses"},  # the returned output that notices a change before the loss (its op names: the tape's)  # the chain recorder (§6)
     "recorder": {"chain", "layers", "maps", "sweep", "losses", "distributed", "tape", "output"},  # the façade, the tape recorder
     "rules": {"sweep", "layers", "maps", "losses", "tape"},  # tape: LFP's rule for the tape's sweep (sweep_tape)
     "optim": {"rules", "recorder", "sweep", "losses"},

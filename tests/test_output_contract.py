@@ -1,7 +1,8 @@
 """The loss starts from the recorded output (issue 21, "output post-processed outside the recorder";
-docs/maths.md §7.1): an output changed by a differentiable op after ``net(x)`` returned is refused at the loss, in
-one line naming the op, before anything is written; reading it for metrics, logging its loss, or changing it under
-``no_grad`` trains exactly as autograd does."""
+docs/maths.md §7.1): an output changed after ``net(x)`` returned — by any call that makes floating values from it,
+whatever the grad mode — or sent into another loss than the one trained, is refused at the loss, in one line naming
+the call, before anything is written; reading it for metrics or logging the trained loss trains exactly as
+autograd does. Cases from a red team of the first version (grad mode off, tuples, stacked nets, `.data =`)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,23 @@ CHANGES = {
     "add_constant": (lambda out: out + torch.ones_like(out), "Tensor.add"),
     "concatenate": (lambda out: torch.cat([out, out], dim=1), "torch.cat"),
     "functional_softmax": (lambda out: torch.softmax(out, 1), "softmax"),
+    "under_no_grad": (lambda out: _under_no_grad(lambda: out / 2), "Tensor.div"),  # grad mode says nothing here
+    "under_inference_mode": (lambda out: _under_inference_mode(lambda: out * 2), "Tensor.mul"),
+    "split": (lambda out: out.split([3, 1], dim=1), "split"),
+    "chunk": (lambda out: out.chunk(2, dim=1), "chunk"),
+    "data_assignment": (lambda out: setattr(out, "data", out.data / 2), r"data = … \(an assignment\)"),
+    "custom_function": (lambda out: _Halve.apply(out), "Tensor.div"),
+    "clone_then_change": (lambda out: out.clone().mul_(2), "Tensor.mul_"),
+    "another_wrapped_model": (lambda out: tfa.FPropagation(nn.Sequential(nn.Linear(CLASSES, 3)).to(DT))(out),
+                              "Sequential's recorded forward"),
+}
+
+# losses the user computes from the output that are not the one trained (F.cross_entropy, mean, no smoothing)
+OTHER_LOSSES = {
+    "per_sample": lambda out, t: (F.cross_entropy(out, t, reduction="none") * 2).mean(),
+    "smoothed": lambda out, t: F.cross_entropy(out, t, label_smoothing=0.2),
+    "another_loss": lambda out, t: F.multi_margin_loss(out, t),
+    "class_weights": lambda out, t: nn.CrossEntropyLoss(weight=torch.ones(CLASSES, dtype=DT))(out, t),
 }
 
 # what a user does with the output that is not the loss's input: training must stay autograd's
@@ -55,22 +73,41 @@ READS = {
     "accuracy": lambda out, t: (out.argmax(1) == t).float().mean().item(),
     "max_with_indices": lambda out, t: out.max(1),
     "topk": lambda out, t: out.topk(2, 1),
-    "no_grad_scaling": lambda out, t: _under_no_grad(lambda: out / 2),
     "detached": lambda out, t: out.detach() / 2,
+    "detached_confidence": lambda out, t: out.detach().softmax(1).max(1).values.mean().item(),
+    "sort": lambda out, t: out.sort(1),
     "data": lambda out, t: out.data * 3,
     "logged_loss": lambda out, t: F.cross_entropy(out, t).item(),
-    "logged_loss_module": lambda out, t: nn.CrossEntropyLoss(label_smoothing=0.1)(out, t),
-    "per_sample_loss": lambda out, t: F.cross_entropy(out, t, reduction="none"),
+    "logged_loss_module": lambda out, t: nn.CrossEntropyLoss()(out, t),
+    "logged_loss_no_grad": lambda out, t: _under_no_grad(lambda: F.cross_entropy(out, t, reduction="mean")),
     "logged_mean": lambda out, t: out.mean().item(),
     "metadata_and_repr": lambda out, t: (out.shape, out.dtype, out.device, repr(out), out.size(0)),
     "library_closed_form": lambda out, t: tfa.losses.cross_entropy(out, t),
     "constant_like": lambda out, t: torch.zeros_like(out) + out.new_ones(()),
+    "base": lambda out, t: out._base,
+    "clone_kept": lambda out, t: _under_no_grad(lambda: out.clone()),
+    "contiguous": lambda out, t: out.contiguous().argmax(1),
 }
 
 
 def _under_no_grad(fn):
     with torch.no_grad():
         return fn()
+
+
+def _under_inference_mode(fn):
+    with torch.inference_mode():
+        return fn()
+
+
+class _Halve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x / 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / 2
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -85,7 +122,7 @@ def test_an_output_changed_before_the_loss_is_refused_naming_the_op_and_nothing_
     before = snapshot(model, opt)
     out = net(x)
     transform(out)
-    with pytest.raises(RuntimeError, match=rf"^FPropagation: the output of net\(x\) went through \S*{op}\S* after "
+    with pytest.raises(RuntimeError, match=rf"^FPropagation: the output of net\(x\) went through \S*{op}\S* *\S* after "
                                            r"net\(x\) returned, which the loss would not see") as error:
         if entry == "backward":
             net.backward(F.cross_entropy, t)
@@ -93,6 +130,50 @@ def test_an_output_changed_before_the_loss_is_refused_naming_the_op_and_nothing_
             opt.step(target=t)
     assert "\n" not in str(error.value)
     assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("loss", OTHER_LOSSES)
+def test_a_loss_other_than_the_trained_one_is_refused_naming_both(kind, loss):
+    model = MODELS[kind]()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=0.1)
+    x, t = labelled(BATCH, 5, CLASSES, seed=1)
+    before = snapshot(model, opt)
+    OTHER_LOSSES[loss](net(x), t)
+    with pytest.raises(RuntimeError, match=r"^FPropagation: the output of net\(x\) went into F\.\w+ \(.*\) after net\(x\) "
+                                           r"returned, and the loss trained here is cross_entropy\("):
+        opt.step(target=t)
+    assert_untouched(before, model, opt)
+
+
+def test_the_trained_loss_logged_with_its_own_settings_passes():
+    """The loop that logs ``criterion(out, target)`` and trains ``net.backward(criterion, target)``."""
+    model = _graph()
+    x, t = labelled(BATCH, 5, CLASSES, seed=1)
+    want = oracles.autograd_grads(lambda: model(x), dict(model.named_parameters()), "cross_entropy", t,
+                                  label_smoothing=0.1)
+    net = tfa.FPropagation(model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    out = net(x)
+    logged = criterion(out, t)
+    loss = net.backward(criterion, t)
+    assert torch.equal(logged, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_a_copy_or_a_saved_output_is_a_plain_tensor(tmp_path):
+    import copy
+    net = tfa.FPropagation(_graph())
+    x, t = labelled(BATCH, 5, CLASSES, seed=1)
+    out = net(x)
+    for copied in (copy.deepcopy(out), copy.deepcopy({"out": out})["out"]):
+        assert type(copied) is torch.Tensor and torch.equal(copied, out)
+    torch.save(out, tmp_path / "out.pt")
+    loaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, out)
+    net.backward(F.cross_entropy, t)  # none of that changed the output
 
 
 @pytest.mark.parametrize("kind", MODELS)

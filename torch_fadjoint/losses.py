@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["cross_entropy", "nll", "mse", "get_loss", "ModuleLoss", "LOSSES", "TORCH_LOSSES", "MODULE_LOSSES"]
+__all__ = ["cross_entropy", "nll", "mse", "get_loss", "ModuleLoss", "LOSSES", "TORCH_LOSSES", "MODULE_LOSSES",
+           "loss_identity", "called_loss_identity"]
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -258,3 +259,51 @@ def get_loss(loss) -> Callable[..., tuple[Tensor, Tensor]]:
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
     return LOSSES[loss]
+
+
+# -- which loss is which (torch_fadjoint.output: a loss the user logs must be the one trained) ----------------
+_SETTINGS = {cross_entropy: {"reduction": "mean", "label_smoothing": 0.0}, nll: {"reduction": "mean"},
+             mse: {"reduction": "mean"}}
+
+
+def _identity(form, settings: dict) -> tuple:
+    merged = {**_SETTINGS[form], **{key: value for key, value in settings.items() if key in _SETTINGS[form]}}
+    return form, tuple(sorted((key, float(value) if key == "label_smoothing" else value)
+                              for key, value in merged.items()))
+
+
+def loss_identity(loss_fn, loss_kwargs: dict | None = None) -> tuple | None:
+    """(closed form, its settings) of a loss as :func:`get_loss` returned it, with ``loss_kwargs``; None for a
+    callable of the user's (no closed form of ours to compare with)."""
+    if isinstance(loss_fn, ModuleLoss):
+        return _identity(loss_fn.closed_form, loss_fn.settings())
+    if loss_fn in _SETTINGS:
+        return _identity(loss_fn, dict(loss_kwargs or {}))
+    return None
+
+
+def called_loss_identity(func, args: tuple, kwargs: dict) -> tuple | None:
+    """(closed form, settings) of torch's functional loss called as ``func(*args, **kwargs)`` (a loss module
+    calls it with its own settings); None for a loss with no closed form here (another loss, a class weight,
+    ``ignore_index``, the deprecated ``size_average`` / ``reduce``)."""
+    form = TORCH_LOSSES.get(func)
+    if form is None:
+        return None
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    given = bound.arguments
+    if (given.get("weight") is not None or given.get("ignore_index", -100) != -100
+            or given.get("size_average") is not None or given.get("reduce") is not None):
+        return None
+    return _identity(form, given)
+
+
+def describe_identity(identity: tuple | None) -> str:
+    """``cross_entropy(label_smoothing=0.0, reduction='mean')``, or what a loss without one is."""
+    if identity is None:
+        return "a loss with no closed form here"
+    form, settings = identity
+    return f"{form.__name__}({', '.join(f'{key}={value!r}' for key, value in settings)})"

@@ -3,15 +3,24 @@ loss and the recorded output").
 
 ``net.backward(criterion, target)`` and every optimizer's step start the sweep from the **recorded** output X^L:
 the loss is theirs to compute. A user who changes the output after ``net(x)`` returned and expects the loss to
-see the change (``out = net(x) / T``, ``F.log_softmax(net(x), 1)``, ``net(x).float()``, ``net(x)[:, :10]``) would
-train on a loss they did not write, without a word. So ``net(x)`` returns a :class:`RecordedOutput`: the same
-values (an alias of the recorded tensor, sharing its storage and version counter), a ``torch.Tensor`` everywhere,
-which notes the first torch call on it that autograd would differentiate — grad enabled, a floating result of at
-least one dimension — and the recorder refuses the loss after it, in one line naming that call, before anything
-is written. What cannot be mistaken for the loss's input passes: reading it under ``torch.no_grad()`` or
-through ``out.detach()`` / ``out.data``, comparisons, ``argmax``, ``max(dim)`` / ``topk`` (values with their
-indices), reductions to a scalar (a logged mean), ``x.new_zeros`` / ``zeros_like``-style constants, and a loss
-function of ``torch.nn.functional`` applied to it (the user logging the loss ``net.backward`` computes too).
+see the change (``out = net(x) / T``, ``F.log_softmax(net(x), 1)``, ``net(x).float()``, ``net(x)[:, :10]``,
+``net(x).split(…)``, another model applied to it) would train on a loss they did not write, without a word. So
+``net(x)`` returns a :class:`RecordedOutput`: the same values (an alias of the recorded tensor, sharing its
+storage and version counter), a ``torch.Tensor`` everywhere, which notes
+
+* the first torch call on it that makes floating values from it (a tensor of at least one dimension, or several
+  with no integer one among them), **whatever the grad mode**: this library trains without autograd, so
+  ``torch.no_grad()`` says nothing about what the user means; ``.data = …`` assignments too;
+* every ``torch.nn.functional`` loss applied to it (a loss module calls one), with its settings;
+
+and the recorder refuses the loss after a change, or after a logged loss other than the one it trains, in one
+line naming the call, before anything is written (``FPropagation.loss_input``). What passes: ``out.detach()`` and
+whatever is made from it, ``out.data`` reads, comparisons, ``argmax``, values with their indices (``max(dim)``,
+``topk``, ``sort``), scalars (a logged mean, ``.item()``), constants shaped like it (``zeros_like``,
+``x.new_ones``), the same loss as the one trained (the loop that logs ``criterion(out, target)``), and copies of
+the same values (``clone``, ``contiguous``, ``.to`` another device), which stay watched with the output's note.
+Not seen (documented, not detected): a deliberate escape from ``__torch_function__`` (``out.as_subclass(Tensor)``,
+``Tensor._make_subclass``, ``torch.utils.swap_tensors``) and ``torch.vmap`` over it.
 
 Every result of a call on it is a plain ``torch.Tensor``: only the object ``net(x)`` returned is watched.
 """
@@ -21,44 +30,94 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import called_loss_identity
 from .tape import _op_name
 
-__all__ = ["RecordedOutput", "watch_output"]
+__all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched"]
 
-# calls on the output whose result carries no gradient in autograd, or is no stand-in for the output
+# calls whose floating result is no stand-in for the output (autograd gives it no gradient either)
 _READS = frozenset({
-    Tensor.detach, torch.detach, Tensor.data.__get__, Tensor.requires_grad_, Tensor.new_zeros, Tensor.new_ones,
-    Tensor.new_full, Tensor.new_empty, Tensor.new_tensor, torch.zeros_like, torch.ones_like, torch.empty_like,
-    torch.full_like, torch.rand_like, torch.randn_like, torch.randint_like,
+    Tensor.detach, torch.detach, Tensor.data.__get__, Tensor._base.__get__, Tensor.requires_grad_, Tensor.new_zeros,
+    Tensor.new_ones, Tensor.new_full, Tensor.new_empty, Tensor.new_tensor, torch.zeros_like, torch.ones_like,
+    torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, torch.randint_like,
 })
-# torch.nn.functional's losses (the loss modules call them): a loss logged beside net.backward is not a change
+# copies of the same values (same shape and dtype): the copy stays watched, sharing the output's note
+_COPIES = frozenset({Tensor.clone, torch.clone, Tensor.contiguous, Tensor.to, Tensor.cpu, Tensor.cuda, Tensor.float,
+                     Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.type_as})
+# torch.nn.functional's losses (the loss modules call them): noted with their settings, compared at the loss
 _LOSSES = frozenset(getattr(F, name) for name in dir(F) if name.endswith("_loss") or name in (
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div"))
 
 
-class RecordedOutput(Tensor):
-    """The output of a recorded forward: a ``torch.Tensor`` that notes the first change made to it (see the
-    module docstring). ``changed_by`` (on the record it shares with the recorder) names that call."""
+class OutputNote:
+    """What happened to one forward's returned output: ``change`` (the first call that made a stand-in for it, by
+    name) and ``losses`` ([(name, identity)] of every loss applied to it, ``losses.called_loss_identity``)."""
 
-    _fadjoint_note: list  # the recorder's note: [] until the first change, then [its name]
+    __slots__ = ("change", "losses")
+
+    def __init__(self):
+        self.change: str | None = None
+        self.losses: list[tuple[str, tuple | None]] = []
+
+    def changed(self, name: str) -> None:
+        if self.change is None:
+            self.change = name
+
+
+class RecordedOutput(Tensor):
+    """The output of a recorded forward: a ``torch.Tensor`` that notes what is done to it (see the module
+    docstring) into the :class:`OutputNote` it shares with the recorder."""
+
+    _fadjoint_note: OutputNote
+    _fadjoint_copy = False  # a copy (clone, .to) shares the note, not the recorded output's version counter
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
-            result = func(*args, **(kwargs or {}))
-        if (torch.is_grad_enabled() and func not in _READS and func not in _LOSSES
-                and isinstance(result, Tensor) and result.dim() >= 1
-                and (result.is_floating_point() or result.is_complex())):
-            for value in _outputs_in(args, kwargs):
-                if not value._fadjoint_note and result is not value:  # in place: the version counter's to refuse
-                    value._fadjoint_note.append(_op_name(func))
+            result = func(*args, **kwargs)
+        watched = _outputs_in(args, kwargs)
+        if func in _LOSSES:
+            identity = called_loss_identity(func, args, kwargs)
+            for value in watched:
+                value._fadjoint_note.losses.append((_op_name(func), identity))
+        elif getattr(func, "__name__", "") == "__set__":  # out.data = …: the alias would change, not the record
+            for value in watched:
+                value._fadjoint_note.changed(f"Tensor.{getattr(func.__self__, '__name__', '?')} = … (an assignment)")
+        elif (func in _COPIES and isinstance(result, Tensor) and watched and result is not watched[0]
+              and result.shape == watched[0].shape and result.dtype == watched[0].dtype):
+            copy = watch_output(result, watched[0]._fadjoint_note)  # the same values: watched as the output is
+            copy._fadjoint_copy = True  # its own version counter: a change in place is noted, not versioned
+            return copy
+        elif func not in _READS and _stands_in(result):
+            for value in watched:
+                if result is not value or value._fadjoint_copy:  # in place on the output: its version refuses it
+                    value._fadjoint_note.changed(_op_name(func))
         return result
 
+    def __deepcopy__(self, memo):
+        """A copy is a plain tensor (a copy is not the recorded output)."""
+        return self.as_subclass(Tensor).clone()
 
-def _outputs_in(args: tuple, kwargs) -> list[RecordedOutput]:
+    def __reduce_ex__(self, protocol):
+        """Saved (``torch.save``, pickle) as the plain tensor it is: ``torch.load(weights_only=True)`` reads it."""
+        return self.as_subclass(Tensor).__reduce_ex__(protocol)
+
+
+def _stands_in(result) -> bool:
+    """Whether ``result`` could be taken for the output by a loss: floating values of at least one dimension, or
+    several floating tensors with no integer one among them (``split``; ``max(dim)`` gives values *and* indices)."""
+    if isinstance(result, Tensor):
+        return result.dim() >= 1 and (result.is_floating_point() or result.is_complex())
+    if isinstance(result, (tuple, list)) and result and all(isinstance(item, Tensor) for item in result):
+        return all(item.is_floating_point() or item.is_complex() for item in result)
+    return False
+
+
+def _outputs_in(args: tuple, kwargs: dict) -> list[RecordedOutput]:
     """The watched outputs among a call's arguments (top level and inside lists or tuples)."""
     found = []
-    for arg in (*args, *(kwargs or {}).values()):
+    for arg in (*args, *kwargs.values()):
         if isinstance(arg, RecordedOutput):
             found.append(arg)
         elif isinstance(arg, (list, tuple)):
@@ -66,13 +125,17 @@ def _outputs_in(args: tuple, kwargs) -> list[RecordedOutput]:
     return found
 
 
-def watch_output(output: Tensor, note: list) -> RecordedOutput:
+def watch_output(output: Tensor, note: OutputNote) -> RecordedOutput:
     """``output`` as a :class:`RecordedOutput` writing into ``note`` (an alias: same storage, same version)."""
     watched = output.as_subclass(RecordedOutput)
     watched._fadjoint_note = note
     return watched
 
 
-def unwatched(value):
-    """``value`` as a plain tensor when it is a watched output (fed back into a forward), else itself."""
-    return value.as_subclass(Tensor) if isinstance(value, RecordedOutput) else value
+def unwatched(value, into: str):
+    """``value`` as a plain tensor when it is a watched output — fed into another recorded forward (``into``),
+    which changes it for its own loss — else itself."""
+    if not isinstance(value, RecordedOutput):
+        return value
+    value._fadjoint_note.changed(into)
+    return value.as_subclass(Tensor)

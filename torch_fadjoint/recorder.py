@@ -26,9 +26,9 @@ from torch.utils._pytree import tree_flatten
 
 from .chain import ChainRecorder, HookedRecorder, _check_inputs, _describe, _foreign_hooks, _ours, plain_chain
 from .layers import LayerRecord
-from .losses import get_loss
+from .losses import describe_identity, get_loss, loss_identity
 from .maps import MapRecord
-from .output import unwatched, watch_output
+from .output import OutputNote, unwatched, watch_output
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
 from .tape import Tape, TapeMode, check_versions, put_back_state, state_of, sweep_tape, tape_grads
 
@@ -209,7 +209,7 @@ class FPropagation(nn.Module):
         self._paused = False
         self._attached = False
         self._claimed_by = None  # the rule that switched a net left to choose to the chain (require_chain)
-        self._output_note: list = []  # what changed the returned output before the loss (tfa.output)
+        self._output_note = OutputNote()  # what was done to the returned output before the loss (tfa.output)
         self.attach(model)
 
     # -- the recorder ----------------------------------------------------------------------------
@@ -320,8 +320,9 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
-        args = tuple(map(unwatched, args))  # an earlier output fed back in is an input like any other
-        kwargs = {key: unwatched(value) for key, value in kwargs.items()}
+        into = f"{type(self.model).__name__}'s recorded forward"  # an output fed in: changed for its own loss
+        args = tuple(unwatched(value, into) for value in args)
+        kwargs = {key: unwatched(value, into) for key, value in kwargs.items()}
         try:
             output = self._recorder.forward(args, kwargs)
         except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded
@@ -329,7 +330,7 @@ class FPropagation(nn.Module):
                 raise
             raise type(exc)(f"{exc} (this net records a chain because {self._claimed_by} sweeps one; that rule does "
                             "not run on graphs)") from None
-        self._output_note = []
+        self._output_note = OutputNote()
         return watch_output(output, self._output_note) if isinstance(output, Tensor) else output
 
     # -- records -------------------------------------------------------------------------------
@@ -360,17 +361,25 @@ class FPropagation(nn.Module):
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
         return output
 
-    @property
-    def loss_input(self) -> Tensor:
-        """X^L for a loss computed here (``net.backward``, a step given ``target=``): the recorded output, refused
-        (RuntimeError, nothing written) when the one ``net(x)`` returned went through a differentiable op first
-        (:mod:`torch_fadjoint.output`)."""
-        output = self.output
-        if self._output_note:
-            raise RuntimeError(f"FPropagation: the output of net(x) went through {self._output_note[0]} after net(x) "
+    def loss_input(self, loss_fn=None, loss_kwargs: dict | None = None) -> Tensor:
+        """X^L for a loss computed here (``net.backward``, a step given ``target=``) by ``loss_fn`` (as
+        :func:`~torch_fadjoint.losses.get_loss` returns it; None: a rule's own signal, not a loss): the recorded
+        output, refused (RuntimeError, nothing written) when the one ``net(x)`` returned was changed first, or went
+        into another loss than ``loss_fn`` with ``loss_kwargs`` (:mod:`torch_fadjoint.output`)."""
+        output, note = self.output, self._output_note
+        if note.change is not None:
+            raise RuntimeError(f"FPropagation: the output of net(x) went through {note.change} after net(x) "
                                "returned, which the loss would not see (net.backward and the optimizers start from the "
-                               "recorded output): put that op inside the model's forward, or read the output under "
-                               "torch.no_grad() / through out.detach() when it is only for metrics")
+                               "recorded output): put that op inside the model's forward, or read the output through "
+                               "out.detach() for metrics")
+        if note.losses and loss_fn is not None:
+            ours = loss_identity(loss_fn, loss_kwargs)
+            for name, theirs in note.losses:
+                if theirs is None or theirs != ours:
+                    raise RuntimeError(f"FPropagation: the output of net(x) went into {name} "
+                                       f"({describe_identity(theirs)}) after net(x) returned, and the loss trained here is "
+                                       f"{describe_identity(ours) if ours else 'a callable of yours'}: pass the loss you "
+                                       "mean as the criterion, or log it from out.detach()")
         return output
 
     def recorded_layers(self) -> list[LayerRecord]:
@@ -419,7 +428,7 @@ class FPropagation(nn.Module):
         >>> loss = net.backward(torch.nn.functional.nll_loss, torch.tensor([0, 2]))
         """
         loss_fn = get_loss(loss)
-        output = self.loss_input
+        output = self.loss_input(loss_fn, loss_kwargs)
         if output.shape[0] == 0:
             raise ValueError("FPropagation.backward: the recorded forward has batch size 0; nothing to learn from")
         result = loss_fn(output, target, **loss_kwargs)

@@ -195,7 +195,7 @@ class RuleOptimizer(Optimizer):
             if target is None:
                 raise ValueError("step() needs target= (or the top signal as out_adj=)")
             target = _as_target(target)
-            loss, signal = self._top_signal(self.net.loss_input, target)
+            loss, signal = self._top_signal(self.net.loss_input(*self._trained_loss()), target)
         else:
             loss, signal = None, out_adj
         check_out_adj(self.net, signal, self.signal)
@@ -223,6 +223,11 @@ class RuleOptimizer(Optimizer):
         guard.require(inside, "target", [f"a class outside [0, {n_classes - 1}]"],
                       error=lambda: ValueError(f"target: targets must lie in [0, {n_classes - 1}]"))
         return target.clamp(0, n_classes - 1)
+
+    def _trained_loss(self) -> tuple:
+        """(loss, loss_kwargs) of the loss this step trains, for ``net.loss_input``; a rule whose top signal is not
+        a loss's X*^L (LFP's reward) returns (None, None): a loss logged beside it is a metric."""
+        return (self._loss_fn, self.loss_kwargs) if self.signal == "out_adj" else (None, None)
 
     def _top_signal(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         kwargs = dict(self.loss_kwargs)

@@ -83,7 +83,7 @@ class InferenceLearning(DelegatingRuleOptimizer):
         if target is None:
             raise ValueError("step() needs target= (the (B,) class indices)")
         target = _as_target(target)
-        output = self.net.loss_input
+        output = self.net.loss_input()
         if output.shape[0] == 0:
             raise ValueError("step: the recorded forward has batch size 0; nothing to learn from")
         _check_logits(output, target, f"{self.param_groups[0]['variant']} target", self._target_validate())

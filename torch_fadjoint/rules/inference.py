@@ -449,7 +449,7 @@ def inference_grads(net, target: Tensor, variant: str = "il", *, T: int = 25, ga
         return _graph_grads(net, target, variant, T, gamma_top, gamma_bot, clamp, validate)
     layers = net.recorded_layers()
     chain = _chain(layers)
-    output = net.loss_input
+    output = net.loss_input()
     if not isinstance(target, Tensor):
         raise ValueError(f"{variant} target: expected a tensor, got {type(target).__name__}")
     _check_logits(output, target, f"{variant} target", validate)
@@ -495,7 +495,7 @@ def _graph_grads(net, target, variant, T, gamma_top, gamma_bot, clamp, validate)
     if variant == "il_prox":
         net.clear()
         raise ValueError(IL_PROX_ON_GRAPHS)
-    output = net.loss_input
+    output = net.loss_input()
     if not isinstance(target, Tensor):
         raise ValueError(f"{variant} target: expected a tensor, got {type(target).__name__}")
     _check_logits(output, target, f"{variant} target", validate)
