@@ -430,12 +430,7 @@ def _compiled_run(rule, steps=5, cnn=False, **kwargs):
     return model, step
 
 
-_DYNAMO_MOMENTUM = ("since stop 24 (it passed before), torch 2.14.1's dynamo fails to trace the momentum update (fake tensors: the buffers arrive as "
-                    "the first parameter's, repeated); compiled_step refuses it, changing nothing (the test below)")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason=_DYNAMO_MOMENTUM)
 @pytest.mark.skipif(_OLD_TORCH, reason="torch.compile of the whole step needs torch >= 2.14")
 @pytest.mark.parametrize("rule", ["fadjoint", "fused"])
 def test_compiled_step_equals_eager(rule):
@@ -494,7 +489,6 @@ def test_a_compiled_step_that_fails_part_way_is_refused_and_changes_nothing():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason=_DYNAMO_MOMENTUM)
 @pytest.mark.skipif(_OLD_TORCH, reason="torch.compile of the whole step needs torch >= 2.14")
 def test_compiled_dropout_net_passes_the_check():
     """Dropout masks come from torch's generator under compiled_step, so a dropout net's checked steps agree."""

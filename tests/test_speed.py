@@ -102,10 +102,7 @@ def test_compiled_step_is_refused_below_its_torch_version(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(_OLD_TORCH, reason="torch.compile of the whole step needs torch >= 2.14 (refused below)")
-@pytest.mark.parametrize("rule", [
-    *(pytest.param(rule, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
-        "since stop 24, torch 2.14.1's dynamo fails to trace the momentum update; compiled_step refuses it, changing nothing "
-        "(tests/test_graph.py)"))) for rule in ("fadjoint", "fadjoint_fused")), "sgd"])
+@pytest.mark.parametrize("rule", ["fadjoint", "fadjoint_fused", "sgd"])
 def test_compiled_step_equals_eager_on_cpu(rule):
     """torch.compile of the whole step (forward with the recorder's hooks, adjoint, SGD update) on CPU:
     same parameters as the eager step after 3 steps (inductor reorders float32 sums: tolerance 1e-6).

@@ -39,7 +39,7 @@ from torch.optim import Optimizer
 from ..losses import LOSSES, get_loss
 from ..recorder import FPropagation
 from ..sweep import check_out_adj, param_names
-from .functional import sgd_update, sgd_update_bound
+from .functional import _compiling, sgd_update, sgd_update_bound
 from .guard import StepGuard, Term, check_validate
 
 __all__ = ["RuleOptimizer", "check_hyper", "UPDATE_FAILS"]
@@ -259,8 +259,11 @@ class RuleOptimizer(Optimizer):
         buf = self.state.get(param, {}).get("momentum_buffer")
         if buf is None or not group["momentum"]:
             return None
+        # is_inference() is an eager-mode check: dynamo graph-breaks on it, and torch 2.14.1 resumes a frame that
+        # broke after a lookup keyed by a tensor with the first key's value for every key (each parameter got the
+        # first one's buffer: tests/test_graph.py, scripts/dynamo_tensor_key_graph_break.py)
         if not (isinstance(buf, Tensor) and buf.shape == param.shape and buf.dtype == param.dtype
-                and buf.device == param.device and not buf.is_inference()
+                and buf.device == param.device and (_compiling() or not buf.is_inference())
                 and not any(stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape))):
             found = (f"a tensor of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}" if isinstance(buf, Tensor)
                      else f"a {type(buf).__name__}")
