@@ -170,6 +170,7 @@ def test_a_copy_or_a_saved_output_is_a_plain_tensor(tmp_path):
     out = net(x)
     for copied in (copy.deepcopy(out), copy.deepcopy({"out": out})["out"]):
         assert type(copied) is torch.Tensor and torch.equal(copied, out)
+    assert repr(out) == repr(out.detach().as_subclass(torch.Tensor)) and repr(out).startswith("tensor(")
     torch.save(out, tmp_path / "out.pt")
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
     assert type(loaded) is torch.Tensor and torch.equal(loaded, out)

@@ -95,6 +95,10 @@ class RecordedOutput(Tensor):
                     value._fadjoint_note.changed(_op_name(func))
         return result
 
+    def __repr__(self, *, tensor_contents=None):
+        """Printed as the tensor it is (``tensor([...])``): the watching is not part of its value."""
+        return self.as_subclass(Tensor).__repr__(tensor_contents=tensor_contents)
+
     def __deepcopy__(self, memo):
         """A copy is a plain tensor (a copy is not the recorded output)."""
         return self.as_subclass(Tensor).clone()
