@@ -143,17 +143,32 @@ class Tape:
 def _inputs(tape: Tape, func, args: tuple, kwargs: dict) -> dict:
     """{adjoint key: source} for every value or parameter among the call's arguments (the table's keys:
     position, keyword, or (position, i) inside a list). A tensor that requires grad and is neither (a parameter of
-    another model, a module-level ``nn.Parameter``) is refused: autograd would fill its ``.grad``, the sweep would not."""
+    another model, a module-level ``nn.Parameter``) is refused: autograd would fill its ``.grad``, the sweep would not.
+    (:meth:`Tape.source` inlined: this runs on every call the forward makes.)"""
     found = {}
-    for key, arg in [*enumerate(args), *kwargs.items()]:
-        for i, item in (enumerate(arg) if isinstance(arg, (list, tuple)) else ((None, arg),)):
-            source = tape.source(item)
-            if source is not None:
-                found[key if i is None else (key, i)] = source
-            elif isinstance(item, Tensor) and item.requires_grad:
+    values, params = tape._values, tape.params
+    for key, arg in (enumerate(args) if not kwargs else [*enumerate(args), *kwargs.items()]):
+        if isinstance(arg, Tensor):
+            items = ((None, arg),)
+        elif isinstance(arg, (list, tuple)):
+            items = enumerate(arg)
+        else:
+            continue  # a number, a shape, a dtype, None: no tensor
+        for i, item in items:
+            if not isinstance(item, Tensor):
+                continue
+            value = values.get(id(item))
+            if value is not None and value[0]() is item:
+                source = ("value", value[1])
+            elif id(item) in params and isinstance(item, nn.Parameter):
+                source = ("param", item)
+            elif item.requires_grad:
                 raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a tensor that requires grad and is not a "
                                  "parameter of the model (autograd would fill its .grad, the sweep does not): register "
                                  "it on a module of the model, or detach it")
+            else:
+                continue
+            found[key if i is None else (key, i)] = source
     return found
 
 
@@ -162,8 +177,13 @@ _LEAVING = frozenset(f for f in (Tensor.numpy, Tensor.__array__, getattr(Tensor,
                                  getattr(torch, "from_dlpack", None)) if f is not None)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocasting() -> bool:
-    """Whether an autocast region is active (CPU or CUDA), on any torch ≥ 2.1."""
+    """Whether an autocast region is active (CPU or CUDA), on any torch ≥ 2.1 (one C call when none is)."""
+    if not _any_autocast():  # no device autocasts: the common case, without the two calls below
+        return False
     try:
         return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
     except TypeError:  # torch < 2.4: no device argument
@@ -197,7 +217,11 @@ class TapeMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tape = self.tape
-        if func is torch._C._set_grad_enabled:  # torch.no_grad(), set_grad_enabled(…), enable_grad() in the forward
+        try:
+            call = _CALLS.get(func) or _Call.of(func)
+        except TypeError:  # an unhashable callable: looked at afresh each time (the sets below refuse it later)
+            call = _Call(func)
+        if call.sets_grad:  # torch.no_grad(), set_grad_enabled(…), enable_grad() in the forward
             self._check_grad_mode(func)
             self.seen_grad = bool(args[0] if args else kwargs.get("mode"))
             return func(*args, **kwargs)
@@ -206,23 +230,24 @@ class TapeMode(TorchFunctionMode):
                              "jacrev …), whose tensors the tape cannot follow; the forward is refused")
         inputs = _inputs(tape, func, args, kwargs)
         if inputs:
-            self._check_grad_mode(func)
-            if func in _LEAVING and any(kind == "value" and tape.needs[index] for kind, index in inputs.values()):
+            if torch.is_grad_enabled() != self.seen_grad:
+                self._check_grad_mode(func)
+            if call.leaving and any(kind == "value" and tape.needs[index] for kind, index in inputs.values()):
                 raise ValueError(f"{_op_name(func)} in {tape.where()}: takes a value out of torch (autograd refuses "
                                  "it on a tensor that requires grad too); detach it first, or keep it in torch")
-        if tape.state:
+        if tape.state and (call.may_write or "out" in kwargs):  # the others write no tensor they are given
             _keep_state_written(tape, func, args, kwargs)
         if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
-            return _derived(tape, func(*args, **kwargs), inputs)
+            result = func(*args, **kwargs)
+            return _derived(tape, result, inputs) if tape.keep else result
         if func is Tensor.register_hook:
             _refuse_attribute("register_hook")(tape, func, args, inputs)
-        special = _VALUE_ATTRIBUTES.get(getattr(func, "__self__", None)) if func not in JUNCTIONS else None
-        if special is not None:
-            return special(tape, func, args, inputs)
-        entry = JUNCTIONS.get(func)
-        if entry is None and func in _COMPOSITES:  # torch's Python of torch ops: record the ops it calls
+        entry = JUNCTIONS.get(func)  # the table itself (not cached: an entry may be added at any time)
+        if entry is None and call.special is not None:
+            return call.special(tape, func, args, inputs)
+        if entry is None and call.composite:  # torch's Python of torch ops: record the ops it calls
             inner = TapeMode(tape, self.grad_mode)
             inner.seen_grad = self.seen_grad
             with inner:
@@ -245,11 +270,13 @@ class TapeMode(TorchFunctionMode):
         if entry.writes_first(args, kwargs):
             _check_in_place(tape, func, args, inputs)
             tape.keep_before_write(inputs.get(0))
+        _set_grad_enabled(False)  # no autograd graph: the sweep is ours (torch.no_grad() without its Python)
         try:
-            with torch.no_grad():  # no autograd graph: the sweep is ours
-                out, saved = entry.run(func, args, kwargs)
+            out, saved = entry.run(func, args, kwargs)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{exc} (in {tape.where()})") from None
+        finally:
+            _set_grad_enabled(True)  # enabled: the calls that reach here are those made with grad enabled
         needed = frozenset(key for key, (kind, source) in inputs.items()  # inputs whose adjoint reaches a parameter
                            if (kind == "param" and source.requires_grad) or (kind == "value" and tape.needs[source]))
         leaves = [out] if isinstance(out, Tensor) else list(out)
@@ -430,16 +457,54 @@ _VALUE_ATTRIBUTES = {
 }
 
 
-def _tensors_in(saved):
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+class _Call:
+    """What the tape needs to know of a callable, whatever its arguments: looked up once per callable (``_CALLS``)
+    instead of at every call of the forward. The junction entry is not kept here: the table may grow."""
+
+    __slots__ = ("sets_grad", "special", "composite", "leaving", "may_write")
+
+    def __init__(self, func):
+        self.sets_grad = func is torch._C._set_grad_enabled
+        self.special = _VALUE_ATTRIBUTES.get(getattr(func, "__self__", None))  # x.requires_grad, x.grad_fn
+        self.composite = func in _COMPOSITES
+        self.leaving = func in _LEAVING
+        name = getattr(func, "__name__", "")
+        # what :func:`_keep_state_written` looks at besides ``out=``: an in-place name or a normalisation's statistics
+        self.may_write = ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
+                          or name in _REPLACING or func in _STATISTICS)
+
+    @classmethod
+    def of(cls, func) -> "_Call":
+        call = cls(func)
+        if len(_CALLS) >= 4096:  # callables made on the fly (a lambda per call): keep the cache bounded
+            _CALLS.clear()
+        if not isinstance(getattr(func, "__self__", None), Tensor):  # a method bound to a tensor would keep it alive
+            _CALLS[func] = call
+        return call
+
+
+_CALLS: dict = {}
+
+
+def _tensors_in(saved) -> list[Tensor]:
     """The tensors of an entry's record (a tensor, or tuples, lists and dicts of them and of other values)."""
+    found: list[Tensor] = []
+    _collect_tensors(saved, found)
+    return found
+
+
+def _collect_tensors(saved, found: list) -> None:
     if isinstance(saved, Tensor):
-        yield saved
-    elif isinstance(saved, (tuple, list)):
-        for item in saved:
-            yield from _tensors_in(item)
-    elif isinstance(saved, dict):
-        for item in saved.values():
-            yield from _tensors_in(item)
+        found.append(saved)
+    elif isinstance(saved, (tuple, list, dict)) and not isinstance(saved, torch.Size):  # a shape holds ints only
+        for item in (saved.values() if isinstance(saved, dict) else saved):
+            if isinstance(item, Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                _collect_tensors(item, found)
 
 
 def check_versions(tape: Tape) -> None:
