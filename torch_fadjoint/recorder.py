@@ -86,7 +86,8 @@ class TapeRecorder(HookedRecorder):
         """Record one forward on a new tape; a refused forward puts back every buffer it wrote."""
         net = self.net
         self.clear()
-        leaves = tree_flatten((args, kwargs))[0]
+        leaves = (list(args) if not kwargs and all(isinstance(a, Tensor) for a in args)  # net(x): no pytree walk
+                  else tree_flatten((args, kwargs))[0])
         _check_inputs(leaves)
         tape = Tape(self._params)
         tape.path = self._path

@@ -253,13 +253,13 @@ class TapeMode(TorchFunctionMode):
             with inner:
                 return _undispatched(func)(*args, **kwargs)
         if entry is None:
-            tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)]
+            tensors = [leaf for leaf in _leaves((*args, *kwargs.values())) if isinstance(leaf, Tensor)]
             before = [t._version for t in tensors]
             result = func(*args, **kwargs)
             wrote = any(t._version != v for t, v in zip(tensors, before))  # h[:, 0] = 0, z[1:] = h[1:]: not constants
             if not wrote and (func in _CONSTANT_MAKERS or not any(
                     isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex())
-                    for leaf in tree_flatten(result)[0])):
+                    for leaf in _leaves((result,)))):
                 # metadata (x.shape), masks and indices (x > 0, argmax), x.new_zeros(…), x.detach()
                 return _derived(tape, result, inputs) if func not in _CONSTANT_MAKERS or func in _DETACH else result
             raise ValueError(f"{_op_name(func)} in {tape.where()}: not in the table of ops the F-adjoint can sweep "
@@ -301,6 +301,16 @@ class TapeMode(TorchFunctionMode):
 
 
 _DETACH = frozenset({Tensor.detach, torch.detach})
+_LEAF_TYPES = frozenset({int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device, slice,
+                         type(Ellipsis)})  # what pytree holds no tensor in
+
+
+def _leaves(items: tuple) -> list:
+    """``tree_flatten(items)``'s leaves where a tensor may be (the items themselves when each is a tensor or a plain
+    value, as a metadata call's ``x.dim()`` / ``x.shape`` are, without pytree's walk)."""
+    if all(isinstance(item, Tensor) or type(item) in _LEAF_TYPES for item in items):
+        return list(items)
+    return tree_flatten(items)[0]
 
 
 def _derived(tape: Tape, result, inputs: dict):
