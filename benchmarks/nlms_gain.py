@@ -30,7 +30,7 @@ from torch import nn
 
 import torch_fadjoint as tfa
 from torch_fadjoint.rules.consequentialism import ConsequentialismGraphRule
-from torch_fadjoint.tape import FADJOINT
+from torch_fadjoint.tape_sweep import FADJOINT
 
 from .common import environment, parse_config, write_json, write_markdown
 

@@ -19,9 +19,10 @@ ALLOWED = {
     "steps": {"junctions"},  # tfa.nn.Step's entry (torch.heaviside)
     "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps"},  # the graph: ops through the table
     "chain": {"layers", "maps"},
+    "tape_sweep": {"tape"},  # the sweep over a recorded tape (the F-adjoint, the rules' interface)
     "output": {"tape", "losses"},  # the returned output that notices a change before the loss (its op names: the tape's)  # the chain recorder (§6)
-    "recorder": {"chain", "layers", "maps", "sweep", "losses", "distributed", "tape", "output"},  # the façade, the tape recorder
-    "rules": {"sweep", "layers", "maps", "losses", "tape"},  # tape: LFP's rule for the tape's sweep (sweep_tape)
+    "recorder": {"chain", "layers", "maps", "sweep", "losses", "distributed", "tape", "tape_sweep", "output"},  # the façade, the tape recorder
+    "rules": {"sweep", "layers", "maps", "losses", "tape", "tape_sweep"},  # the tape's sweep and its TapeRule
     "optim": {"rules", "recorder", "sweep", "losses"},
     "graph": {"optim", "recorder", "sweep"},
 }

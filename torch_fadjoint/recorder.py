@@ -30,7 +30,8 @@ from .losses import describe_identity, get_loss, loss_identity
 from .maps import MapRecord
 from .output import OutputNote, unwatched, watch_output
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
-from .tape import Tape, TapeMode, check_versions, put_back_state, state_of, sweep_tape, tape_grads
+from .tape import Tape, TapeMode, put_back_state, state_of
+from .tape_sweep import check_versions, sweep_tape, tape_grads
 
 __all__ = ["FPropagation", "LayerRecord", "MapRecord"]
 
@@ -396,7 +397,7 @@ class FPropagation(nn.Module):
     def graph_grads(self, out_adj: Tensor, *, retain_records: bool = False, rule=None) -> dict[Tensor, Tensor]:
         """On the tape: {parameter: ∂J/∂θ} from X*^L by the sweep over the last forward's tape (docs/maths.md §7.1);
         nothing is written; the tape is freed unless ``retain_records``. ``rule``: another signal's rule for
-        the same sweep (a ``tfa.tape.TapeRule``: LFP's reward, §7.2), ``out_adj`` then being its top signal."""
+        the same sweep (a ``tfa.tape_sweep.TapeRule``: LFP's reward, §7.2), ``out_adj`` then being its top signal."""
         if not isinstance(self._recorder, TapeRecorder):
             raise RuntimeError("FPropagation: graph_grads sweeps a tape; this net records a chain (graph=False)")
         return self._recorder.grads(out_adj, retain_records=retain_records, rule=rule)

@@ -1,5 +1,4 @@
-"""The tape: the user's whole forward as ops on values and parameters, and the F-adjoint swept back over it
-(docs/maths.md §7.1, §1.2).
+"""The tape: the user's whole forward recorded as ops on values and parameters (docs/maths.md §7.1).
 
 While ``FPropagation(model, graph=True)`` runs the forward, a ``TorchFunctionMode`` sees every torch function
 call (STYLE P10). A call that reads a **value** (a tensor computed from the model's inputs) or a **parameter**
@@ -7,22 +6,15 @@ of the model (whichever module holds it) is run through its entry of the junctio
 (:data:`torch_fadjoint.junctions.JUNCTIONS`, filled by ``arithmetic``, ``activations`` and ``functionals``) and
 recorded as an op; its tensor outputs become values. Any other call is a constant (buffers, masks, shapes) and
 runs as written, and so is a call on a value whose output carries no gradient in autograd either (a comparison,
-``argmax``, ``x.new_zeros(…)``, ``x.detach()``, anything inside the user's own ``torch.no_grad()`` block, when the forward
-itself was called with grad enabled: called under ``no_grad`` — as the optimizers' loops may — an inner block
-cannot be told apart and everything is recorded). Each recorded op runs under ``no_grad``: no autograd graph. A call on a value with no entry is refused, naming the op and the
-module it ran in.
-
-The F-adjoint on the tape (§1.2 on a graph)::
-
-    adj[output] = X*^L
-    for op in reversed(ops):                 an op none of whose outputs received an adjoint is skipped, and so
-                                             is one with no trainable parameter upstream (the model's input, frozen
-                                             layers: autograd skips them alike)
-        for each input: J_inputᵀ adj[op's outputs]  →  summed into adj[value] (fan-out) or the parameter's feedback
+``argmax``, ``x.new_zeros(…)``, ``x.detach()``, anything inside the user's own ``torch.no_grad()`` block, when the
+forward itself was called with grad enabled: called under ``no_grad`` — as the optimizers' loops may — an inner
+block cannot be told apart and everything is recorded). Each recorded op runs under ``no_grad``: no autograd graph.
+A call on a value with no entry is refused, naming the op and the module it ran in.
 
 An in-place op produces a new version of its input (``out += identity``): the tensor's later uses read the new
-value; an op that saved the old version and finds it overwritten at the sweep is refused, as autograd refuses
-it (the entries copy what their own in-place backward needs). Every saved tensor keeps its version.
+value; every saved tensor keeps its version, so the sweep (:mod:`torch_fadjoint.tape_sweep`, the F-adjoint and
+the other rules' signals sent back over these ops) refuses one overwritten later, as autograd refuses it (the
+entries copy what their own in-place backward needs).
 """
 from __future__ import annotations
 
@@ -38,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 from . import activations, arithmetic, functionals, poolings, steps  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
 
-__all__ = ["Tape", "TapeMode", "TapeRule", "sweep_tape", "tape_grads", "check_versions", "rerun"]
+__all__ = ["Tape", "TapeMode", "rerun", "state_of", "put_back_state"]
 
 
 # calls whose floating output carries no gradient in autograd either: new tensors shaped like a value, detach
@@ -515,121 +507,3 @@ def _collect_tensors(saved, found: list) -> None:
                 found.append(item)
             elif isinstance(item, (tuple, list, dict)):
                 _collect_tensors(item, found)
-
-
-def check_versions(tape: Tape) -> None:
-    """Every tensor an op saved, and the output, still hold what the forward made (RuntimeError otherwise)."""
-    for op in tape.ops:
-        for tensor, version in op.versions:
-            if tensor._version != version:
-                raise RuntimeError(f"FPropagation: a tensor that {op.entry.name} in {op.where} saved for the sweep was "
-                                   "modified in place later (autograd refuses this too); nothing was changed")
-    for tensor, version in tape.kept.values():
-        if tensor._version != version:
-            raise RuntimeError("FPropagation: a value kept for the sweep (keep_pre_activations) was modified in place "
-                               "behind the tape; nothing was changed")
-    if tape.output_tensor is not None and tape.output_tensor._version != tape.output_version:
-        raise RuntimeError("FPropagation: the model's output was modified in place after the forward (the loss would "
-                           "read what the sweep does not start from); nothing was changed")
-
-
-class TapeRule:
-    """The signal a rule sends back over the tape: the F-adjoint (docs/maths.md §7.1), the default of
-    :func:`sweep_tape`. A rule for another signal (LFP's reward, §7.2 there) overrides :meth:`through_op`;
-    ``keeps_values``: it reads the values themselves (``tape.kept``, kept when the tape was recorded with
-    ``tape.keep``), refused by :meth:`check` otherwise."""
-
-    name = "the F-adjoint"
-    keeps_values = False
-
-    def check(self, tape: Tape) -> None:
-        """Refuse, before anything is computed, a tape this rule cannot sweep."""
-        if self.keeps_values and not tape.keep:
-            raise RuntimeError(f"{self.name} reads the recorded values: it needs FPropagation(model, graph=True, "
-                               "keep_pre_activations=True) (its optimizer sets it); run the forward again")
-
-    def through_op(self, tape: Tape, op: _Op, out_signal) -> dict:
-        """{input key: signal} for ``op`` from the signal at its output(s) (a tuple for several, None where one got
-        none): a value's signals are summed over its uses, a parameter's over its uses into its feedback."""
-        if getattr(op.entry, "takes_needed", False):
-            return op.entry.input_adjoints(op.saved, out_signal, needed=op.needed)
-        return op.entry.input_adjoints(op.saved, out_signal)
-
-
-FADJOINT = TapeRule()
-
-
-def sweep_tape(tape: Tape, top: Tensor, rule: TapeRule = FADJOINT, *, release: bool = False) -> dict[Tensor, Tensor]:
-    """{parameter: feedback} from the signal ``top`` at the output, sent back over the ops by ``rule`` (§7.1): each
-    value's signal is the sum over its uses; a parameter that requires grad sums its uses' feedback. Nothing is
-    written. Refuses (RuntimeError) a saved or kept tensor overwritten in place after the forward recorded it.
-    ``release``: drop each op's records once its signals are made (autograd frees alike: the peak is then its
-    peak), and each kept value once the op that made it is swept (nothing earlier reads it)."""
-    check_versions(tape)
-    rule.check(tape)
-    adjoints: dict[int, Tensor] = {tape.output: top}
-    owned: set[int] = set()  # values whose stored signal no other tensor shares: a later use adds into it in place
-    grads: dict[Tensor, Tensor] = {}
-    for op in reversed(tape.ops):
-        outs = [adjoints.pop(i, None) if i >= 0 else None for i in op.outputs]
-        if not op.needed or all(o is None for o in outs):  # no trainable parameter upstream: nothing to send
-            if release:
-                op.saved, op.versions = None, []
-                _release_kept(tape, op)
-            continue
-        found = rule.through_op(tape, op, outs[0] if op.single else tuple(outs))
-        alone = _unshared(found, outs, op.saved)
-        if release:
-            op.saved, op.versions = None, []
-            _release_kept(tape, op)
-        for key, adjoint in found.items():
-            source = op.inputs.get(key)
-            if source is None or adjoint is None or key not in op.needed:
-                continue  # a constant input, or one whose adjoint reaches no trainable parameter
-            kind, target = source
-            if kind == "value":
-                _accumulate(adjoints, owned, target, adjoint, key in alone)
-            elif target.requires_grad:
-                grads[target] = adjoint if target not in grads else grads[target] + adjoint
-    return grads
-
-
-def _unshared(found: dict, outs: list, saved) -> set:
-    """The keys of ``found`` whose tensor shares its memory with nothing else the sweep holds (not the op's output
-    signals, another key's tensor, or a saved tensor) and has no overlapping entries: a fresh kernel result, which
-    the sum at a fan-out may add into in place."""
-    storages = [t.untyped_storage().data_ptr() for t in found.values() if isinstance(t, Tensor)]
-    taken = {t.untyped_storage().data_ptr() for t in (*outs, *_tensors_in(saved)) if isinstance(t, Tensor)}
-    return {key for key, t in found.items()
-            if isinstance(t, Tensor) and t.numel() and t.is_contiguous() and not t.requires_grad
-            and storages.count(ptr := t.untyped_storage().data_ptr()) == 1 and ptr not in taken}
-
-
-def _accumulate(adjoints: dict, owned: set, target: int, signal: Tensor, alone: bool) -> None:
-    """adjoints[target] += signal (the sum over a value's uses, §7.1), in place where one side is the sweep's alone
-    (autograd's input buffer does the same): the same additions, no extra tensor at the junction."""
-    held = adjoints.get(target)
-    if held is None:
-        adjoints[target] = signal
-        (owned.add if alone else owned.discard)(target)
-    elif target in owned:
-        held.add_(signal)
-    elif alone:
-        adjoints[target] = signal.add_(held)
-        owned.add(target)
-    else:
-        adjoints[target] = held + signal
-        owned.add(target)
-
-
-def _release_kept(tape: Tape, op: _Op) -> None:
-    for index in op.outputs:
-        tape.kept.pop(index, None)
-
-
-def tape_grads(tape: Tape, out_adj: Tensor, *, release: bool = False) -> dict[Tensor, Tensor]:
-    """{parameter: ∂J/∂θ} from X*^L, for every parameter the forward read that requires grad (§7.1): the F-adjoint
-    rule of :func:`sweep_tape`. Nothing is written. Refuses (RuntimeError) a saved tensor overwritten in place
-    after its op recorded it. ``release``: drop each op's records once its adjoints are made (autograd frees alike:
-    the peak is then its peak)."""
-    return sweep_tape(tape, out_adj, FADJOINT, release=release)

@@ -38,7 +38,7 @@ step moves each output by up to P times its delta ("sum", the default, is §6.5 
 per sample (an MLP) both are the same.
 
 On a graph (``FPropagation(model, graph=True)``, docs/maths.md §7.3) the sweep is the F-adjoint's over the tape
-(:func:`torch_fadjoint.tape.sweep_tape`): :class:`ConsequentialismGraphRule` changes only the parameter feedback of
+(:func:`torch_fadjoint.tape_sweep.sweep_tape`): :class:`ConsequentialismGraphRule` changes only the parameter feedback of
 the weight ops (``entry.nlms``: linear, convolution, a matmul or einsum with a parameter), normalised by the
 input the weight is applied to, as above; every other op's feedback (normalisation layers, bare parameters,
 embeddings) is the F-adjoint's, and so is every value's adjoint. B is the first dimension of the model's output.
@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..layers import LayerRecord
 from ..sweep import Rule, check_finite, check_out_adj, check_rule, param_names, sweep_grads
-from ..tape import TapeRule
+from ..tape_sweep import TapeRule
 
 __all__ = ["ConsequentialismRule", "ConsequentialismGraphRule", "consequentialism_grads", "check_mode", "MODES",
            "POSITIONS"]

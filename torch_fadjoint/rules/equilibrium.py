@@ -31,7 +31,7 @@ The optimizer is ``tfa.optim.EquilibriumFAdjoint``: the joint update by default,
 benchmarks/results/equilibrium_stability/REPORT.md).
 
 On a graph (``FPropagation`` recording the tape, docs/maths.md §7.4) :class:`EquilibriumGraphRule` runs the same
-relaxation on the tape's sweep (:func:`torch_fadjoint.tape.sweep_tape`): a state Z_v at every value that is an input
+relaxation on the tape's sweep (:func:`torch_fadjoint.tape_sweep.sweep_tape`): a state Z_v at every value that is an input
 of a parametric op and at the top, each driven by the sum over its uses of their input adjoints, computed exactly
 through the parameter-free ops in between; a parametric op's feedback is J_θᵀ of the adjoint at its output. The
 zero start is the default there too (the residual compounds along a path: about d·f for d states on it). The
@@ -48,7 +48,8 @@ from torch import Tensor
 
 from ..layers import LayerRecord
 from ..sweep import Rule, check_finite, check_out_adj, check_rule, param_names, sweep_grads
-from ..tape import Tape, TapeRule, _Op
+from ..tape import Tape, _Op
+from ..tape_sweep import TapeRule
 
 __all__ = ["EquilibriumRule", "EquilibriumGraphRule", "equilibrium_grads", "relaxation_factor", "INITS",
            "RELAXATIONS"]

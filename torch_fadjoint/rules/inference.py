@@ -370,7 +370,7 @@ def _recorded_tape(net):
     the sweep would not call: refused, records cleared)."""
     from torch.nn.modules import module as module_globals
 
-    from ..tape import check_versions
+    from ..tape_sweep import check_versions
 
     net.output  # noqa: B018 - raises when nothing is recorded
     tape = net._tape

@@ -37,7 +37,7 @@ Choices (docs/maths.md §3 names them; these are ours where it leaves room):
   token) gets a warning, once: its feedback is scaled by |θ|, so LFP can never move it (docs/maths.md §7.2).
 
 On ``FPropagation(model, graph=True)`` (docs/maths.md §7.2) the reward is swept back over the tape
-(:func:`torch_fadjoint.tape.sweep_tape`) by :class:`LFPGraphRule`: summed at fan-out, and through each op by the
+(:func:`torch_fadjoint.tape_sweep.sweep_tape`) by :class:`LFPGraphRule`: summed at fan-out, and through each op by the
 rule its junction entry names (``entry.lfp``): the ε-rule on parametric ops, sums, average pooling and mean; R/2 per
 operand of a product of two values; AttnLRP's matmul and softmax rules; the identity through activations and Step;
 the ordinary backward through rearrangements, max pooling and dropout (a parameter entering one: |θ| ⊙ J_θᵀ S). The
@@ -55,7 +55,7 @@ from torch import Tensor
 from ..layers import LayerRecord
 from ..losses import _check_logits, onehot
 from ..sweep import Rule, accumulate_grads, check_finite, check_out_adj, check_rule, param_names, sweep_grads
-from ..tape import TapeRule
+from ..tape_sweep import TapeRule
 
 __all__ = ["LFPRule", "LFPGraphRule", "lfp_grads", "lfp_backward", "lfp_reward", "clip_grads_", "REWARDS"]
 
