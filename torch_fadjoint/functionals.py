@@ -297,11 +297,30 @@ class _BatchNorm(_Normalization):
 
     def run(self, func, args, kwargs=None):
         kwargs = kwargs or {}
-        if self.bind(args, kwargs)["training"][1]:
+        bound = self.bind(args, kwargs)
+        if bound["training"][1]:
+            if _direct_batch_norm(func, bound):
+                return self._run_direct(args, kwargs, bound)
             return super().run(func, args, kwargs)
         self.check(args, kwargs)  # eval mode reads the running statistics: nothing to keep from the kernel
         out = func(*args, **kwargs)
         return out, self.keep(args, kwargs, out, None)
+
+    def _run_direct(self, args, kwargs, bound):
+        """Train mode on CPU: ``torch.batch_norm`` is ``_batch_norm_impl_index``'s first output (ATen's
+        Normalization.cpp), whose next two are the kernel's own mean and 1/σ: called directly, with
+        ``F.batch_norm``'s own checks first, they come without :class:`_Keep`'s dispatch mode."""
+        self.check(args, kwargs)
+        x, eps = bound["input"][1], bound["eps"][1]
+        F._verify_batch_size(x.size())
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        out, mean, invstd, _, backend = torch._batch_norm_impl_index(
+            x, bound["weight"][1], bound["bias"][1], bound["running_mean"][1], bound["running_var"][1], True,
+            bound["momentum"][1], eps, torch.backends.cudnn.enabled)
+        if backend != 0:  # not the native kernel (it is, on CPU): its saved tensors would mean something else
+            raise RuntimeError(f"{self.name}: batch norm ran on backend {backend}, expected the native CPU kernel")
+        return out, self.keep(args, kwargs, out, [(None, None, (out, mean, invstd))])
 
     def keep(self, args, kwargs, out, kept):
         bound = self.bind(args, kwargs)
@@ -323,6 +342,17 @@ class _BatchNorm(_Normalization):
 
 _PLAIN = (Tensor, nn.Parameter)  # tensor types whose calls no __torch_function__ of their own intercepts
 _function_modes = torch._C._len_torch_function_stack  # the function modes active besides the tape's (popped)
+
+
+def _direct_batch_norm(func, bound) -> bool:
+    """Whether a train-mode ``F.batch_norm`` call may run as ``_batch_norm_impl_index`` directly: CPU, plain
+    dense tensors, no other function mode, torch's own F.batch_norm (and the private op present)."""
+    x = bound["input"][1]
+    return (func is F.batch_norm and hasattr(torch, "_batch_norm_impl_index") and hasattr(F, "_verify_batch_size")
+            and not _function_modes() and type(x) in _PLAIN and x.device.type == "cpu" and not x.is_nested
+            and x.layout == torch.strided
+            and all(t is None or (type(t) in _PLAIN and t.device.type == "cpu")
+                    for t in (bound[n][1] for n in ("running_mean", "running_var", "weight", "bias"))))
 
 
 class _LayerNorm(_Normalization):
