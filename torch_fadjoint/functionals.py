@@ -26,7 +26,10 @@ gives keys for x, W and b. Keys are what a ``TorchFunctionMode`` receives from t
 What the backward needs is what autograd saves, taken from the user's own call: :meth:`run` calls the function
 under a ``TorchDispatchMode`` that keeps the results of the aten kernel inside it (``native_batch_norm``'s
 mean and 1/σ, ``native_layer_norm``'s and ``native_group_norm``'s mean and 1/σ, dropout's noise: the second
-factor of its final ``mul``, or ``native_dropout``'s mask where torch fuses it). The output, the random draw
+factor of its final ``mul``, or ``native_dropout``'s mask where torch fuses it) — or, where the function is a
+thin composite of one aten op that returns them and nothing else could see the call, calls that op directly
+(``F.layer_norm`` → ``native_layer_norm``; train-mode ``F.batch_norm`` on CPU → ``_batch_norm_impl_index``,
+after ``F.batch_norm``'s own checks): the same kernel, the same outputs and side effects, no dispatch mode. The output, the random draw
 and BatchNorm's in-place update of the running statistics are exactly the plain call's. ``record`` alone
 (after a plain call) recomputes the statistics with the forward's kernel (LayerNorm, GroupNorm: the same call
 again; BatchNorm: without the running statistics), and refuses dropout, whose mask only the call knew. In eval
