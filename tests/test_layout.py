@@ -108,3 +108,13 @@ def test_rules_speak_only_the_tables_verbs():
             code = line.split("#")[0]
             if pattern.search(code) and not code.strip().startswith((">>>", '"', "'")):
                 raise AssertionError(f"{path.name}:{number}: {line.strip()}")
+
+
+def test_a_module_over_400_lines_says_why_at_its_top():
+    """STYLE: a module over ~400 lines is a design smell unless its docstring says why ("Over 400 lines: …")."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 400 and "Over 400 lines:" not in (ast.get_docstring(ast.parse(text)) or ""):
+            silent.append(f"{path.relative_to(PACKAGE)} ({text.count(chr(10))} lines)")
+    assert not silent, f"no reason given at the top of: {', '.join(silent)}"

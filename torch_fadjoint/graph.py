@@ -36,6 +36,9 @@ Refused in one line, before anything is written: a tensor not on CUDA ("CUDA gra
 ``tfa.optim`` one, and a rule whose update is a torch optimizer's own step (``Consequentialism``,
 ``InferenceLearning``: ``capture_refusal`` says why). ``compiled_step`` is ``torch.compile`` of the same step
 (torch ≥ 2.14).
+
+Over 400 lines: the two whole-step captures (a CUDA graph, ``torch.compile``) share the snapshot that puts a
+refused step back and the checked first steps.
 """
 from __future__ import annotations
 

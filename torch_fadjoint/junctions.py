@@ -43,6 +43,9 @@ Keys are what a ``TorchFunctionMode`` receives: ``x + y`` arrives as ``Tensor.ad
 ``2 - x`` as ``Tensor.__rsub__``, ``2 / x`` as ``Tensor.__rtruediv__``, ``x.T`` as the property's getter
 ``Tensor.T.__get__``, ``F.sigmoid``/``F.tanh`` as ``Tensor.sigmoid``/``Tensor.tanh``. The ``__add__`` forms are
 in the table too, for a caller that looks them up directly.
+
+Over 400 lines: the junction base class with its argument binding, and the rearrangement entries (views, cat,
+split, indexing) registered with it: a table.
 """
 from __future__ import annotations
 

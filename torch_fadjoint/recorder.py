@@ -13,6 +13,9 @@ forward computes, with one of two recorders picked at :meth:`FPropagation.attach
 (:meth:`FPropagation.require_chain`). The façade owns what both share: the model's fingerprint (a model changed
 after wrapping is refused at the next forward), ``paused()``, the model's ``state_dict``, the loss and the
 F-adjoint's entry points ``net.backward`` / ``net.adjoint``.
+
+Over 400 lines: the façade and the tape's recorder (``TapeRecorder``: its hooks and the per-forward tape), which
+share the forward's put-back-on-refusal path; ``TapeRecorder`` is the part to move out next.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ An in-place op produces a new version of its input (``out += identity``): the te
 value; every saved tensor keeps its version, so the sweep (:mod:`torch_fadjoint.tape_sweep`, the F-adjoint and
 the other rules' signals sent back over these ops) refuses one overwritten later, as autograd refuses it (the
 entries copy what their own in-place backward needs).
+
+Over 400 lines: ``TapeMode`` and the bookkeeping it runs on every call (inputs, in-place writes, state copies,
+the per-callable cache) share the forward's tape; the sweep is in ``tape_sweep``.
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ and every check, its host syncs and its async flags belong to the step's guard
 Hyper-parameters are checked (finite, in range, an lr the parameters' dtype can hold) at construction and
 at every step, whatever ``validate`` is. Exceptions inside a rule leave parameters, ``.grad`` and state as
 they were and the records either intact or cleared.
+
+Over 400 lines: the optimizer's contract (``step``, ``state_dict``, groups, the loss and its targets) and the
+SGD plan every rule writes through; the checks live in ``guard.py``, the update in ``functional.py``.
 """
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ value changed behind the version counters (``.data``, ``.numpy()``, ``vector_to_
 * ``"async"`` — every check becomes device flags (exact peaks); no host sync; writes are masked by ``ok()``;
   the error is raised by a later step once the flags reached the host, or by ``synchronize()``.
 * ``False`` — nothing is checked.
+
+Over 400 lines: every check of a step with its one host read, the async flags and their undo, and the update's
+bounds: the one object that owns a step's checks (issue 20's split).
 """
 from __future__ import annotations
 

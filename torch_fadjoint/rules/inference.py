@@ -49,6 +49,9 @@ train mode on the states' batch statistics, its running ones untouched). Each er
 adjoints of the ops between its state and the states upstream (:class:`_GraphIL`); the update is
 −(1/B) J_θᵀ e_v for every parameter between them. On a chain without pooling after an activation it is §5.1 / §6.6
 to the bit. IL-prox is defined on chains and refused on a graph, in one line.
+
+Over 400 lines: the rule on the chain (§5.1, §6.6) and on the tape (§7.5) share the relaxation and its checks;
+the tape's half (``_GraphIL``) is the part to move out next.
 """
 from __future__ import annotations
 

@@ -42,6 +42,9 @@ rule its junction entry names (``entry.lfp``): the ε-rule on parametric ops, su
 operand of a product of two values; AttnLRP's matmul and softmax rules; the identity through activations and Step;
 the ordinary backward through rearrangements, max pooling and dropout (a parameter entering one: |θ| ⊙ J_θᵀ S). The
 values the rules read are kept by the tape under ``keep_pre_activations=True``, as Y^k on chains.
+
+Over 400 lines: LFP on the chain (§3, §6.4) and on the tape (§7.2, ``LFPGraphRule``), sharing the reward and
+the ε-rule.
 """
 from __future__ import annotations
 
