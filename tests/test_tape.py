@@ -568,3 +568,36 @@ def test_signals_summed_in_place_never_write_a_shared_one():
 
     torch.manual_seed(0)
     _compare(Shared().to(DT), torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)), tol=1e-12)
+
+
+class _InnerNoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.skip = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            cut = self.b(h)  # a constant for autograd: b gets no gradient, and nothing flows back through it
+        return self.c(cut + self.skip(h))
+
+
+@pytest.mark.parametrize("caller", ["grad", "no_grad", "step_closure"])
+def test_an_inner_no_grad_block_is_a_constant_whatever_the_callers_grad_mode(caller):
+    """The recorded forward runs with grad enabled inside, so the user's own no_grad block is seen as one even when
+    net(x) is called under no_grad (the optimizers' step runs a closure so): autograd's gradients, b none."""
+    torch.manual_seed(0)
+    model = _InnerNoGrad().double()
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    want = oracles.autograd_grads(lambda: model(x), dict(model.named_parameters()), "cross_entropy", t)
+    net = tfa.FPropagation(model)
+    if caller == "step_closure":
+        tfa.optim.FAdjoint(net, lr=0.0).step(lambda: net(x), target=t)
+    else:
+        with torch.set_grad_enabled(caller == "grad"):
+            net(x)
+        net.backward(F.cross_entropy, t)
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and "b.weight" not in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12, msg=name)

@@ -6,9 +6,10 @@ of the model (whichever module holds it) is run through its entry of the junctio
 (:data:`torch_fadjoint.junctions.JUNCTIONS`, filled by ``arithmetic``, ``activations`` and ``functionals``) and
 recorded as an op; its tensor outputs become values. Any other call is a constant (buffers, masks, shapes) and
 runs as written, and so is a call on a value whose output carries no gradient in autograd either (a comparison,
-``argmax``, ``x.new_zeros(…)``, ``x.detach()``, anything inside the user's own ``torch.no_grad()`` block, when the
-forward itself was called with grad enabled: called under ``no_grad`` — as the optimizers' loops may — an inner
-block cannot be told apart and everything is recorded). Each recorded op runs under ``no_grad``: no autograd graph.
+``argmax``, ``x.new_zeros(…)``, ``x.detach()``, anything inside the user's own ``torch.no_grad()`` block: the
+forward runs with grad enabled inside the recorder whatever the caller's mode, so an inner block is seen as such
+even when ``net(x)`` is called under ``no_grad``, as the optimizers' loops may). Each recorded op runs under
+``no_grad``: no autograd graph.
 A call on a value with no entry is refused, naming the op and the module it ran in.
 
 An in-place op produces a new version of its input (``out += identity``): the tensor's later uses read the new
