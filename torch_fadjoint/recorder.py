@@ -115,6 +115,9 @@ class TapeRecorder(HookedRecorder):
             if index is None:
                 raise ValueError(f"FPropagation: the model returned {type(output).__name__}, expected a tensor computed "
                                  "from its input (the loss reads the recorded output)")
+            if index in tape.stale:
+                raise ValueError(f"FPropagation: the model returned a value that {tape.stale[index]} overwrote through "
+                                 "a view of the same memory (the tape does not follow views): write out of place")
             tape.output_tensor, tape.output_version = output, output._version
             check_versions(tape)  # an overwritten record refused now, while the buffers can be put back
         except BaseException:

@@ -92,6 +92,8 @@ class Tape:
         # into one (through any alias: a view, .data, set_) is copied first and put back if the forward is refused
         self.state_copies: list[tuple[Tensor, Tensor, bool]] = []  # (tensor, its value then, whether it was replaced)
         self.trained: set[int] = set()  # storages of the parameters that require grad (never written in place)
+        self.stale: dict[int, str] = {}  # value index → the in-place op that overwrote it through an alias (a view
+        # or its base): the tape does not follow views, so a later read of it is refused
         self.keep = False  # keep every value and its version for a rule that reads them (LFP: sweep_tape's rule)
         self.kept: dict[int, tuple[Tensor, int]] = {}  # value index → (the tensor as the forward made it, version)
         self.derived: dict[int, weakref.ref] = {}  # with keep: tensors computed from values that are not values (a
@@ -155,6 +157,10 @@ def _inputs(tape: Tape, func, args: tuple, kwargs: dict) -> dict:
                 continue
             value = values.get(id(item))
             if value is not None and value[0]() is item:
+                if tape.stale and value[1] in tape.stale:
+                    raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a value that {tape.stale[value[1]]} "
+                                     "overwrote through a view of the same memory (the tape does not follow views): "
+                                     "write out of place")
                 source = ("value", value[1])
             elif id(item) in params and isinstance(item, nn.Parameter):
                 source = ("param", item)
@@ -417,8 +423,9 @@ def put_back_state(tape: Tape) -> None:
 
 def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
     """An in-place op of the table writes its first argument: refused on a parameter (autograd refuses a leaf
-    that requires grad) and on a value that shares its memory with another live value (a view or its base:
-    autograd tracks views, the tape does not, so the alias would keep its old value in the sweep)."""
+    that requires grad). A value sharing its memory with another live value (a view or its base) may be written:
+    the aliases become stale (autograd tracks views, the tape does not) and an op reading one later is refused
+    (:func:`_inputs`), as is a stale output; ops that saved one are refused at the sweep by its version."""
     source = inputs.get(0)
     if source is None:  # a constant written with a value: it would become one, and its aliases would not
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place into a tensor the tape holds "
@@ -432,12 +439,11 @@ def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
     if storage in tape.trained:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a view of a parameter that "
                          "requires grad (autograd refuses it too)")
-    for ref, _ in tape._values.values():
+    for ref, index in tape._values.values():  # its aliases change too, unseen: stale from now on
         other = ref()
         if other is not None and other is not written and other.untyped_storage().data_ptr() == storage:
-            raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a value that shares its "
-                             "memory with another value the tape recorded (a view, or the tensor it views): the "
-                             "tape does not follow views; write out of place")
+            tape.stale.setdefault(index, f"{_op_name(func)} in {tape.where()}")
+            tape.keep_before_write(("value", index))  # a rule reading the values keeps what the forward made
 
 
 def _requires_grad(tape: Tape, func, args: tuple, inputs: dict):
