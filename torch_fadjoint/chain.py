@@ -252,8 +252,7 @@ class ChainRecorder(HookedRecorder):
         self._last_version = 0
         self._last_from = ""
         self._calls: dict[int, int] = {}
-        self._watch: list[tuple] = []  # (weak ref, version, what: a string or a callable making it, for the error)
-        self._tracing = False  # under torch.compile (decided once per forward): no eager version checks
+        self._watch: list[tuple[Tensor, int, str]] = []
         self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
         self._depth = 0
         self._transparent = None
@@ -304,12 +303,12 @@ class ChainRecorder(HookedRecorder):
                    f"{', '.join(supported_layers() + supported_maps())}")
         return lambda: [module.register_forward_pre_hook(self._refusal(name, why))]
 
-    def _watch_tensor(self, tensor, what) -> None:
-        """Keep ``tensor``'s version (a weak reference: the sweep frees records as it goes); ``what`` names it in
-        the error (a string, or a callable making one: formatted only then). Inference tensors (a forward under
-        ``torch.inference_mode``) carry no version counter and are not watched; nor is anything under
-        torch.compile (``is_inference`` would break its graph)."""
-        if not self._tracing and isinstance(tensor, Tensor) and not tensor.is_inference():
+    def _watch_tensor(self, tensor, what: str) -> None:
+        """Keep ``tensor``'s version (a weak reference: the sweep frees records as it goes). Inference tensors
+        (a forward under ``torch.inference_mode``) carry no version counter and are not watched."""
+        # is_inference() first, on purpose: under torch.compile it graph-breaks and the rest of the hook runs eagerly,
+        # with eager versions; asking _compiling() first kept the hook traced and broke compiled_step (test_graph)
+        if isinstance(tensor, Tensor) and not tensor.is_inference() and not _compiling():
             self._watch.append((weakref.ref(tensor), tensor._version, what))
 
     def _consume(self, what: str, inputs: tuple) -> Tensor | None:
@@ -330,7 +329,7 @@ class ChainRecorder(HookedRecorder):
         self._last, self._last_from = output, source
         # inference tensors carry no version counter; under torch.compile the versions of traced tensors
         # are not the eager ones (functionalised): the in-place checks are eager-mode checks
-        self._last_version = None if self._tracing or output.is_inference() else output._version
+        self._last_version = None if output.is_inference() or _compiling() else output._version
 
     def _refusal(self, name: str, why: str):
         def refuse(module, inputs):
@@ -373,10 +372,10 @@ class ChainRecorder(HookedRecorder):
                     self._layers[-1].x = x_prev
                 if self.keep_pre_activations:
                     rec.y = _detach(output)
-                    self._watch_tensor(rec.y, lambda: f"Y^{rec.k}, the output of {rec.describe}")
-                self._watch_tensor(x_prev, lambda: f"X^{rec.k - 1}, the input of {rec.describe}")
+                    self._watch_tensor(rec.y, f"Y^{rec.k}, the output of {rec.describe}")
+                self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
                 for param_name in layer.param_names:
-                    self._watch_tensor(getattr(module, param_name, None), name + "." + param_name)
+                    self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}")
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
@@ -526,7 +525,6 @@ class ChainRecorder(HookedRecorder):
         _check_inputs(args if not kwargs and all(isinstance(a, Tensor) for a in args)
                       else tree_flatten((args, kwargs))[0])
         statistics = _running_statistics(self._normalisations)  # what a refused forward must put back
-        self._tracing = _compiling()
         self._recording = True
         try:
             # no autograd graph: nothing would use it (the sweep is ours); the output has requires_grad=False
@@ -563,7 +561,6 @@ class ChainRecorder(HookedRecorder):
             tensor = ref()
             if tensor is not None and tensor._version != version:
                 self.clear()
-                what = what() if callable(what) else what
                 raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
                                    "records cleared, nothing was changed (run the forward again)")
         hook = _backward_hook_of(self._layers, self._configs)
