@@ -136,10 +136,10 @@ def watch_output(output: Tensor, note: OutputNote) -> RecordedOutput:
     return watched
 
 
-def unwatched(value, into: str):
-    """``value`` as a plain tensor when it is a watched output — fed into another recorded forward (``into``),
+def unwatched(value, model):
+    """``value`` as a plain tensor when it is a watched output — fed into the recorded forward of ``model``,
     which changes it for its own loss — else itself."""
     if not isinstance(value, RecordedOutput):
         return value
-    value._fadjoint_note.changed(into)
+    value._fadjoint_note.changed(f"{type(model).__name__}'s recorded forward")
     return value.as_subclass(Tensor)

@@ -328,9 +328,8 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
-        into = f"{type(self.model).__name__}'s recorded forward"  # an output fed in: changed for its own loss
-        args = tuple(unwatched(value, into) for value in args)
-        kwargs = {key: unwatched(value, into) for key, value in kwargs.items()}
+        args = tuple(unwatched(value, self.model) for value in args)  # an output fed in: changed for its own loss
+        kwargs = {key: unwatched(value, self.model) for key, value in kwargs.items()}
         try:
             output = self._recorder.forward(args, kwargs)
         except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded

@@ -267,8 +267,7 @@ class RuleOptimizer(Optimizer):
         # first one's buffer: tests/test_graph.py, scripts/dynamo_tensor_key_graph_break.py)
         if not (isinstance(buf, Tensor) and buf.shape == param.shape and buf.dtype == param.dtype
                 and buf.device == param.device and (_compiling() or not buf.is_inference())
-                and ((buf.stride() == param.stride() and 0 not in param.stride())  # the usual case, at once
-                     or not any(stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape)))):
+                and not any(stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape))):
             found = (f"a tensor of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}" if isinstance(buf, Tensor)
                      else f"a {type(buf).__name__}")
             if isinstance(buf, Tensor) and buf.shape == param.shape:
