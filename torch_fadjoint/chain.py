@@ -253,6 +253,8 @@ class ChainRecorder(HookedRecorder):
         self._last_from = ""
         self._calls: dict[int, int] = {}
         self._watch: list[tuple[Tensor, int, str]] = []
+        self._memory: list[tuple[Tensor, int, str]] = []  # (parameter, its data_ptr, name): one given other memory
+        # after the forward (p.data = …) is refused, as an in-place write is by its version
         self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
         self._depth = 0
         self._transparent = None
@@ -375,7 +377,10 @@ class ChainRecorder(HookedRecorder):
                     self._watch_tensor(rec.y, f"Y^{rec.k}, the output of {rec.describe}")
                 self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
                 for param_name in layer.param_names:
-                    self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}")
+                    param = getattr(module, param_name, None)
+                    self._watch_tensor(param, f"{name}.{param_name}")
+                    if isinstance(param, Tensor) and not param.is_inference() and not _compiling():
+                        self._memory.append((weakref.ref(param), param.data_ptr(), f"{name}.{param_name}"))
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
@@ -563,6 +568,13 @@ class ChainRecorder(HookedRecorder):
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
                                    "records cleared, nothing was changed (run the forward again)")
+        for ref, pointer, what in self._memory:
+            tensor = ref()
+            if tensor is not None and tensor.data_ptr() != pointer:
+                self.clear()
+                raise RuntimeError(f"FPropagation: the parameter {what} was given other memory after the forward "
+                                   "(p.data = …, vector_to_parameters): the sweep would read the old one; records "
+                                   "cleared, nothing was changed (run the forward again)")
         hook = _backward_hook_of(self._layers, self._configs)
         if hook is not None:
             self.clear()

@@ -119,6 +119,7 @@ class TapeRecorder(HookedRecorder):
                 raise ValueError(f"FPropagation: the model returned a value that {tape.stale[index]} overwrote through "
                                  "a view of the same memory (the tape does not follow views): write out of place")
             tape.output_tensor, tape.output_version = output, output._version
+            tape.param_memory = [(p, p.data_ptr()) for p in params]
             check_versions(tape)  # an overwritten record refused now, while the buffers can be put back
         except BaseException:
             self.clear()

@@ -15,7 +15,10 @@ A call on a value with no entry is refused, naming the op and the module it ran 
 An in-place op produces a new version of its input (``out += identity``): the tensor's later uses read the new
 value; every saved tensor keeps its version, so the sweep (:mod:`torch_fadjoint.tape_sweep`, the F-adjoint and
 the other rules' signals sent back over these ops) refuses one overwritten later, as autograd refuses it (the
-entries copy what their own in-place backward needs).
+entries copy what their own in-place backward needs). Values sharing memory with the one written become stale
+(refused when read, but for their metadata); memory no value owns (a view of a constant, a buffer, a frozen
+parameter) is never written with a value; a value changed by a call no mode sees (``set_``) is refused when read
+(docs/graphs.md, "In-place writes and views").
 
 Over 400 lines: ``TapeMode`` and the bookkeeping it runs on every call (inputs, in-place writes, state copies,
 the per-callable cache) share the forward's tape; the sweep is in ``tape_sweep``.
@@ -80,7 +83,11 @@ class Tape:
     def __init__(self, params: dict[int, tuple[str, nn.Parameter]]):
         self.params = params
         self.ops: list[_Op] = []
-        self._values: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) → (the tensor, its value index)
+        self._values: dict[int, tuple[weakref.ref, int, int]] = {}  # id(tensor) → (the tensor, its value index,
+        # its version then: a later read of another version that no call the tape saw made is refused)
+        self.storages: dict[int, list[tuple[weakref.ref, bool]]] = {}  # storage → (value, foreign) of the values
+        # there; ``foreign``: a view of memory no value owns (a constant, a buffer, a frozen parameter)
+        self.foreign: set[int] = set()  # the foreign values' indices: never written in place
         self.needs: list[bool] = []  # per value: whether a trainable parameter lies upstream (its adjoint is used)
         self.count = 0
         self.output: int | None = None
@@ -88,10 +95,12 @@ class Tape:
         self.output_version = 0
         self.path: list[str] = []  # the module stack, for messages
         self.grad_mode = True  # the grad mode the forward was called in (``value.requires_grad``'s answer)
-        self.state: dict[int, Tensor] = {}  # storage → the model's parameter or buffer there: what the forward writes
-        # into one (through any alias: a view, .data, set_) is copied first and put back if the forward is refused
+        self.state: dict[int, tuple[Tensor, ...]] = {}  # storage → the model's parameters and buffers there: what
+        # the forward writes into one (through any alias: a view, .data) is copied first and put back if it is refused
         self.state_copies: list[tuple[Tensor, Tensor, bool]] = []  # (tensor, its value then, whether it was replaced)
         self.trained: set[int] = set()  # storages of the parameters that require grad (never written in place)
+        self.param_memory: list[tuple[nn.Parameter, int]] = []  # each parameter's data_ptr at the forward: one
+        # rebound after it (``p.data = …``) is refused by the sweep, which would read the old one
         self.stale: dict[int, str] = {}  # value index → the in-place op that overwrote it through an alias (a view
         # or its base): the tape does not follow views, so a later read of it is refused
         self.keep = False  # keep every value and its version for a rule that reads them (LFP: sweep_tape's rule)
@@ -99,12 +108,23 @@ class Tape:
         self.derived: dict[int, weakref.ref] = {}  # with keep: tensors computed from values that are not values (a
         # mask h > 0, an arg-max, a no_grad block's result): a re-run (:func:`rerun`) would read them stale
 
-    def add_value(self, tensor: Tensor, needs: bool = False) -> int:
-        """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it."""
+    def add_value(self, tensor: Tensor, needs: bool = False, arguments: tuple = ()) -> int:
+        """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it. A view of
+        memory that no value owns, made from one of the call's ``arguments`` (``z.view_as(h)`` of a constant ``z``,
+        ``w[0]`` of a frozen weight) is foreign."""
         index = self.count
         self.count += 1
-        self._values[id(tensor)] = (weakref.ref(tensor), index)
+        ref = weakref.ref(tensor)
+        self._values[id(tensor)] = (ref, index, tensor._version)
         self.needs.append(needs)
+        if tensor.numel():
+            storage = tensor.untyped_storage().data_ptr()
+            foreign = (tensor._is_view() and not self.owns(storage)
+                       and any(isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage
+                               for leaf in _leaves(arguments)))
+            self.storages.setdefault(storage, []).append((ref, foreign))
+            if foreign:
+                self.foreign.add(index)
         if self.keep:
             self.kept[index] = (tensor, tensor._version)
         return index
@@ -115,6 +135,27 @@ class Tape:
         if self.keep and source is not None and source[0] == "value" and source[1] in self.kept:
             old = self.kept[source[1]][0].clone()
             self.kept[source[1]] = (old, old._version)
+
+    def aliases(self, storage: int) -> list[Tensor]:
+        """The live values whose memory is at ``storage`` (views of one another)."""
+        found = []
+        for ref, _ in self.storages.get(storage, ()):
+            tensor = ref()
+            if tensor is not None and tensor.untyped_storage().data_ptr() == storage:
+                found.append(tensor)
+        return found
+
+    def owns(self, storage: int) -> bool:
+        """Whether a live value that is not foreign holds the memory at ``storage``."""
+        return any(not foreign and (tensor := ref()) is not None and tensor.untyped_storage().data_ptr() == storage
+                   for ref, foreign in self.storages.get(storage, ()))
+
+    def saw_write(self, tensor: Tensor) -> None:
+        """A call the tape saw wrote ``tensor`` outside the table (under ``no_grad``, through a ``detach()``
+        alias): the values at its memory hold their new version as theirs (autograd reads them so too)."""
+        for value in self.aliases(tensor.untyped_storage().data_ptr()):
+            ref, index, _ = self._values[id(value)]
+            self._values[id(value)] = (ref, index, value._version)
 
     def value_of(self, tensor) -> int | None:
         """The value index of ``tensor`` (its newest version), or None if it is not a value."""
@@ -138,10 +179,12 @@ class Tape:
         return None
 
 
-def _inputs(tape: Tape, func, args: tuple, kwargs: dict) -> dict:
+def _inputs(tape: Tape, func, args: tuple, kwargs: dict, metadata: bool = False) -> dict:
     """{adjoint key: source} for every value or parameter among the call's arguments (the table's keys:
     position, keyword, or (position, i) inside a list). A tensor that requires grad and is neither (a parameter of
     another model, a module-level ``nn.Parameter``) is refused: autograd would fill its ``.grad``, the sweep would not.
+    So is a read of a value overwritten through an alias (stale) or changed by a call the tape did not see
+    (``Tensor.set_``), unless the call reads ``metadata`` only (``x.shape``, ``x.size(0)``).
     (:meth:`Tape.source` inlined: this runs on every call the forward makes.)"""
     found = {}
     values, params = tape._values, tape.params
@@ -157,10 +200,15 @@ def _inputs(tape: Tape, func, args: tuple, kwargs: dict) -> dict:
                 continue
             value = values.get(id(item))
             if value is not None and value[0]() is item:
-                if tape.stale and value[1] in tape.stale:
-                    raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a value that {tape.stale[value[1]]} "
-                                     "overwrote through a view of the same memory (the tape does not follow views): "
-                                     "write out of place")
+                if not metadata:
+                    if tape.stale and value[1] in tape.stale:
+                        raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a value that "
+                                         f"{tape.stale[value[1]]} overwrote through a view of the same memory (the tape "
+                                         "does not follow views): write out of place")
+                    if item._version != value[2]:
+                        raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a value changed in place by a call "
+                                         "the tape did not see (Tensor.set_, a write from outside torch's functions): "
+                                         "write out of place")
                 source = ("value", value[1])
             elif id(item) in params and isinstance(item, nn.Parameter):
                 source = ("param", item)
@@ -230,7 +278,7 @@ class TapeMode(TorchFunctionMode):
         if _transforms_active():
             raise ValueError(f"{_op_name(func)} in {tape.where()}: runs under a torch.func transform (vmap, grad, "
                              "jacrev …), whose tensors the tape cannot follow; the forward is refused")
-        inputs = _inputs(tape, func, args, kwargs)
+        inputs = _inputs(tape, func, args, kwargs, call.metadata)
         if inputs:
             if torch.is_grad_enabled() != self.seen_grad:
                 self._check_grad_mode(func)
@@ -242,7 +290,10 @@ class TapeMode(TorchFunctionMode):
         if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
+            written = _constant_write(tape, func, args, kwargs) if call.may_write or "out" in kwargs else ()
             result = func(*args, **kwargs)
+            for tensor in written:  # a value written outside the table: its new version is the one later calls read
+                tape.saw_write(tensor)
             return _derived(tape, result, inputs) if tape.keep else result
         if func is Tensor.register_hook:
             _refuse_attribute("register_hook")(tape, func, args, inputs)
@@ -256,6 +307,8 @@ class TapeMode(TorchFunctionMode):
                 return _undispatched(func)(*args, **kwargs)
         if entry is None:
             tensors = [leaf for leaf in _leaves((*args, *kwargs.values())) if isinstance(leaf, Tensor)]
+            if tape.state and not call.metadata:  # it may write a buffer it is given before it is refused
+                _keep_state(tape, tensors)
             before = [t._version for t in tensors]
             result = func(*args, **kwargs)
             wrote = any(t._version != v for t, v in zip(tensors, before))  # h[:, 0] = 0, z[1:] = h[1:]: not constants
@@ -282,8 +335,8 @@ class TapeMode(TorchFunctionMode):
         needed = frozenset(key for key, (kind, source) in inputs.items()  # inputs whose adjoint reaches a parameter
                            if (kind == "param" and source.requires_grad) or (kind == "value" and tape.needs[source]))
         leaves = [out] if isinstance(out, Tensor) else list(out)
-        outputs = [tape.add_value(t, bool(needed)) if isinstance(t, Tensor) and t.is_floating_point() else -1
-                   for t in leaves]
+        outputs = [tape.add_value(t, bool(needed), (*args, *kwargs.values()))
+                   if isinstance(t, Tensor) and t.is_floating_point() else -1 for t in leaves]
         versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
         tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions, needed))
         if tape.keep:  # a rule that re-runs the ops (inference learning, docs/maths.md §7.5) reads the call
@@ -303,6 +356,12 @@ class TapeMode(TorchFunctionMode):
 
 
 _DETACH = frozenset({Tensor.detach, torch.detach})
+# calls that read a tensor's metadata, not its entries: a stale value may be asked its shape
+_METADATA = frozenset({Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.ndimension, Tensor.stride,
+                       Tensor.storage_offset, Tensor.is_contiguous, Tensor.is_floating_point, Tensor.is_complex,
+                       Tensor.element_size, Tensor.__len__,
+                       *(getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "layout",
+                                                                     "is_cuda"))})
 _LEAF_TYPES = frozenset({int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device, slice,
                          type(Ellipsis)})  # what pytree holds no tensor in
 
@@ -382,32 +441,61 @@ def rerun(op: _Op, values: dict):
 _IN_PLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                                  "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
 _STATISTICS = {F.batch_norm: (1, 2, "running_mean", "running_var"), torch.batch_norm: (3, 4, "running_mean", "running_var"),
-               F.instance_norm: (1, 2, "running_mean", "running_var")}
+               F.instance_norm: (1, 2, "running_mean", "running_var"),
+               **{f: (3, 4, "running_mean", "running_var") for f in (
+                   getattr(torch, name, None) for name in ("native_batch_norm", "_native_batch_norm_legit",
+                                                           "_batch_norm_impl_index", "instance_norm"))
+                  if f is not None}}
 _REPLACING = frozenset({"set_", "__set__"})  # x.set_(…), x.data = …: the tensor gets other memory
 
 
-def state_of(params, buffers) -> dict[int, Tensor]:
-    """{storage: tensor} of a model's parameters and buffers (what a forward may write and must put back)."""
-    return {t.untyped_storage().data_ptr(): t for t in (*params, *buffers) if t is not None and t.numel()}
+def state_of(params, buffers) -> dict[int, tuple[Tensor, ...]]:
+    """{storage: its tensors} of a model's parameters and buffers (what a forward may write and must put back;
+    several may share one storage, e.g. views of one flat buffer)."""
+    state: dict[int, tuple[Tensor, ...]] = {}
+    for t in (*params, *buffers):
+        if t is not None and t.numel():
+            storage = t.untyped_storage().data_ptr()
+            if not any(t is other for other in state.get(storage, ())):
+                state[storage] = state.get(storage, ()) + (t,)
+    return state
+
+
+def _op_base_name(func) -> str:
+    """``add_`` for ``Tensor.add_``, ``torch.ops.aten.add_`` and ``torch.ops.aten.add_.Tensor`` alike."""
+    name = getattr(func, "__name__", "") or ""
+    return name.split(".")[0] if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else name
+
+
+def _writes_first_argument(func) -> bool:
+    """Whether ``func`` may write into its first argument's memory: an in-place name (``add_``, ``__iadd__``,
+    ``_foreach_add_``), a rebinding (``set_``, ``.data = …``), or its memory handed out of torch (``.numpy()``, a
+    storage) where a write is not seen."""
+    name = _op_base_name(func)
+    return ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS or name in _REPLACING
+            or func in _LEAVING or func is Tensor.untyped_storage)
 
 
 def _keep_state_written(tape: Tape, func, args: tuple, kwargs: dict) -> None:
     """Copy a parameter or buffer of the model before the forward first writes into it, through any alias
     (``self.count += 1``, ``self.buf[0] += 1``, ``self.buf.data.add_(1)``, ``out=``, ``.data = …``, BatchNorm's running
-    statistics, a clamp under ``no_grad``): a refused forward puts every one back (:func:`put_back_state`)."""
+    statistics, a clamp under ``no_grad``, ``torch._foreach_add_``, ``.numpy()``): a refused forward puts every one
+    back (:func:`put_back_state`)."""
     written = [kwargs.get("out")]
-    name = getattr(func, "__name__", "")
-    if args and ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
-                 or name in _REPLACING):
-        written.append(args[0])
+    if args and _writes_first_argument(func):
+        written += list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
     positions = _STATISTICS.get(func)
     if positions is not None:
         written += [args[i] if len(args) > i else kwargs.get(key) for i, key in zip(positions[:2], positions[2:])]
-    for tensor in written:
+    _keep_state(tape, written, _op_base_name(func) in _REPLACING)
+
+
+def _keep_state(tape: Tape, tensors, replacing: bool = False) -> None:
+    """Copy every parameter or buffer at the memory of ``tensors`` not copied yet (all of those sharing it)."""
+    for tensor in tensors:
         if isinstance(tensor, Tensor) and tensor.numel():
-            owner = tape.state.pop(tensor.untyped_storage().data_ptr(), None)
-            if owner is not None:
-                tape.state_copies.append((owner, owner.detach().clone(), name in _REPLACING))
+            for owner in tape.state.pop(tensor.untyped_storage().data_ptr(), ()):
+                tape.state_copies.append((owner, owner.detach().clone(), replacing))
 
 
 def put_back_state(tape: Tape) -> None:
@@ -423,9 +511,11 @@ def put_back_state(tape: Tape) -> None:
 
 def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
     """An in-place op of the table writes its first argument: refused on a parameter (autograd refuses a leaf
-    that requires grad). A value sharing its memory with another live value (a view or its base) may be written:
-    the aliases become stale (autograd tracks views, the tape does not) and an op reading one later is refused
-    (:func:`_inputs`), as is a stale output; ops that saved one are refused at the sweep by its version."""
+    that requires grad), and on memory no value owns (a view of a constant, a buffer or a frozen parameter: the
+    tape would go on reading that tensor as a constant). A value sharing its memory with another live value (a
+    view or its base) may be written: the aliases become stale (autograd tracks views, the tape does not) and an
+    op reading one later is refused (:func:`_inputs`), as is a stale output; ops that saved one are refused at the
+    sweep by its version."""
     source = inputs.get(0)
     if source is None:  # a constant written with a value: it would become one, and its aliases would not
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place into a tensor the tape holds "
@@ -435,15 +525,43 @@ def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into the parameter "
                          f"{tape.params[id(target)][0]} (autograd refuses it too)")
     written = args[0]
+    if not written.numel():
+        return
     storage = written.untyped_storage().data_ptr()
     if storage in tape.trained:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a view of a parameter that "
                          "requires grad (autograd refuses it too)")
-    for ref, index in tape._values.values():  # its aliases change too, unseen: stale from now on
-        other = ref()
-        if other is not None and other is not written and other.untyped_storage().data_ptr() == storage:
+    if target in tape.foreign or storage in tape.state:
+        raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place into the memory of a tensor "
+                         "the tape holds as a constant (a view of torch.zeros(…), of a buffer or of a frozen "
+                         "parameter, made with a value's shape): write out of place (z = z + h)")
+    for other in tape.aliases(storage):  # its aliases change too, unseen: stale from now on
+        if other is not written:
+            index = tape.value_of(other)
             tape.stale.setdefault(index, f"{_op_name(func)} in {tape.where()}")
             tape.keep_before_write(("value", index))  # a rule reading the values keeps what the forward made
+
+
+def _constant_write(tape: Tape, func, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors a call outside the table writes (its first argument, ``out=``) that share memory with values.
+    With grad enabled, a write through a view of a value that needs grad made under ``no_grad`` is refused, as
+    autograd refuses it; a write through ``detach()`` or ``.data`` (not views) is autograd's constant write."""
+    written = [kwargs.get("out")]
+    if args and _writes_first_argument(func):
+        written += list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
+    found = []
+    for tensor in written:
+        if not isinstance(tensor, Tensor) or not tensor.numel():
+            continue
+        aliases = tape.aliases(tensor.untyped_storage().data_ptr())
+        if not aliases:
+            continue
+        if (torch.is_grad_enabled() and tensor._is_view() and tape.value_of(tensor) is None
+                and any(tape.needs[tape.value_of(value)] for value in aliases)):
+            raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place, with grad enabled, through a view "
+                             "of a value made under no_grad (autograd refuses it too): write out of place")
+        found.append(tensor)
+    return found
 
 
 def _requires_grad(tape: Tape, func, args: tuple, inputs: dict):
@@ -476,17 +594,17 @@ class _Call:
     """What the tape needs to know of a callable, whatever its arguments: looked up once per callable (``_CALLS``)
     instead of at every call of the forward. The junction entry is not kept here: the table may grow."""
 
-    __slots__ = ("sets_grad", "special", "composite", "leaving", "may_write")
+    __slots__ = ("sets_grad", "special", "composite", "leaving", "may_write", "metadata")
 
     def __init__(self, func):
         self.sets_grad = func is torch._C._set_grad_enabled
         self.special = _VALUE_ATTRIBUTES.get(getattr(func, "__self__", None))  # x.requires_grad, x.grad_fn
         self.composite = func in _COMPOSITES
         self.leaving = func in _LEAVING
-        name = getattr(func, "__name__", "")
-        # what :func:`_keep_state_written` looks at besides ``out=``: an in-place name or a normalisation's statistics
-        self.may_write = ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
-                          or name in _REPLACING or func in _STATISTICS)
+        self.metadata = func in _METADATA
+        # what :func:`_keep_state_written` looks at besides ``out=``: a call writing its first argument (or handing
+        # its memory out of torch), or a normalisation's statistics
+        self.may_write = _writes_first_argument(func) or func in _STATISTICS
 
     @classmethod
     def of(cls, func) -> "_Call":

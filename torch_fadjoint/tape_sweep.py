@@ -33,6 +33,11 @@ def check_versions(tape: Tape) -> None:
         if tensor._version != version:
             raise RuntimeError("FPropagation: a value kept for the sweep (keep_pre_activations) was modified in place "
                                "behind the tape; nothing was changed")
+    for param, pointer in tape.param_memory:
+        if param.data_ptr() != pointer:
+            raise RuntimeError(f"FPropagation: the parameter {tape.params[id(param)][0]} was given other memory after "
+                               "the forward (p.data = …, vector_to_parameters): the sweep would read the old "
+                               "one; run the forward again; nothing was changed")
     if tape.output_tensor is not None and tape.output_tensor._version != tape.output_version:
         raise RuntimeError("FPropagation: the model's output was modified in place after the forward (the loss would "
                            "read what the sweep does not start from); nothing was changed")
