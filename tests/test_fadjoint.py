@@ -190,3 +190,39 @@ def test_one_call_backward_equals_loss_backward(loss):
     assert torch.equal(got_loss, want_loss.detach())
     for p, g in zip(model.parameters(), want):
         assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["chain", "tape"])
+def test_the_steps_top_signal_is_freed_once_the_top_layer_has_read_it(graph, monkeypatch):
+    """X*^L (the size of the logits: large for a language model) lives no longer than autograd keeps the loss's
+    gradient: every sweep step below the top one runs without it (before: the step's frames and the guard kept it
+    to the end)."""
+    import weakref
+
+    from torch_fadjoint import sweep, tape_sweep
+
+    signals, alive = [], []
+
+    def loss(output, target):
+        value, out_adj = tfa.losses.cross_entropy(output, target)
+        signals.append(weakref.ref(out_adj))
+        return value, out_adj
+
+    def watching(original):
+        def through(self, *args, **kwargs):
+            alive.append(signals[-1]() is not None)
+            return original(self, *args, **kwargs)
+        return through
+
+    monkeypatch.setattr(sweep.FAdjointRule, "through_layer", watching(sweep.FAdjointRule.through_layer))
+    monkeypatch.setattr(tape_sweep.TapeRule, "through_op", watching(tape_sweep.TapeRule.through_op))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    net = tfa.FPropagation(model, graph=graph)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, loss=loss)
+    x, t = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    for _ in range(2):
+        net(x)
+        opt.step(target=t)
+    per_step = len(alive) // 2  # the chain: layers 3 and 2 send X* down; the tape: its five ops
+    assert per_step == (2 if not graph else 5) and alive == ([True] + [False] * (per_step - 1)) * 2, alive

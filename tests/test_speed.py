@@ -169,7 +169,7 @@ def test_profile_step_lists_every_rules_ops_and_gemms():
 def test_fused_step_peak_is_at_most_the_unfused_and_autograds(widths, batch, fused_below):
     """Exact byte counts (no timing). The fused step keeps a weight's factors only where they are smaller
     than its gradient, so its peak never exceeds the unfused F-adjoint's (equal where every layer's factors
-    are larger, below where they are smaller), which stays within B·n_L bytes of autograd's."""
+    are larger, below where they are smaller), which never exceeds autograd's."""
     x, t = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
     cfg = dict(lr=0.01, momentum=0.9, foreach=True, validate=False, activation="relu")
     peaks = {}
@@ -177,6 +177,25 @@ def test_fused_step_peak_is_at_most_the_unfused_and_autograds(widths, batch, fus
         model, trainer = speed._make(cfg, rule, widths, torch.device("cpu"), torch.float32)
         trainer.step(x, t)  # momentum buffers exist: a steady-state step
         peaks[rule] = speed.peak_step_bytes(trainer, x, t)["peak_bytes"]
-    assert peaks["fadjoint"] <= peaks["sgd"] + 4 * batch * widths[-1], peaks
+    assert peaks["fadjoint"] <= peaks["sgd"], peaks  # X*^L freed once the top layer read it (it was held before)
     assert (peaks["fadjoint_fused"] < peaks["fadjoint"]) if fused_below else \
         (peaks["fadjoint_fused"] <= peaks["fadjoint"]), peaks
+
+
+@pytest.mark.parametrize("validate", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_a_residual_nets_step_peak_is_at_most_autograds(validate):
+    """Exact byte counts (no timing), torchvision's ResNet-18 on the tape (issue 21's "peak memory ≤ 1.0×"): the
+    step hands X*^L to the sweep, which drops it once the top op has read it, and the guard decides the signal's
+    finiteness at once instead of holding it (before: 5 120 bytes over autograd's at batch 128, 160 here)."""
+    from benchmarks.models import build_resnet18_tv
+
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    cfg = dict(lr=0.01, momentum=0.9, foreach=True, validate=validate, graph=True)
+    peaks = {}
+    for rule in ("sgd", "fadjoint"):
+        torch.manual_seed(0)
+        trainer = build_trainer(rule, build_resnet18_tv(), cfg)
+        trainer.step(x, t)  # momentum buffers exist: a steady-state step
+        peaks[rule] = speed.peak_step_bytes(trainer, x, t)["peak_bytes"]
+    assert peaks["fadjoint"] <= peaks["sgd"], peaks

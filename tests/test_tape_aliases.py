@@ -61,6 +61,15 @@ class _Writes(nn.Module):
         if how == "set_":
             h.set_(self.l1(x * 2) * 3)
             return self.l2(h)
+        if how == "set_-under-no_grad":  # autograd accepts it (a constant write), but no mode sees set_ at all
+            h = h + 0.0
+            with torch.no_grad():
+                h.set_(h * 2)
+            return self.l2(torch.tanh(h))
+        if how == "detach-view-as-written-with-a-value":  # autograd sends g's gradient through d; the tape would not
+            d = h.detach()
+            d.view_as(h).add_(torch.tanh(self.l1(2 * x)))
+            return self.l2(d * 1)
         if how == "no_grad-view-written-with-grad":
             h = h + 0.0
             with torch.no_grad():
@@ -97,6 +106,9 @@ def _batch(n: int = 4):
     ("buffer-view-as", r"^Tensor\.add_ in .*: writes a value in place into the memory of a tensor"),
     ("set_", r"^torch\.linear in l2 \(Linear\): reads a value changed in place by a call the tape did not see "
              r"\(Tensor\.set_"),
+    ("set_-under-no_grad", r"^torch\.tanh in .*: reads a value changed in place by a call the tape did not see"),
+    ("detach-view-as-written-with-a-value", r"^Tensor\.add_ in .*: writes a value in place into the memory of a "
+                                            r"tensor the tape holds as a constant .*detach\(\) alias"),
     ("no_grad-view-written-with-grad", r"^Tensor\.mul_ in .*: writes in place, with grad enabled, through a view of a "
                                        r"value made under no_grad \(autograd refuses it too\)"),
 ])
@@ -137,6 +149,10 @@ class _Detached(nn.Module):
         h = self.l1(x) + 0.0
         if self.how == "detach":
             h.detach().mul_(2)
+        elif self.how == "view-of-a-detach":
+            h.detach()[:, :2].zero_()
+        elif self.how == "view-of-numpy":
+            torch.from_numpy(h.detach().numpy())[:, :2].mul_(2)
         elif self.how == "no_grad":
             with torch.no_grad():
                 h[:, :4].mul_(2)
@@ -149,7 +165,7 @@ class _Detached(nn.Module):
         return self.l2(torch.tanh(h))
 
 
-@pytest.mark.parametrize("how", ["detach", "no_grad", "metadata-of-a-stale-base"])
+@pytest.mark.parametrize("how", ["detach", "view-of-a-detach", "view-of-numpy", "no_grad", "metadata-of-a-stale-base"])
 def test_writes_through_aliases_autograd_accepts_stay_exact(how):
     """A write through ``detach()`` or under ``no_grad`` is a constant write (autograd reads the new entries and
     sends no gradient through the write); the shape of a stale base may be read (it was refused)."""

@@ -105,6 +105,7 @@ class TapeRecorder(HookedRecorder):
         tape.state = state_of(params, (b for _, buffers in bound for b in buffers.values()))  # copied when first
         # written (through any alias), put back if the forward is refused
         tape.trained = {p.untyped_storage().data_ptr() for p in params if p.requires_grad and p.numel()}
+        tape.model_memory = set(tape.state)
         try:
             tape.grad_mode = torch.is_grad_enabled()
             # the forward runs with grad enabled, whatever the caller's mode: a no_grad block inside is then a

@@ -98,9 +98,21 @@ def check_rule(rule: Rule, layers: list[LayerRecord]) -> None:
                 raise TypeError(f"{rec.name} ({kind}): {rule.name} cannot pass its signal through this map")
 
 
+def peek(signal):
+    """The top signal, given as a tensor or in a one-element list (see :func:`take`)."""
+    return signal[0] if isinstance(signal, list) else signal
+
+
+def take(signal):
+    """The top signal, emptying the one-element list it may come in: an optimizer's step hands X*^L down so, and
+    the sweep then holds its only reference, which it drops once the top op has read it (autograd frees the
+    loss's gradient alike; for a language model X*^L is as large as the logits)."""
+    return signal.pop() if isinstance(signal, list) else signal
+
+
 def check_out_adj(net, signal: Tensor, what: str = "out_adj") -> None:
     """The top signal must have the recorded output's shape, dtype and device."""
-    output = net.output
+    output, signal = net.output, peek(signal)
     if not isinstance(signal, Tensor):
         raise ValueError(f"{what}: expected a tensor, got {type(signal).__name__}")
     if signal.shape != output.shape or signal.dtype != output.dtype or signal.device != output.device:
@@ -148,8 +160,10 @@ def backward_sweep(layers: list[LayerRecord], signal: Tensor, rule: Rule,
     """Run ``rule`` from the top layer down, calling ``on_layer(layer, {param: feedback})`` per layer.
 
     reducer: a ``GradientAverager`` (or None); ``wait_each`` completes every layer's average before its
-    ``on_layer`` (for rules that update during the sweep).
+    ``on_layer`` (for rules that update during the sweep). ``signal``: X*^L, or a one-element list holding it
+    (:func:`take`).
     """
+    signal = take(signal)
     for k in range(len(layers) - 1, -1, -1):
         layer = layers[k]
         if release and rule.consumes_records:

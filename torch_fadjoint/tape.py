@@ -85,9 +85,12 @@ class Tape:
         self.ops: list[_Op] = []
         self._values: dict[int, tuple[weakref.ref, int, int]] = {}  # id(tensor) → (the tensor, its value index,
         # its version then: a later read of another version that no call the tape saw made is refused)
-        self.storages: dict[int, list[tuple[weakref.ref, bool]]] = {}  # storage → (value, foreign) of the values
-        # there; ``foreign``: a view of memory no value owns (a constant, a buffer, a frozen parameter)
-        self.foreign: set[int] = set()  # the foreign values' indices: never written in place
+        self.storages: dict[int, list[weakref.ref]] = {}  # storage → the values there (a value, its views)
+        self.foreign: set[int] = set()  # values that are views of a tensor that is not a value (a constant, a buffer,
+        # a parameter, a detach() alias): never written in place (the tape would go on reading that one unchanged)
+        self.nograd_views: dict[int, weakref.ref] = {}  # views of values made under no_grad (autograd refuses them
+        # written in place with grad enabled)
+        self.model_memory: set[int] = set()  # storages of the model's parameters and buffers
         self.needs: list[bool] = []  # per value: whether a trainable parameter lies upstream (its adjoint is used)
         self.count = 0
         self.output: int | None = None
@@ -110,8 +113,8 @@ class Tape:
 
     def add_value(self, tensor: Tensor, needs: bool = False, arguments: tuple = ()) -> int:
         """A new value (or a new version of one); ``needs``: a trainable parameter lies upstream of it. A view of
-        memory that no value owns, made from one of the call's ``arguments`` (``z.view_as(h)`` of a constant ``z``,
-        ``w[0]`` of a frozen weight) is foreign."""
+        one of the call's ``arguments`` that is not a value, or is a foreign one (``z.view_as(h)`` of a constant
+        ``z``, ``w[0]`` of a frozen weight, ``h.detach().view_as(h)``), is foreign."""
         index = self.count
         self.count += 1
         ref = weakref.ref(tensor)
@@ -119,11 +122,10 @@ class Tape:
         self.needs.append(needs)
         if tensor.numel():
             storage = tensor.untyped_storage().data_ptr()
-            foreign = (tensor._is_view() and not self.owns(storage)
-                       and any(isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage
-                               for leaf in _leaves(arguments)))
-            self.storages.setdefault(storage, []).append((ref, foreign))
-            if foreign:
+            self.storages.setdefault(storage, []).append(ref)
+            if tensor._is_view() and any(
+                    isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage
+                    and ((found := self.value_of(leaf)) is None or found in self.foreign) for leaf in _leaves(arguments)):
                 self.foreign.add(index)
         if self.keep:
             self.kept[index] = (tensor, tensor._version)
@@ -139,23 +141,24 @@ class Tape:
     def aliases(self, storage: int) -> list[Tensor]:
         """The live values whose memory is at ``storage`` (views of one another)."""
         found = []
-        for ref, _ in self.storages.get(storage, ()):
+        for ref in self.storages.get(storage, ()):
             tensor = ref()
-            if tensor is not None and tensor.untyped_storage().data_ptr() == storage:
+            if (tensor is not None and tensor.untyped_storage().data_ptr() == storage
+                    and not any(tensor is other for other in found)):
                 found.append(tensor)
         return found
 
-    def owns(self, storage: int) -> bool:
-        """Whether a live value that is not foreign holds the memory at ``storage``."""
-        return any(not foreign and (tensor := ref()) is not None and tensor.untyped_storage().data_ptr() == storage
-                   for ref, foreign in self.storages.get(storage, ()))
-
-    def saw_write(self, tensor: Tensor) -> None:
-        """A call the tape saw wrote ``tensor`` outside the table (under ``no_grad``, through a ``detach()``
-        alias): the values at its memory hold their new version as theirs (autograd reads them so too)."""
-        for value in self.aliases(tensor.untyped_storage().data_ptr()):
+    def saw_write(self, values: list[Tensor]) -> None:
+        """A call the tape saw wrote into the memory of ``values`` outside the table (under ``no_grad``, through a
+        ``detach()`` alias; ``set_`` gives them other memory): their new versions are theirs (autograd reads them so
+        too)."""
+        for value in values:
             ref, index, _ = self._values[id(value)]
             self._values[id(value)] = (ref, index, value._version)
+            if value.numel():
+                memory = self.storages.setdefault(value.untyped_storage().data_ptr(), [])
+                if not any(r is ref for r in memory):
+                    memory.append(ref)
 
     def value_of(self, tensor) -> int | None:
         """The value index of ``tensor`` (its newest version), or None if it is not a value."""
@@ -292,8 +295,10 @@ class TapeMode(TorchFunctionMode):
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
             written = _constant_write(tape, func, args, kwargs) if call.may_write or "out" in kwargs else ()
             result = func(*args, **kwargs)
-            for tensor in written:  # a value written outside the table: its new version is the one later calls read
-                tape.saw_write(tensor)
+            if written:  # values written outside the table: their new versions are the ones later calls read
+                tape.saw_write(written)
+            if inputs or tape.nograd_views:
+                _note_nograd_views(tape, result, args, kwargs, inputs)
             return _derived(tape, result, inputs) if tape.keep else result
         if func is Tensor.register_hook:
             _refuse_attribute("register_hook")(tape, func, args, inputs)
@@ -531,10 +536,10 @@ def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
     if storage in tape.trained:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a view of a parameter that "
                          "requires grad (autograd refuses it too)")
-    if target in tape.foreign or storage in tape.state:
+    if target in tape.foreign or storage in tape.model_memory:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place into the memory of a tensor "
-                         "the tape holds as a constant (a view of torch.zeros(…), of a buffer or of a frozen "
-                         "parameter, made with a value's shape): write out of place (z = z + h)")
+                         "the tape holds as a constant (a view of torch.zeros(…), of a buffer, of a frozen "
+                         "parameter or of a detach() alias, made with a value's shape): write out of place (z = z + h)")
     for other in tape.aliases(storage):  # its aliases change too, unseen: stale from now on
         if other is not written:
             index = tape.value_of(other)
@@ -543,9 +548,10 @@ def _check_in_place(tape: Tape, func, args: tuple, inputs: dict) -> None:
 
 
 def _constant_write(tape: Tape, func, args: tuple, kwargs: dict) -> list[Tensor]:
-    """The tensors a call outside the table writes (its first argument, ``out=``) that share memory with values.
-    With grad enabled, a write through a view of a value that needs grad made under ``no_grad`` is refused, as
-    autograd refuses it; a write through ``detach()`` or ``.data`` (not views) is autograd's constant write."""
+    """The values sharing memory with what a call outside the table writes (its first argument, ``out=``), found
+    before it runs (``set_`` moves them). With grad enabled, a write through a view of a value that needs grad
+    made under ``no_grad`` is refused, as autograd refuses it; one through ``detach()`` or ``.data`` (and their
+    views) is autograd's constant write."""
     written = [kwargs.get("out")]
     if args and _writes_first_argument(func):
         written += list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
@@ -554,14 +560,30 @@ def _constant_write(tape: Tape, func, args: tuple, kwargs: dict) -> list[Tensor]
         if not isinstance(tensor, Tensor) or not tensor.numel():
             continue
         aliases = tape.aliases(tensor.untyped_storage().data_ptr())
-        if not aliases:
-            continue
-        if (torch.is_grad_enabled() and tensor._is_view() and tape.value_of(tensor) is None
+        if (aliases and torch.is_grad_enabled() and _is_nograd_view(tape, tensor)
                 and any(tape.needs[tape.value_of(value)] for value in aliases)):
             raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place, with grad enabled, through a view "
                              "of a value made under no_grad (autograd refuses it too): write out of place")
-        found.append(tensor)
+        found += aliases
     return found
+
+
+def _is_nograd_view(tape: Tape, tensor: Tensor) -> bool:
+    ref = tape.nograd_views.get(id(tensor))
+    return ref is not None and ref() is tensor
+
+
+def _note_nograd_views(tape: Tape, result, args: tuple, kwargs: dict, inputs: dict) -> None:
+    """Views of values made under ``no_grad``, and views of those, are noted (autograd's creation meta)."""
+    if torch.is_grad_enabled() and not any(_is_nograd_view(tape, leaf) for leaf in _leaves((*args, *kwargs.values()))
+                                           if isinstance(leaf, Tensor)):
+        return
+    if not torch.is_grad_enabled() and not any(kind == "value" for kind, _ in inputs.values()):
+        return
+    for leaf in (result,) if isinstance(result, Tensor) else _leaves((result,)):
+        if isinstance(leaf, Tensor) and leaf._is_view() and leaf.numel() and tape.aliases(
+                leaf.untyped_storage().data_ptr()):
+            tape.nograd_views[id(leaf)] = weakref.ref(leaf)
 
 
 def _requires_grad(tape: Tape, func, args: tuple, inputs: dict):

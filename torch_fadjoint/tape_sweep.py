@@ -77,7 +77,8 @@ def sweep_tape(tape: Tape, top: Tensor, rule: TapeRule = FADJOINT, *, release: b
     peak), and each kept value once the op that made it is swept (nothing earlier reads it)."""
     check_versions(tape)
     rule.check(tape)
-    adjoints: dict[int, Tensor] = {tape.output: top}
+    # ``top`` may come in a one-element list, emptied here (as ``sweep.take``): the sweep holds the only reference
+    adjoints: dict[int, Tensor] = {tape.output: top.pop() if isinstance(top, list) else top}
     owned: set[int] = set()  # values whose stored signal no other tensor shares: a later use adds into it in place
     grads: dict[Tensor, Tensor] = {}
     for op in reversed(tape.ops):

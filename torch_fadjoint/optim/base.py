@@ -93,6 +93,7 @@ class RuleOptimizer(Optimizer):
     state_keys: frozenset = frozenset({"momentum_buffer"})
     signal = "out_adj"
     capture_refusal: str | None = None  # why tfa.graphed_step cannot capture this rule's step (None: it can)
+    consumes_signal = False  # _rule_step takes the top signal in a one-element list that its sweep empties (sweep.take)
     chain_only = False  # the rule sweeps a chain of layers (§6): a net left to choose (graph=None) records one
 
     def __init__(self, net: FPropagation, params, defaults: dict, loss="cross_entropy",
@@ -174,7 +175,10 @@ class RuleOptimizer(Optimizer):
         self.guard.reducer = self.net.reducer
         self.guard.begin(self.net.output)
         loss, signal = self._signal(target, out_adj)
+        if self.consumes_signal:  # no frame above the sweep keeps X*^L once the top op has read it
+            signal = [signal]
         self._rule_step(signal)
+        del signal
         self.guard.commit()  # a rule that wrote nothing still refuses what it was told
         self.guard.settle()
         return loss
@@ -202,10 +206,13 @@ class RuleOptimizer(Optimizer):
         else:
             loss, signal = None, out_adj
         check_out_adj(self.net, signal, self.signal)
-        describe = self.net.layers[-1].describe if self.net.layers else "the model"
-        self.guard.require_finite([output, signal], "step", names=[
-            f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)",
-            f"{self.signal} (the signal at the output of {describe})"])
+        guard = self.guard
+        if guard.active:
+            describe = self.net.layers[-1].describe if self.net.layers else "the model"
+            guard.require_finite([output], "step", names=[
+                f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)"])
+            # the signal's own check is decided now, as a flag: the guard does not keep X*^L through the sweep
+            guard.require(signal.isfinite().all(), "step", [f"{self.signal} (the signal at the output of {describe})"])
         return loss, signal
 
     def _target_validate(self):

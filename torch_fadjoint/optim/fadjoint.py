@@ -100,6 +100,8 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
     >>> loss = opt.step(target=torch.randint(0, 3, (8,)))
     """
 
+    consumes_signal = True  # X*^L is freed once the top layer has read it (sweep.take)
+
     def __init__(self, net: FPropagation, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, loss="cross_entropy", loss_kwargs: dict | None = None,
