@@ -17,7 +17,8 @@ ALLOWED = {
     "layers": {"maps", "tables"},  # a layer's record holds its maps' records (MapRecord)
     "sweep": {"layers"},
     "steps": {"junctions"},  # tfa.nn.Step's entry (torch.heaviside)
-    "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps"},  # the graph: ops through the table
+    "tape_writes": set(),  # what a recorded forward may write, and what a refused one puts back
+    "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps", "tape_writes"},  # the graph: ops through the table
     "chain": {"layers", "maps"},
     "tape_sweep": {"tape"},  # the sweep over a recorded tape (the F-adjoint, the rules' interface)
     "output": {"tape", "losses"},  # the returned output that notices a change before the loss (its op names: the tape's)  # the chain recorder (§6)
