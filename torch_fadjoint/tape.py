@@ -351,6 +351,8 @@ _METADATA = frozenset({Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, T
                        Tensor.element_size, Tensor.__len__,
                        *(getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "layout",
                                                                      "is_cuda"))})
+
+
 def _derived(tape: Tape, result, inputs: dict):
     """``result`` (returned unchanged): with ``tape.keep``, its tensors are marked as computed from values."""
     if tape.keep and any(kind == "value" for kind, _ in inputs.values()):
