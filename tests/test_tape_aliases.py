@@ -66,6 +66,26 @@ class _Writes(nn.Module):
             with torch.no_grad():
                 h.set_(h * 2)
             return self.l2(torch.tanh(h))
+        if how in ("chunk", "split-relu-in-place", "unbind"):  # one of several views written, only it read later
+            if how == "chunk":
+                a, _ = h.chunk(2, 1)
+                a.mul_(2)
+            elif how == "split-relu-in-place":
+                a, _ = h.split(4, 1)
+                F.relu(a, inplace=True)
+            else:
+                a = h.unbind(1)[0].unsqueeze(1)
+                a.mul_(3)
+            return self.l2(torch.cat([a, a], 1) if a.shape[1] == 4 else a.expand(-1, 8).contiguous())
+        if how == "multiplied-by-itself":
+            h = h + 0.0
+            h.mul_(h)
+            return self.l2(h)
+        if how == "resize_-under-no_grad":
+            h = h + 0.0
+            with torch.no_grad():
+                h.resize_(h.shape[0], 8)
+            return self.l2(h)
         if how == "detach-view-as-written-with-a-value":  # autograd sends g's gradient through d; the tape would not
             d = h.detach()
             d.view_as(h).add_(torch.tanh(self.l1(2 * x)))
@@ -107,6 +127,13 @@ def _batch(n: int = 4):
     ("set_", r"^torch\.linear in l2 \(Linear\): reads a value changed in place by a call the tape did not see "
              r"\(Tensor\.set_"),
     ("set_-under-no_grad", r"^torch\.tanh in .*: reads a value changed in place by a call the tape did not see"),
+    ("chunk", r"^Tensor\.mul_ in .*: writes in place into one of several views an op returned \(chunk, split, "
+              r"unbind; autograd refuses it too\)"),
+    ("split-relu-in-place", r"^F\.relu in .*: writes in place into one of several views an op returned"),
+    ("unbind", r"^Tensor\.mul_ in .*: writes in place into one of several views an op returned"),
+    ("multiplied-by-itself", r"^Tensor\.mul_ in .*: writes a value in place with an operand sharing its memory "
+                             r"\(h\.mul_\(h\); autograd saves that operand and refuses it too\)"),
+    ("resize_-under-no_grad", r"^Tensor\.resize_ in .*: resizes a value that needs grad \(autograd refuses it too\)"),
     ("detach-view-as-written-with-a-value", r"^Tensor\.add_ in .*: writes a value in place into the memory of a "
                                             r"tensor the tape holds as a constant .*detach\(\) alias"),
     ("no_grad-view-written-with-grad", r"^Tensor\.mul_ in .*: writes in place, with grad enabled, through a view of a "
@@ -114,7 +141,8 @@ def _batch(n: int = 4):
 ])
 def test_a_write_the_tape_cannot_follow_is_refused_with_nothing_changed(how, match):
     """Before: each trained silently wrong (a gradient missing a path through the written memory, or following the
-    value's old history), the frozen weight and the buffer written too."""
+    value's old history), the frozen weight and the buffer written too; or trained where autograd refuses (one of
+    several views written, a value resized)."""
     torch.manual_seed(0)
     model = _Writes(how).to(DT)
     net = tfa.FPropagation(model, graph=True)
@@ -215,3 +243,83 @@ def test_a_parameter_given_other_memory_after_the_forward_is_refused(rebind, thr
         else:
             opt.step(target=t)
     assert_untouched(before, model, opt)
+
+
+class _SavedThenWritten(nn.Module):
+    """l1 → op → a write into what autograd saves for the op (its input or its output) → l2."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.l1, self.l2 = how, nn.Linear(6, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        a = self.l1(x) + 0.0
+        how = self.how
+        if how == "hardtanh-input":
+            y = F.hardtanh(a, -0.5, 0.5)
+            a.mul_(2)
+        elif how == "hardtanh-output":  # autograd saves the input: writing the output is fine
+            y = F.relu6(a)
+            y.add_(1)
+        elif how == "leaky_relu-in-place-output":
+            y = F.leaky_relu(a, 0.1, inplace=True)
+            y.add_(1)
+        elif how == "elu-in-place-output":
+            y = F.elu(a, inplace=True)
+            y.mul_(2)
+        elif how == "leaky_relu-in-place-negative-slope":
+            y = F.leaky_relu(a, -0.1, inplace=True)
+        elif how == "avg_pool1d-input":
+            y = F.avg_pool1d(a[:, None], 1)[:, 0]
+            a.mul_(2)
+        elif how == "adaptive_avg_pool2d-input":
+            y = F.adaptive_avg_pool2d(a.view(-1, 2, 2, 2), 2).reshape(-1, 8)
+            a.mul_(2)
+        else:  # attention's output, which autograd saves
+            q = a.view(-1, 2, 4)
+            y = F.scaled_dot_product_attention(q, q, q)
+            y.mul_(2)
+            y = y.reshape(-1, 8)
+        return self.l2(y + a)
+
+
+@pytest.mark.parametrize("how, match", [
+    ("hardtanh-input", r"a tensor that F\.hardtanh in .* saved for the sweep was modified in place later"),
+    ("leaky_relu-in-place-output", r"a tensor that F\.leaky_relu in .* saved for the sweep was modified in place"),
+    ("elu-in-place-output", r"a tensor that F\.elu in .* saved for the sweep was modified in place later"),
+    ("leaky_relu-in-place-negative-slope", r"^F\.leaky_relu: in place with negative_slope=-0\.1 \(autograd refuses "
+                                           r"its backward too"),
+    ("avg_pool1d-input", r"a tensor that F\.avg_pool1d in .* read was modified in place later \(autograd, which saves "
+                         r"it, refuses this too\)"),
+    ("adaptive_avg_pool2d-input", r"a tensor that F\.adaptive_avg_pool2d in .* read was modified in place later"),
+    ("attention-output", r"a tensor that F\.scaled_dot_product_attention in .* read was modified in place later"),
+])
+def test_a_write_into_what_autograd_saves_is_refused_as_autograd_refuses_it(how, match):
+    """The record keeps what the op's backward needs, autograd what its formula reads: where they differ, autograd's
+    refusal is the tape's too (before: these trained; autograd raises 'modified by an inplace operation')."""
+    torch.manual_seed(0)
+    model = _SavedThenWritten(how).to(DT)
+    x, t = _batch()
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(copy.deepcopy(model)(x), t).backward()
+    net = tfa.FPropagation(model, graph=True)
+    before = snapshot(model)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        net(x)
+        net.backward(F.cross_entropy, t)
+    assert_untouched(before, model)
+
+
+def test_an_activations_output_written_where_autograd_saves_the_input_stays_exact():
+    """relu6 / hardtanh out of place: autograd saves the input, so writing the output later is fine (it was
+    refused: the record was the output)."""
+    torch.manual_seed(0)
+    model = _SavedThenWritten("hardtanh-output").to(DT)
+    x, t = _batch()
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), t).backward()
+    net = tfa.FPropagation(model, graph=True)
+    net(x)
+    net.backward(F.cross_entropy, t)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)

@@ -8,11 +8,12 @@ adjoint is autograd's own kernel on what autograd keeps (so float32 results are 
     function                                   kernel                         record
     =========================================  =============================  ===========================
     F.relu, torch.relu, relu_                  threshold_backward             the output
-    F.hardtanh, F.relu6                        hardtanh_backward              the output (same mask)
+    F.hardtanh, F.relu6                        hardtanh_backward              the input; in place, the output
     torch.sigmoid, torch.tanh (and ``_``)      sigmoid_backward, tanh_backward  the output
     F.hardswish, F.hardsigmoid, F.silu, F.mish  hardswish_backward, …         the input (a copy, inplace)
     F.gelu (approximate "none" / "tanh")       gelu_backward                  the input
-    F.leaky_relu, F.elu, F.softplus            leaky_relu_backward, …         the input (a copy, inplace)
+    F.leaky_relu, F.elu                        leaky_relu_backward, …         the input; in place, the output
+    F.softplus                                 softplus_backward              the input
     softmax, log_softmax (dim; dtype=None)     _softmax_backward_data, …      the output
     F.scaled_dot_product_attention            composed: P = softmax(q kᵀ s + mask); v* = Pᵀ O*,
                                                S* = softmax'ᵀ(O* vᵀ), q* = s S* k, k* = s S*ᵀ q   q, k, v, mask
@@ -68,7 +69,13 @@ class _ReLU(_Activation):
 
 
 class _Hardtanh(_Activation):
-    """The mask min < · < max is the same on the output as on the input: the output is the record."""
+    """The mask min < · < max is the same on the output as on the input; the record is autograd's: the input out
+    of place, the output in place (so an in-place write after it is refused exactly where autograd refuses)."""
+
+    def record(self, args, kwargs, out):
+        self._check_kept(args, kwargs, out)
+        key, x = argument(args, kwargs, 0, FIRST)
+        return key, (out if self.writes_first(args, kwargs) else x), self.options(args, kwargs)
 
     def options(self, args, kwargs):
         return argument(args, kwargs, 1, "min_val", -1.0)[1], argument(args, kwargs, 2, "max_val", 1.0)[1]
@@ -115,27 +122,35 @@ class _Mish(_Hardswish):
 
 
 class _LeakyReLU(_Activation):
-    """Autograd keeps the input (its output would mislead with a negative slope); in place: a copy first."""
+    """Out of place autograd keeps the input; in place, the output (``is_result``), which a negative slope would
+    make ambiguous: autograd refuses that in its backward, this entry in the forward. So does this entry."""
 
     saves, inplace = "input", 2
+    slope = ("negative_slope", 0.01)
 
-    def options(self, args, kwargs):
-        return (argument(args, kwargs, 1, "negative_slope", 0.01)[1],)
+    def reads_first(self, args, kwargs):
+        return False  # in place, the output is the record
 
-    def kernel(self, out_adj, x, slope):
-        return _aten.leaky_relu_backward(out_adj, x, slope, False)
+    def check(self, args, kwargs):
+        name, default = self.slope
+        slope = argument(args, kwargs, 1, name, default)[1]
+        if self.writes_first(args, kwargs) and isinstance(slope, (int, float)) and slope < 0:
+            raise ValueError(f"{self.name}: in place with {name}={slope} (autograd refuses its backward too: the "
+                             "output does not tell the input's sign); expected inplace=False or a slope >= 0")
+
+    def record(self, args, kwargs, out):
+        self.check(args, kwargs)
+        in_place = self.writes_first(args, kwargs)
+        key, x = argument(args, kwargs, 0, FIRST)
+        name, default = self.slope
+        return key, (out if in_place else x), (argument(args, kwargs, 1, name, default)[1], in_place)
+
+    def kernel(self, out_adj, value, slope, is_result):
+        return _aten.leaky_relu_backward(out_adj, value, slope, is_result)
 
 
 class _ELU(_LeakyReLU):
-    """Out of place autograd keeps the input; in place, the output (``is_result``): so does this entry."""
-
-    def reads_first(self, args, kwargs):
-        return not self.writes_first(args, kwargs)
-
-    def record(self, args, kwargs, out):
-        in_place = self.writes_first(args, kwargs)
-        key, x = argument(args, kwargs, 0, FIRST)
-        return key, (out if in_place else x), (argument(args, kwargs, 1, "alpha", 1.0)[1], in_place)
+    slope = ("alpha", 1.0)
 
     def kernel(self, out_adj, value, alpha, is_result):
         return _aten.elu_backward(out_adj, alpha, 1.0, 1.0, is_result, value)
@@ -212,6 +227,9 @@ class _Attention(Junction):
                              "dropout_p=0.0")
         if kwargs.get("enable_gqa", False):
             raise ValueError(f"{self.name}: enable_gqa=True is not in the table; expected enable_gqa=False")
+
+    def autograd_saves(self, args, kwargs, out):
+        return (out,)  # with q, k, v and the log-sum-exp; the record recomputes P instead
 
     def record(self, args, kwargs, out):
         self.check(args, kwargs)

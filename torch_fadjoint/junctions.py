@@ -139,6 +139,12 @@ class Junction:
         """{position or keyword of a floating tensor input: its adjoint J^T O*}."""
         raise NotImplementedError
 
+    def autograd_saves(self, args: tuple, kwargs: dict, out) -> tuple:
+        """Tensors autograd saves for this op that the record does not keep (an average pool's input, attention's
+        output): the tape watches their versions without keeping them, so that a later in-place write is refused
+        where autograd refuses it."""
+        return ()
+
     def reads_first(self, args, kwargs) -> bool:
         return False
 

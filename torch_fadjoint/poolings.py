@@ -147,6 +147,9 @@ class _AvgPool(_Pool):
         super().__init__(n)
         self.names = _POOL + ("ceil_mode", "count_include_pad") + (("divisor_override",) if n > 1 else ())
 
+    def autograd_saves(self, args, kwargs, out):
+        return (argument(args, kwargs, 0, FIRST)[1],)  # the record keeps its shape only
+
     def record(self, args, kwargs, out):
         self.check(args, kwargs)
         key, x = argument(args, kwargs, 0, FIRST)
@@ -171,6 +174,9 @@ class _AdaptiveAvgPool(_Pool):
     lfp = "epsilon"
 
     names = ("input", "output_size")
+
+    def autograd_saves(self, args, kwargs, out):
+        return (argument(args, kwargs, 0, FIRST)[1],)  # the record keeps its shape only
 
     def record(self, args, kwargs, out):
         self.check(args, kwargs)

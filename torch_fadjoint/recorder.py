@@ -20,6 +20,7 @@ share the forward's put-back-on-refusal path; ``TapeRecorder`` is the part to mo
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
@@ -122,6 +123,7 @@ class TapeRecorder(HookedRecorder):
             tape.output_tensor, tape.output_version = output, output._version
             tape.param_memory = [(p, p.data_ptr()) for p in params]
             check_versions(tape)  # an overwritten record refused now, while the buffers can be put back
+            tape.watched = [(weakref.ref(t), *rest) for t, *rest in tape.watched]  # none kept past the forward
         except BaseException:
             self.clear()
             put_back_state(tape)

@@ -94,6 +94,10 @@ class Tape:
         self.nograd_views: dict[int, weakref.ref] = {}  # views of values made under no_grad (autograd refuses them
         # written in place with grad enabled)
         self.model_memory: set[int] = set()  # storages of the model's parameters and buffers
+        self.watched: list[tuple] = []  # (tensor, version, op, where): what autograd saves and the records do not
+        # keep (Junction.autograd_saves); one written later is refused. Held until the forward ends, weakly after
+        self.multi_views: set[int] = set()  # outputs of an op returning several views (chunk, split, unbind) and
+        # views of them: never written in place (autograd refuses it)
         self.needs: list[bool] = []  # per value: whether a trainable parameter lies upstream (its adjoint is used)
         self.count = 0
         self.output: int | None = None
@@ -126,10 +130,14 @@ class Tape:
         if tensor.numel():
             storage = tensor.untyped_storage().data_ptr()
             self.storages.setdefault(storage, []).append(ref)
-            if tensor._is_view() and any(
-                    isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage
-                    and ((found := self.value_of(leaf)) is None or found in self.foreign) for leaf in _leaves(arguments)):
-                self.foreign.add(index)
+            if tensor._is_view():
+                for leaf in _leaves(arguments):
+                    if isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage:
+                        found = self.value_of(leaf)
+                        if found is None or found in self.foreign:
+                            self.foreign.add(index)
+                        elif found in self.multi_views:
+                            self.multi_views.add(index)
         if self.keep:
             self.kept[index] = (tensor, tensor._version)
         return index
@@ -326,7 +334,13 @@ class TapeMode(TorchFunctionMode):
         leaves = [out] if isinstance(out, Tensor) else list(out)
         outputs = [tape.add_value(t, bool(needed), (*args, *kwargs.values()))
                    if isinstance(t, Tensor) and t.is_floating_point() else -1 for t in leaves]
+        if len(leaves) > 1 and sum(i >= 0 and t._is_view() for t, i in zip(leaves, outputs)) > 1:
+            tape.multi_views.update(i for t, i in zip(leaves, outputs) if i >= 0 and t._is_view())
         versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
+        for t in entry.autograd_saves(args, kwargs, out):  # watched, not kept: through its base if a view (a
+            if isinstance(t, Tensor) and not t.is_inference():  # temporary one shares the base's version counter)
+                t = t._base if t._is_view() else t
+                tape.watched.append((t, t._version, entry.name, tape.where()))  # weak once the forward has ended
         tape.ops.append(_Op(entry, saved, inputs, outputs, isinstance(out, Tensor), tape.where(), versions, needed))
         if tape.keep:  # a rule that re-runs the ops (inference learning, docs/maths.md §7.5) reads the call
             tape.ops[-1].call = _call_of(tape, func, args, kwargs, inputs)

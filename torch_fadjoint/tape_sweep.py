@@ -16,6 +16,8 @@ peak is then autograd's). Every saved tensor is checked against the version it w
 """
 from __future__ import annotations
 
+import weakref
+
 from torch import Tensor
 
 from .tape import Tape, _Op, _tensors_in
@@ -29,6 +31,11 @@ def check_versions(tape: Tape) -> None:
             if tensor._version != version:
                 raise RuntimeError(f"FPropagation: a tensor that {op.entry.name} in {op.where} saved for the sweep was "
                                    "modified in place later (autograd refuses this too); nothing was changed")
+    for held, version, name, where in tape.watched:
+        tensor = held() if isinstance(held, weakref.ref) else held
+        if tensor is not None and tensor._version != version:
+            raise RuntimeError(f"FPropagation: a tensor that {name} in {where} read was modified in place later "
+                               "(autograd, which saves it, refuses this too); nothing was changed")
     for tensor, version in tape.kept.values():
         if tensor._version != version:
             raise RuntimeError("FPropagation: a value kept for the sweep (keep_pre_activations) was modified in place "

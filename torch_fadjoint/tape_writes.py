@@ -65,7 +65,10 @@ _STATISTICS = {F.batch_norm: (1, 2, "running_mean", "running_var"), torch.batch_
                    getattr(torch, name, None) for name in ("native_batch_norm", "_native_batch_norm_legit",
                                                            "_batch_norm_impl_index", "instance_norm"))
                   if f is not None}}
-_REPLACING = frozenset({"set_", "__set__"})  # x.set_(…), x.data = …: the tensor gets other memory
+_REPLACING = frozenset({"set_", "__set__"})
+# in-place ops whose backward reads the other operand: writing it through the first is refused by autograd
+_READS_ITS_OPERANDS = frozenset({"mul_", "__imul__", "div_", "__itruediv__", "pow_", "__ipow__", "addcmul_",
+                                 "addcdiv_", "true_divide_", "multiply_", "divide_"})  # x.set_(…), x.data = …: the tensor gets other memory
 
 
 def state_of(params, buffers) -> dict[int, tuple[Tensor, ...]]:
@@ -150,6 +153,14 @@ def _check_in_place(tape, func, args: tuple, inputs: dict) -> None:
     if storage in tape.trained:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into a view of a parameter that "
                          "requires grad (autograd refuses it too)")
+    if _op_base_name(func) in _READS_ITS_OPERANDS and any(
+            isinstance(other, Tensor) and other.numel() and other.untyped_storage().data_ptr() == storage
+            for other in _leaves(args[1:])):
+        raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place with an operand sharing its "
+                         "memory (h.mul_(h); autograd saves that operand and refuses it too): write out of place")
+    if target in tape.multi_views:
+        raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place into one of several views an op returned "
+                         "(chunk, split, unbind; autograd refuses it too): clone it first, or write out of place")
     if target in tape.foreign or storage in tape.model_memory:
         raise ValueError(f"{_op_name(func)} in {tape.where()}: writes a value in place into the memory of a tensor "
                          "the tape holds as a constant (a view of torch.zeros(…), of a buffer, of a frozen "
@@ -174,6 +185,9 @@ def _constant_write(tape, func, args: tuple, kwargs: dict) -> list[Tensor]:
         if not isinstance(tensor, Tensor) or not tensor.numel():
             continue
         aliases = tape.aliases(tensor.untyped_storage().data_ptr())
+        if _op_base_name(func) in ("resize_", "resize_as_") and any(tape.needs[tape.value_of(v)] for v in aliases):
+            raise ValueError(f"{_op_name(func)} in {tape.where()}: resizes a value that needs grad (autograd refuses "
+                             "it too): make a new tensor instead")
         if (aliases and torch.is_grad_enabled() and _is_nograd_view(tape, tensor)
                 and any(tape.needs[tape.value_of(value)] for value in aliases)):
             raise ValueError(f"{_op_name(func)} in {tape.where()}: writes in place, with grad enabled, through a view "
