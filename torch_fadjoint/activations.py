@@ -122,8 +122,9 @@ class _Mish(_Hardswish):
 
 
 class _LeakyReLU(_Activation):
-    """Out of place autograd keeps the input; in place, the output (``is_result``), which a negative slope would
-    make ambiguous: autograd refuses that in its backward, this entry in the forward. So does this entry."""
+    """Out of place the record is the input, in place the output (``is_result``), as autograd keeps them. In
+    place, a negative slope makes the output ambiguous: autograd refuses it in its backward, this entry at the
+    call."""
 
     saves, inplace = "input", 2
     slope = ("negative_slope", 0.01)
@@ -150,6 +151,8 @@ class _LeakyReLU(_Activation):
 
 
 class _ELU(_LeakyReLU):
+    """As leaky_relu, with ``alpha`` for the slope."""
+
     slope = ("alpha", 1.0)
 
     def kernel(self, out_adj, value, alpha, is_result):

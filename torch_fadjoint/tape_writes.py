@@ -65,10 +65,10 @@ _STATISTICS = {F.batch_norm: (1, 2, "running_mean", "running_var"), torch.batch_
                    getattr(torch, name, None) for name in ("native_batch_norm", "_native_batch_norm_legit",
                                                            "_batch_norm_impl_index", "instance_norm"))
                   if f is not None}}
-_REPLACING = frozenset({"set_", "__set__"})
+_REPLACING = frozenset({"set_", "__set__"})  # x.set_(…), x.data = …: the tensor gets other memory
 # in-place ops whose backward reads the other operand: writing it through the first is refused by autograd
 _READS_ITS_OPERANDS = frozenset({"mul_", "__imul__", "div_", "__itruediv__", "pow_", "__ipow__", "addcmul_",
-                                 "addcdiv_", "true_divide_", "multiply_", "divide_"})  # x.set_(…), x.data = …: the tensor gets other memory
+                                 "addcdiv_", "true_divide_", "multiply_", "divide_"})
 
 
 def state_of(params, buffers) -> dict[int, tuple[Tensor, ...]]:
