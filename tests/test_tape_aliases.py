@@ -323,3 +323,45 @@ def test_an_activations_output_written_where_autograd_saves_the_input_stays_exac
     net.backward(F.cross_entropy, t)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)
+
+
+class _Carries(nn.Module):
+    """A state carried from one forward to the next in an attribute: detached (truncated backpropagation, which
+    autograd computes too) or not (autograd refuses the second backward through the first forward's graph)."""
+
+    def __init__(self, detached: bool):
+        super().__init__()
+        self.detached, self.l1, self.l2 = detached, nn.Linear(6, 8), nn.Linear(8, 5)
+        self.state = None
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        out = self.l2(h if self.state is None else h + self.state)
+        self.state = h.detach() if self.detached else h
+        return out
+
+
+@pytest.mark.parametrize("detached", [True, False], ids=["detached", "carried-with-its-graph"])
+def test_a_state_carried_across_forwards_is_exact_detached_and_refused_otherwise(detached):
+    torch.manual_seed(0)
+    model = _Carries(detached).to(DT)
+    reference = copy.deepcopy(model)
+    net = tfa.FPropagation(model, graph=True)
+    x, t = _batch()
+    for step in range(3):
+        if not detached and step == 1:
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                F.cross_entropy(reference(x), t).backward()
+            before = snapshot(model)
+            with pytest.raises(ValueError, match=r"^Tensor\.add in .*: reads a tensor an earlier forward computed from "
+                                                 r"the parameters \(kept in an attribute\?\)"):
+                net(x)
+            assert_untouched(before, model)
+            return
+        reference.zero_grad()
+        F.cross_entropy(reference(x), t).backward()
+        model.zero_grad()
+        net(x)
+        net.backward(F.cross_entropy, t)
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)

@@ -65,6 +65,7 @@ class TapeRecorder(HookedRecorder):
         self._handles: list = []
         self._path: list[str] = []
         self._params: dict[int, tuple[str, nn.Parameter]] = {}
+        self._earlier: dict[int, weakref.ref] = {}  # the values of earlier forwards that need grad, while alive
         self.clear()
 
     def attach(self) -> None:
@@ -96,6 +97,7 @@ class TapeRecorder(HookedRecorder):
         _check_inputs(leaves)
         tape = Tape(self._params)
         tape.path = self._path
+        tape.earlier = self._earlier
         tape.keep = net.keep_pre_activations  # rules that read the values themselves (LFP, §7.2)
         self._path.clear()
         for value in leaves:
@@ -135,8 +137,18 @@ class TapeRecorder(HookedRecorder):
             self._path.clear()
         tape.state, tape.state_copies = {}, []
         tape.output = index
+        self._remember(tape)
         self.tape, self._output = tape, output
         return output
+
+    def _remember(self, tape: Tape) -> None:
+        """Keep (weakly) the values of this forward that need grad, and drop the earlier ones that died: a later
+        forward reading one (a state carried in an attribute) is refused (:func:`torch_fadjoint.tape._inputs`)."""
+        earlier = {key: ref for key, ref in self._earlier.items() if ref() is not None}
+        for key, (ref, index, _) in tape._values.items():
+            if tape.needs[index] and ref() is not None:
+                earlier[key] = ref
+        self._earlier = earlier
 
     def grads(self, out_adj: Tensor, *, retain_records: bool = False, rule=None) -> dict[Tensor, Tensor]:
         """{parameter: feedback} by the sweep over the last forward's tape; see :meth:`FPropagation.graph_grads`."""

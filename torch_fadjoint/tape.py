@@ -94,6 +94,8 @@ class Tape:
         self.nograd_views: dict[int, weakref.ref] = {}  # views of values made under no_grad (autograd refuses them
         # written in place with grad enabled)
         self.model_memory: set[int] = set()  # storages of the model's parameters and buffers
+        self.earlier: dict[int, weakref.ref] = {}  # values of earlier forwards that need grad and are still alive
+        # (kept in an attribute): read with grad enabled, refused (autograd would backpropagate into that forward)
         self.watched: list[tuple] = []  # (tensor, version, op, where): what autograd saves and the records do not
         # keep (Junction.autograd_saves); one written later is refused. Held until the forward ends, weakly after
         self.multi_views: set[int] = set()  # outputs of an op returning several views (chunk, split, unbind) and
@@ -231,6 +233,11 @@ def _inputs(tape: Tape, func, args: tuple, kwargs: dict, metadata: bool = False)
                                  "parameter of the model (autograd would fill its .grad, the sweep does not): register "
                                  "it on a module of the model, or detach it")
             else:
+                earlier = tape.earlier.get(id(item)) if tape.earlier else None
+                if earlier is not None and earlier() is item and not metadata and torch.is_grad_enabled():
+                    raise ValueError(f"{_op_name(func)} in {tape.where()}: reads a tensor an earlier forward computed "
+                                     "from the parameters (kept in an attribute?): autograd would backpropagate into "
+                                     "that forward's graph, the sweep cannot; detach() it where it is kept")
                 continue
             found[key if i is None else (key, i)] = source
     return found
