@@ -166,12 +166,16 @@ def test_a_refused_forward_puts_back_what_it_wrote_through_any_call(how):
     assert_untouched(before, model)
 
 
-class _Detached(nn.Module):
-    """Writes autograd accepts, through aliases that are not values: exact as autograd has them."""
+class _TwoLayers(nn.Module):
+    """l1 (6 → 8), what the subclass's forward does for ``how``, l2 (8 → ``out``)."""
 
-    def __init__(self, how: str):
+    def __init__(self, how: str, out: int = 5):
         super().__init__()
-        self.how, self.l1, self.l2 = how, nn.Linear(6, 8), nn.Linear(8, 5)
+        self.how, self.l1, self.l2 = how, nn.Linear(6, 8), nn.Linear(8, out)
+
+
+class _Detached(_TwoLayers):
+    """Writes autograd accepts, through aliases that are not values: exact as autograd has them."""
 
     def forward(self, x):
         h = self.l1(x) + 0.0
@@ -245,12 +249,11 @@ def test_a_parameter_given_other_memory_after_the_forward_is_refused(rebind, thr
     assert_untouched(before, model, opt)
 
 
-class _SavedThenWritten(nn.Module):
+class _SavedThenWritten(_TwoLayers):
     """l1 → op → a write into what autograd saves for the op (its input or its output) → l2."""
 
     def __init__(self, how: str):
-        super().__init__()
-        self.how, self.l1, self.l2 = how, nn.Linear(6, 8), nn.Linear(8, 8)
+        super().__init__(how, out=8)
 
     def forward(self, x):
         a = self.l1(x) + 0.0

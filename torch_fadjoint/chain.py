@@ -252,9 +252,8 @@ class ChainRecorder(HookedRecorder):
         self._last_version = 0
         self._last_from = ""
         self._calls: dict[int, int] = {}
-        self._watch: list[tuple[Tensor, int, str]] = []
-        self._memory: list[tuple[Tensor, int, str]] = []  # (parameter, its data_ptr, name): one given other memory
-        # after the forward (p.data = …) is refused, as an in-place write is by its version
+        self._watch: list[tuple[Tensor, int, str, int | None]] = []  # (tensor, version, name, data_ptr of a
+        # parameter: one given other memory after the forward, p.data = …, is refused as an in-place write is)
         self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
         self._depth = 0
         self._transparent = None
@@ -305,13 +304,13 @@ class ChainRecorder(HookedRecorder):
                    f"{', '.join(supported_layers() + supported_maps())}")
         return lambda: [module.register_forward_pre_hook(self._refusal(name, why))]
 
-    def _watch_tensor(self, tensor, what: str) -> None:
+    def _watch_tensor(self, tensor, what: str, memory: bool = False) -> None:
         """Keep ``tensor``'s version (a weak reference: the sweep frees records as it goes). Inference tensors
         (a forward under ``torch.inference_mode``) carry no version counter and are not watched."""
         # is_inference() first, on purpose: under torch.compile it graph-breaks and the rest of the hook runs eagerly,
         # with eager versions; asking _compiling() first kept the hook traced and broke compiled_step (test_graph)
         if isinstance(tensor, Tensor) and not tensor.is_inference() and not _compiling():
-            self._watch.append((weakref.ref(tensor), tensor._version, what))
+            self._watch.append((weakref.ref(tensor), tensor._version, what, tensor.data_ptr() if memory else None))
 
     def _consume(self, what: str, inputs: tuple) -> Tensor | None:
         """The chain tensor a module or op receives (None before the first layer); refuses a non-chain."""
@@ -377,10 +376,7 @@ class ChainRecorder(HookedRecorder):
                     self._watch_tensor(rec.y, f"Y^{rec.k}, the output of {rec.describe}")
                 self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
                 for param_name in layer.param_names:
-                    param = getattr(module, param_name, None)
-                    self._watch_tensor(param, f"{name}.{param_name}")
-                    if isinstance(param, Tensor) and not param.is_inference() and not _compiling():
-                        self._memory.append((weakref.ref(param), param.data_ptr(), f"{name}.{param_name}"))
+                    self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}", memory=True)
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
@@ -562,15 +558,13 @@ class ChainRecorder(HookedRecorder):
 
     def recorded_layers(self) -> list[LayerRecord]:
         """The layers of the last forward after checking that no record went stale; RuntimeError otherwise."""
-        for ref, version, what in self._watch:
+        for ref, version, what, pointer in self._watch:
             tensor = ref()
             if tensor is not None and tensor._version != version:
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was modified in place after the forward recorded it; "
                                    "records cleared, nothing was changed (run the forward again)")
-        for ref, pointer, what in self._memory:
-            tensor = ref()
-            if tensor is not None and tensor.data_ptr() != pointer:
+            if tensor is not None and pointer is not None and tensor.data_ptr() != pointer:
                 self.clear()
                 raise RuntimeError(f"FPropagation: the parameter {what} was given other memory after the forward "
                                    "(p.data = …, vector_to_parameters): the sweep would read the old one; records "

@@ -38,7 +38,8 @@ from torch.utils._pytree import tree_flatten
 from . import activations, arithmetic, functionals, poolings, steps  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
 from .tape_writes import (_LEAVING, _STATISTICS, _check_in_place, _constant_write, _keep_state, _keep_state_written,
-                          _leaves, _note_nograd_views, _op_name, _writes_first_argument, put_back_state, state_of)
+                          _leaves, _note_nograd_views, _op_name, _writes_first_argument, put_back_state, state_of,
+                          written_by)
 
 __all__ = ["Tape", "TapeMode", "rerun", "state_of", "put_back_state"]
 
@@ -287,12 +288,13 @@ class TapeMode(TorchFunctionMode):
             if call.leaving and any(kind == "value" and tape.needs[index] for kind, index in inputs.values()):
                 raise ValueError(f"{_op_name(func)} in {tape.where()}: takes a value out of torch (autograd refuses "
                                  "it on a tensor that requires grad too); detach it first, or keep it in torch")
-        if tape.state and (call.may_write or "out" in kwargs):  # the others write no tensor they are given
-            _keep_state_written(tape, func, args, kwargs)
+        written = written_by(func, args, kwargs) if call.may_write or "out" in kwargs else ()  # the others write
+        if tape.state and written:  # no tensor they are given
+            _keep_state_written(tape, func, args, kwargs, written)
         if not inputs or not torch.is_grad_enabled():
             # constants only (buffers, masks, shapes), or the user's own no_grad block inside a forward called with
             # grad enabled: autograd gives what is computed there no gradient, so its outputs are constants here too
-            written = _constant_write(tape, func, args, kwargs) if call.may_write or "out" in kwargs else ()
+            written = _constant_write(tape, func, written) if written else ()
             result = func(*args, **kwargs)
             if written:  # values written outside the table: their new versions are the ones later calls read
                 tape.saw_write(written)

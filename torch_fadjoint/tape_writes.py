@@ -98,17 +98,24 @@ def _writes_first_argument(func) -> bool:
             or func in _LEAVING or func is Tensor.untyped_storage)
 
 
-def _keep_state_written(tape, func, args: tuple, kwargs: dict) -> None:
-    """Copy a parameter or buffer of the model before the forward first writes into it, through any alias
-    (``self.count += 1``, ``self.buf[0] += 1``, ``self.buf.data.add_(1)``, ``out=``, ``.data = …``, BatchNorm's running
-    statistics, a clamp under ``no_grad``, ``torch._foreach_add_``, ``.numpy()``): a refused forward puts every one
-    back (:func:`put_back_state`)."""
+def written_by(func, args: tuple, kwargs: dict) -> list:
+    """What a call may write: its ``out=``, and its first argument (each tensor of a list, ``_foreach_add_``) when
+    :func:`_writes_first_argument` says so (entries that are not tensors are left to the callers to skip)."""
     written = [kwargs.get("out")]
     if args and _writes_first_argument(func):
         written += list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
+    return written
+
+
+def _keep_state_written(tape, func, args: tuple, kwargs: dict, written: list) -> None:
+    """Copy a parameter or buffer of the model before the forward first writes into it, through any alias
+    (``self.count += 1``, ``self.buf[0] += 1``, ``self.buf.data.add_(1)``, ``out=``, ``.data = …``, BatchNorm's running
+    statistics, a clamp under ``no_grad``, ``torch._foreach_add_``, ``.numpy()``): a refused forward puts every one
+    back (:func:`put_back_state`). ``written``: :func:`written_by`'s list."""
     positions = _STATISTICS.get(func)
     if positions is not None:
-        written += [args[i] if len(args) > i else kwargs.get(key) for i, key in zip(positions[:2], positions[2:])]
+        written = written + [args[i] if len(args) > i else kwargs.get(key)
+                             for i, key in zip(positions[:2], positions[2:])]
     _keep_state(tape, written, _op_base_name(func) in _REPLACING)
 
 
@@ -172,14 +179,11 @@ def _check_in_place(tape, func, args: tuple, inputs: dict) -> None:
             tape.keep_before_write(("value", index))  # a rule reading the values keeps what the forward made
 
 
-def _constant_write(tape, func, args: tuple, kwargs: dict) -> list[Tensor]:
-    """The values sharing memory with what a call outside the table writes (its first argument, ``out=``), found
-    before it runs (``set_`` moves them). With grad enabled, a write through a view of a value that needs grad
-    made under ``no_grad`` is refused, as autograd refuses it; one through ``detach()`` or ``.data`` (and their
-    views) is autograd's constant write."""
-    written = [kwargs.get("out")]
-    if args and _writes_first_argument(func):
-        written += list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
+def _constant_write(tape, func, written: list) -> list[Tensor]:
+    """The values sharing memory with what a call outside the table writes (``written``: :func:`written_by`'s
+    list), found before it runs (``set_`` moves them). With grad enabled, a write through a view of a value that
+    needs grad made under ``no_grad`` is refused, as autograd refuses it; one through ``detach()`` or ``.data`` (and
+    their views) is autograd's constant write."""
     found = []
     for tensor in written:
         if not isinstance(tensor, Tensor) or not tensor.numel():
