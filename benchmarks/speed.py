@@ -129,7 +129,29 @@ class RecordOnly:
         self.net.clear()
 
 
-MEASUREMENTS = {"forward": ForwardOnly, "record": RecordOnly}
+class ReadFloor:
+    """Not a rule: ``fadjoint_unchecked``'s step with the least that any exact-or-refused check of it must add
+    (issue 20): after the forward, one read of every parameter and of its momentum buffer (a 2-norm each, one
+    ``_foreach_norm``), brought to the host in one sync; nothing is decided from it. A check must bound θ' =
+    θ − lr·b' before writing it, so it reads θ and b in every step (nothing cached across steps survives a write
+    through ``.data``); the gradient's own bound and every other check come on top."""
+
+    uses_autograd = False
+
+    def __init__(self, model, cfg):
+        self.trainer = build_trainer("fadjoint_unchecked", model, cfg)
+        self.net, self.params = self.trainer.net, [p for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def step(self, x, target):
+        self.net(x)
+        state = self.trainer.opt.state
+        buffers = [state[p]["momentum_buffer"] for p in self.params if "momentum_buffer" in state.get(p, {})]
+        torch.stack(torch._foreach_norm(self.params + buffers)).tolist()
+        return self.trainer.opt.step(target=target)
+
+
+MEASUREMENTS = {"forward": ForwardOnly, "record": RecordOnly, "read_floor": ReadFloor}
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """benchmarks.speed: the memory counters against hand counts, the --quick harness end to end, CUDA capture."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,32 @@ def test_quick_harness_writes_every_rule_with_finite_ratios(tmp_path):
         assert 0.9 < cell["rules"]["fadjoint"]["kept_ratio"] <= 1.0
     assert "| fadjoint |" in (tmp_path / "SPEED.md").read_text()
     assert (tmp_path / "step_time.png").stat().st_size > 1000
+
+
+def test_the_read_floor_is_the_unchecked_step_plus_one_read_of_every_parameter_and_buffer(tmp_path):
+    """configs/speed_default_step.toml (issue 20's table) small: ``read_floor`` trains as ``fadjoint_unchecked`` does
+    (same weights after 3 steps, bit for bit: the read decides nothing) and is timed beside the default step."""
+    config = tmp_path / "speed_default_step.toml"
+    text = (Path(__file__).parents[1] / "configs" / "speed_default_step.toml").read_text()
+    config.write_text("\n".join("sizes = [[784, 16, 10]]" if line.startswith("sizes") else line
+                                for line in text.splitlines()))
+    payload = speed.main(["--config", str(config), "--batches", "4", "--repeats", "2", "--min-repeats", "2",
+                          "--warmup", "1", "--threads", "1", "--progress", "false", "--out", str(tmp_path)])
+    (cell,) = payload["results"]
+    assert {"sgd", "fadjoint", "fadjoint_unchecked", "read_floor"} <= set(cell["rules"])
+    for entry in cell["rules"].values():
+        assert math.isfinite(entry["paired_ratio"]) and entry["paired_ratio"] > 0
+    cfg = {**speed.DEFAULTS, "lr": 0.01, "momentum": 0.9, "foreach": True}
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(8, 784, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    models = {rule: speed._make(cfg, rule, [784, 16, 10], torch.device("cpu"), torch.float32) for rule in
+              ("read_floor", "fadjoint_unchecked")}
+    for _ in range(3):
+        for _, trainer in models.values():
+            trainer.step(x, t)
+    floor, unchecked = (list(models[rule][0].parameters()) for rule in ("read_floor", "fadjoint_unchecked"))
+    assert all(torch.equal(a, b) for a, b in zip(floor, unchecked))
+    assert models["read_floor"][1].trainer.opt.state  # momentum buffers: the floor read them from the second step
 
 
 @pytest.mark.cuda

@@ -10,6 +10,7 @@
 * Errors that name what was given and what is expected, in one line.
 """
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -420,3 +421,31 @@ def test_a_weight_tied_under_another_name_is_bounded_by_its_whole_gradient(valid
         opt.step(out_adj=torch.full_like(out, 1e30))
         opt.synchronize()
     assert_untouched(before, model, opt)
+
+
+def test_the_numbers_form_of_the_sgd_bound_decides_as_its_terms_do():
+    """``sgd_update_fits`` (validate=True's one formula per parameter) and ``sgd_update_bound``'s terms (the fused
+    step's and async's) are one bound written twice: on random norms, hyper-parameters and limits near the
+    bound they decide alike (a drift between them would let one path write what the other refuses)."""
+    from torch_fadjoint.optim.functional import sgd_update_bound, sgd_update_fits
+
+    gen = torch.Generator().manual_seed(0)
+    theta_t, buf_t, y_t, x_t = (torch.zeros(1) for _ in range(4))
+    decided = set()
+    for _ in range(4000):
+        u = torch.rand(10, generator=gen, dtype=torch.float64).tolist()
+        nesterov = u[0] < 0.3
+        hyper = dict(lr=10 ** (4 * u[1] - 3), momentum=0.0 if u[2] < 0.2 else u[2], nesterov=nesterov and u[2] >= 0.2,
+                     dampening=0.0 if nesterov else 2 * u[3] - 0.5, weight_decay=0.0 if u[4] < 0.5 else u[4],
+                     maximize=False)
+        norms = {id(theta_t): 10 ** (6 * u[5]), id(buf_t): 10 ** (6 * u[6]), id(y_t): 10 ** (3 * u[7]),
+                 id(x_t): 10 ** (3 * u[8])}
+        has_buf = u[9] < 0.7
+        entries = sgd_update_bound(theta_t, (1, (y_t, x_t), 1, None), buf_t if has_buf else None, **hyper)
+        largest = max(sum(c * math.prod(norms[id(t)] for t in ts) for c, ts, _, _ in terms) for terms in entries)
+        limit = largest * (1 + (u[9] - 0.5) * 1e-6)  # just above or below the largest value made
+        values = [norms[id(theta_t)]] + ([norms[id(buf_t)]] if has_buf else []) + [norms[id(y_t)], norms[id(x_t)]]
+        by_terms = largest <= limit
+        assert sgd_update_fits((has_buf, hyper), values, limit) == by_terms, (hyper, values, limit)
+        decided.add(by_terms)
+    assert decided == {True, False}

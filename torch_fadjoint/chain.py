@@ -160,6 +160,22 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"{name or '<model>'} ({type(module).__name__})"
 
 
+class _Lazy:
+    """Words made only when a message is: the recorder names every record, watch and setting it keeps, several per
+    layer and forward, and reads a name only to refuse something (an f-string formats it then)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make):
+        self.make = make
+
+    def __str__(self) -> str:
+        return self.make()
+
+    def __format__(self, spec: str) -> str:
+        return format(self.make(), spec)
+
+
 def _op_name(func) -> str:
     name = getattr(func, "__name__", repr(func))
     qualname = getattr(func, "__qualname__", name)
@@ -344,10 +360,11 @@ class ChainRecorder(HookedRecorder):
             if not self._recording:
                 return None
             self._depth += 1  # the module's own ops are not the chain's (reset by forward() on error)
-            what = _describe(name, module)
+            what = _Lazy(lambda: _describe(name, module))
+            known = self._param_names
             for param_name in layer.param_names:
                 value = getattr(module, param_name, None)
-                if value is not None and self._param_names.get(id(value)) is None:
+                if value is not None and id(value) not in known:
                     raise ValueError(f"{what}: its {param_name} is not the parameter it was wrapped with (torch.func."
                                      "functional_call, or a tensor assigned in its place?): the sweep would update "
                                      "the wrapped one")
@@ -366,24 +383,28 @@ class ChainRecorder(HookedRecorder):
                 if not isinstance(output, Tensor):
                     raise ValueError(f"{_describe(name, module)}: expected a tensor output, got {type(output).__name__}")
                 x_prev = _detach(inputs[0])
-                call = self._calls[id(module)] = self._calls.get(id(module), 0) + 1
-                rec = LayerRecord(k=len(self._layers) + 1, name=name, module=module, entry=layer, x_prev=x_prev,
-                                  saved=layer.record(module, x_prev, output), call=call)
-                if self._layers:
-                    self._layers[-1].x = x_prev
+                calls, key = self._calls, id(module)
+                call = calls[key] = calls.get(key, 0) + 1
+                layers = self._layers
+                rec = LayerRecord(len(layers) + 1, name, module, layer, x_prev, saved=layer.record(module, x_prev, output),
+                                  call=call)
+                described = _Lazy(lambda: rec.describe)
+                if layers:
+                    layers[-1].x = x_prev
                 if self.keep_pre_activations:
                     rec.y = _detach(output)
-                    self._watch_tensor(rec.y, f"Y^{rec.k}, the output of {rec.describe}")
-                self._watch_tensor(x_prev, f"X^{rec.k - 1}, the input of {rec.describe}")
+                    self._watch_tensor(rec.y, _Lazy(lambda: f"Y^{rec.k}, the output of {rec.describe}"))
+                self._watch_tensor(x_prev, _Lazy(lambda: f"X^{rec.k - 1}, the input of {rec.describe}"))
                 for param_name in layer.param_names:
-                    self._watch_tensor(getattr(module, param_name, None), f"{name}.{param_name}", memory=True)
+                    self._watch_tensor(getattr(module, param_name, None), _Lazy(lambda n=param_name: f"{name}.{n}"),
+                                       memory=True)
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
                         self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
-                self._configs.append((module, rec.describe, _settings(module)))
-                self._layers.append(rec)
-                self._advance(output, rec.describe)
+                self._configs.append((module, described, _settings(module)))
+                layers.append(rec)
+                self._advance(output, described)
             finally:
                 self._depth -= 1
             return None
@@ -394,7 +415,7 @@ class ChainRecorder(HookedRecorder):
             if not self._recording:
                 return None
             self._depth += 1
-            self._consume(_describe(name, module), inputs)
+            self._consume(_Lazy(lambda: _describe(name, module)), inputs)
             try:
                 undo = entry.prepare(module)
             except (TypeError, ValueError) as exc:
@@ -411,7 +432,7 @@ class ChainRecorder(HookedRecorder):
                 undo = self._undo.pop() if self._undo else None
                 if undo is not None:
                     undo()
-                return self._record_map(_describe(name, module), name, module, entry, inputs[0],
+                return self._record_map(_Lazy(lambda: _describe(name, module)), name, module, entry, inputs[0],
                                         lambda: output, module_output=output)
             finally:
                 self._depth -= 1
@@ -434,7 +455,7 @@ class ChainRecorder(HookedRecorder):
                              "use inplace=False")
         if isinstance(saved, Tensor):
             saved = _detach(saved)
-            self._watch_tensor(saved, f"the record of {what}")
+            self._watch_tensor(saved, _Lazy(lambda: f"the record of {what}"))
         elif isinstance(saved, tuple):  # MaxPool's (Y, indices)
             saved = tuple(_detach(item) if isinstance(item, Tensor) else item for item in saved)
             for item in saved:

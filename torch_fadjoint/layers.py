@@ -150,7 +150,9 @@ class _Linear(Layer):
 
     def weight_factors(self, rec, y_adj) -> tuple[Tensor, Tensor]:
         """(Y*, X^{k-1}) as matrices, so that ∂J/∂W = Y*ᵀ X^{k-1} (the fused update multiplies them itself)."""
-        return y_adj.reshape(-1, y_adj.shape[-1]), rec.x_prev.reshape(-1, rec.x_prev.shape[-1])
+        x_prev = rec.x_prev
+        return (y_adj if y_adj.dim() == 2 else y_adj.reshape(-1, y_adj.shape[-1]),
+                x_prev if x_prev.dim() == 2 else x_prev.reshape(-1, x_prev.shape[-1]))
 
     def patch_energy(self, rec):
         energy = rec.x_prev.pow(2).sum(-1, keepdim=True)

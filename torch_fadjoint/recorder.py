@@ -175,6 +175,13 @@ class TapeRecorder(HookedRecorder):
         return grads
 
 
+def _hook_keys(module: nn.Module) -> tuple:
+    """The forward hooks of ``module``, as the keys of its hook dicts and the ids of what they hold: when they are
+    what ``attach`` saw, no hook was added or removed (another recorder's hooks are told apart only if not)."""
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    return tuple(pre), tuple(map(id, pre.values())), tuple(post), tuple(map(id, post.values()))
+
+
 class FPropagation(nn.Module):
     """Wrap ``model`` and record its F-propagation (docs/maths.md §1.1, §6.1, §7.1); ``net(x) == model(x)``.
 
@@ -308,11 +315,14 @@ class FPropagation(nn.Module):
         return self.model.load_state_dict(state_dict, strict=strict, **kwargs)
 
     def _make_fingerprint(self) -> tuple:
-        """What ``attach`` saw: every module with its children, parameters and hooks, and each parameter's
-        shape, dtype and device (``model.to(...)`` changes those in place)."""
-        modules = tuple((m, tuple(m._modules.items()), tuple(m._parameters.items()), tuple(map(id, _foreign_hooks(m))))
+        """What ``attach`` saw: every module with the names and identities of its children and parameters and the
+        forward hooks (``_hook_keys``, and the ids of those that are no recorder's), and each parameter's shape, dtype
+        and device (``model.to(...)`` changes those in place). The fingerprint keeps them alive: their ids stay theirs."""
+        modules = tuple((m, tuple(m._modules), tuple(map(id, m._modules.values())), tuple(m._parameters),
+                         tuple(map(id, m._parameters.values())),
+                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))))
                         for _, m in self.model.named_modules())
-        params = tuple((p, p.shape, p.dtype, p.device) for _, _, ps, _ in modules for _, p in ps if p is not None)
+        params = tuple((p, p.shape, p.dtype, p.device) for _, p in self.model.named_parameters(remove_duplicate=False))
         return modules, params
 
     def _modules_seen(self) -> list[nn.Module]:
@@ -320,19 +330,17 @@ class FPropagation(nn.Module):
         return [m for m, *_ in self._fingerprint[0]]
 
     def _changed(self) -> bool:
-        """True if the model is not what ``attach`` saw (checked at every forward without walking the tree)."""
+        """True if the model is not what ``attach`` saw (checked at every forward without walking the tree): a child
+        or parameter added, removed, renamed or replaced, a forward hook other than a recorder's added or removed, a
+        parameter's shape, dtype or device changed."""
         modules, params = self._fingerprint
-        for module, children, own, hooks in modules:
-            if len(module._modules) != len(children) or len(module._parameters) != len(own):
+        for module, child_names, children, own_names, own, hooks in modules:
+            found_children, found_params = module._modules, module._parameters
+            if (tuple(map(id, found_params.values())) != own or tuple(map(id, found_children.values())) != children
+                    or tuple(found_params) != own_names or tuple(found_children) != child_names):
                 return True
-            if len(module._forward_pre_hooks) + len(module._forward_hooks) and tuple(map(id, _foreign_hooks(module))) != hooks:
+            if _hook_keys(module) != hooks[0] and tuple(map(id, _foreign_hooks(module))) != hooks[1]:
                 return True
-            for (name, child), (name2, child2) in zip(children, module._modules.items()):
-                if name != name2 or child is not child2:
-                    return True
-            for (name, p), (name2, p2) in zip(own, module._parameters.items()):
-                if name != name2 or p is not p2:
-                    return True
         return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
 
     # -- forward -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 from ..losses import LOSSES, get_loss
 from ..recorder import FPropagation
 from ..sweep import check_out_adj, param_names
-from .functional import _compiling, sgd_update, sgd_update_bound
+from .functional import _compiling, sgd_update, sgd_update_bound, sgd_update_fits
 from .guard import StepGuard, Term, check_validate
 
 __all__ = ["RuleOptimizer", "check_hyper", "UPDATE_FAILS"]
@@ -208,11 +208,12 @@ class RuleOptimizer(Optimizer):
         check_out_adj(self.net, signal, self.signal)
         guard = self.guard
         if guard.active:
-            describe = self.net.layers[-1].describe if self.net.layers else "the model"
-            guard.require_finite([output], "step", names=[
-                f"X^L, the recorded output of {describe} (NaN/Inf in the input or the weights?)"])
+            top, name = self.net.layers[-1] if self.net.layers else None, self.signal  # named only on failure
+            describe = lambda: top.describe if top is not None else "the model"  # noqa: E731
+            guard.require_finite([output], "step", names=lambda: [
+                f"X^L, the recorded output of {describe()} (NaN/Inf in the input or the weights?)"])
             # the signal's own check is decided now, as a flag: the guard does not keep X*^L through the sweep
-            guard.require(signal.isfinite().all(), "step", [f"{self.signal} (the signal at the output of {describe})"])
+            guard.require(signal.isfinite().all(), "step", lambda: [f"{name} (the signal at the output of {describe()})"])
         return loss, signal
 
     def _target_validate(self):
@@ -296,19 +297,41 @@ class RuleOptimizer(Optimizer):
         return plan
 
     def _require_sgd_bounds(self, plan, what: str | None = None, grad_terms: dict | None = None) -> None:
-        """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: bounds on a
-        gradient other than reading it, e.g. its factors)."""
-        if not self.guard.active or not plan:
+        """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: {θ: (Y*, X)}, factors
+        whose norms' product bounds the gradient, read instead of it). validate=True decides it from numbers
+        (:func:`sgd_update_fits`, one formula per parameter); async from the terms of :func:`sgd_update_bound`."""
+        guard = self.guard
+        if not guard.active or not plan:
+            return
+        what = what or f"{type(self).__name__} step"
+        grad_terms = grad_terms or {}
+        if guard.checks_on_host:
+            rows, owners = [], []
+            for group, params, grads, bufs in plan:
+                args_new, args_old = (False, group), (True, group)
+                if guard.capture is not None:
+                    hyper = self._hyper(group)
+                    args_new, args_old = (False, hyper), (True, hyper)
+                for param, grad, buf in zip(params, grads, bufs):
+                    grad_reads = grad_terms.get(param) or (grad,)
+                    if buf is None:
+                        rows.append((param, (param, *grad_reads), (param, grad), args_new))
+                    else:
+                        rows.append((param, (param, buf, *grad_reads), (param, buf, grad), args_old))
+                    owners.append(param)
+            guard.require_fit(rows, sgd_update_fits, what, lambda: [
+                f"the update of {name} ({UPDATE_FAILS})" for name in param_names(self.net, owners)])
             return
         entries, owners = [], []
         for group, params, grads, bufs in plan:
             hyper = self._hyper(group)
             for param, grad, buf in zip(params, grads, bufs):
-                term = (grad_terms or {}).get(param) or Term(1, grad)
+                factors = grad_terms.get(param)
+                term = Term(1, *factors, exact=grad) if factors else Term(1, grad)
                 for terms in sgd_update_bound(param, term, buf, **hyper):
                     entries.append((param, terms))
                     owners.append(param)
-        self.guard.require_bounded(entries, what or f"{type(self).__name__} step", lambda: [
+        guard.require_bounded(entries, what, lambda: [
             f"the update of {name} ({UPDATE_FAILS})" for name in param_names(self.net, owners)])
 
     def _write_sgd(self, plan, write_grad: bool = True, masked: bool = True) -> None:

@@ -14,7 +14,7 @@ from ..recorder import FPropagation
 from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_out_adj, check_rule, fadjoint_grads, param_names, sweep_grads
 from .base import UPDATE_FAILS, RuleOptimizer
 from .functional import fused_sgd_weight_update, sgd_update_bound
-from .guard import Term, _foreach_norm
+from .guard import Term
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -45,29 +45,31 @@ class _FactoredRule(FAdjointRule):
 
 
 class _BoundedRule(FAdjointRule):
-    """The F-adjoint sweep, noting for each weight whose gradient G = Y*ᵀX has smaller factors than itself
-    the factors' norms: every |G_ij| ≤ ‖Y*‖·‖X‖, so the update's bound reads B·(n + m) numbers, not n·m."""
+    """The F-adjoint sweep, noting for each weight whose gradient G = Y*ᵀX has smaller factors than itself those
+    factors: every |G_ij| ≤ ‖Y*‖·‖X‖, so the update's bound reads B·(n + m) numbers, not n·m (Y* and X are not
+    written after the layer's feedback: the sweep makes a new X*^{k-1} below it)."""
 
     def __init__(self):
-        self.terms: dict[Tensor, Term] = {}
-        self.uses: Counter = Counter()
+        self.factors: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self.uses: dict[int, int] = {}
 
     def param_feedback(self, layer, y_adj):
         feedback = super().param_feedback(layer, y_adj)
-        for param in layer.params:
-            self.uses[param] += 1
+        uses = self.uses
+        for param in feedback:
+            uses[id(param)] = uses.get(id(param), 0) + 1
         factors = getattr(layer.entry, "weight_factors", None)
-        weight = getattr(layer.module, "weight", None)
-        if factors is not None and weight is not None and weight in feedback:
-            y_adj2d, x_prev2d = factors(layer, y_adj)
-            if y_adj2d.numel() + x_prev2d.numel() < weight.numel():  # norms now: Y* may be overwritten below
-                norms = _foreach_norm([y_adj2d, x_prev2d])  # float32 at least: a float16 ‖X‖ overflows early
-                self.terms[weight] = Term(1, *norms, exact=feedback[weight])
+        if factors is not None:
+            weight = getattr(layer.module, "weight", None)
+            if weight is not None and weight in feedback:
+                y_adj2d, x_prev2d = factors(layer, y_adj)
+                if y_adj2d.numel() + x_prev2d.numel() < weight.numel():
+                    self.factors[weight] = (y_adj2d, x_prev2d)
         return feedback
 
-    def grad_terms(self) -> dict[Tensor, Term]:
-        """Factor bounds of weights used once (a tied weight's gradient is read)."""
-        return {w: terms for w, terms in self.terms.items() if self.uses[w] == 1}
+    def grad_terms(self) -> dict[Tensor, tuple[Tensor, Tensor]]:
+        """The factors of weights used once (a tied weight's summed gradient is read itself)."""
+        return {w: factors for w, factors in self.factors.items() if self.uses[id(w)] == 1}
 
 
 class FAdjoint(RuleOptimizer):

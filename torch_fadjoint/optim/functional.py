@@ -12,6 +12,7 @@ make a Linear weight's gradient. :func:`sgd_update_bound` states |θ'| as terms 
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .guard import Term, scaled
 
-__all__ = ["sgd_update", "fused_sgd_weight_update", "sgd_update_bound"]
+__all__ = ["sgd_update", "fused_sgd_weight_update", "sgd_update_bound", "sgd_update_fits"]
 
 
 def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
@@ -199,3 +200,21 @@ def sgd_update_bound(param: Tensor, grad_term: tuple, buf: Tensor | None, *, lr,
         bounds += [new_buf, direction] if nesterov else [new_buf]
     bounds.append([Term(1, param)] + scaled(direction, lr))
     return bounds
+
+
+def sgd_update_fits(args: tuple, values: list[float], limit: float) -> bool:
+    """:func:`sgd_update_bound` decided from numbers (``StepGuard.require_fit``): ``values`` bound max|t| of θ, of
+    b when ``args[0]`` (a buffer exists), then of the gradient's factors (their product bounds |g|); ``args[1]``
+    the hyper-parameters. True iff every value the update makes fits ``limit`` (NaN anywhere: False)."""
+    has_buf, hyper = args
+    theta, grad = values[0], math.prod(values[2 if has_buf else 1:])
+    lr, momentum, dampening, weight_decay = float(hyper["lr"]), hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
+    grad = grad + weight_decay * theta if weight_decay else grad
+    made = [grad]
+    direction = grad
+    if momentum:
+        new_buf = momentum * values[1] + abs(1 - dampening) * grad if has_buf else grad
+        direction = grad + momentum * new_buf if hyper["nesterov"] else new_buf
+        made += [new_buf, direction] if hyper["nesterov"] else [new_buf]
+    made.append(theta + lr * direction)
+    return all(value <= limit for value in made)

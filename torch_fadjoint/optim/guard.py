@@ -6,6 +6,7 @@ is decided (``validate``, docs/performance.md)::
     guard.begin(output)                        resolve the mode; count the step
     guard.require_finite(tensors, what, names) e.g. the recorded output and the top signal
     guard.require_bounded(entries, what, names) |θ'| ≤ Σ c · Π ‖t‖ fits θ's dtype, one entry per parameter
+    guard.require_fit(rows, fits, what, names) the same decided by ``fits`` from numbers (validate=True only)
     guard.require(flags, what, names)          flags decided on the device (a Cholesky info, a target range)
     guard.commit()                             validate=True: ONE host sync; raises the first failure
     ok = guard.ok()                            async: the AND of the step's flags, for writes where(ok, new, old)
@@ -90,26 +91,30 @@ def _foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _read_back(tensors: list[Tensor], flags: list[Tensor]) -> tuple[list[float], list[float]]:
-    """‖t‖₂ of each tensor and the values of ``flags`` on the host: one ``_foreach_norm`` per (device, dtype) of
-    the tensors, and one host read (per device)."""
-    groups = defaultdict(list)
-    for i, tensor in enumerate(tensors):
-        groups[(tensor.device, tensor.dtype)].append(i)
-    parts = [torch.stack(_foreach_norm([tensors[i] for i in indices])) for indices in groups.values()]
+    """A bound on max|t| of each tensor, and the values of ``flags``, on the host: the 2-norm of every tensor of
+    one or more dimensions (one ``_foreach_norm`` per device and dtype), the value itself of a 0-dim tensor (a norm
+    or a peak computed earlier; its sign is dropped on the host), all brought back in one read per device."""
+    groups: dict = {}
+    for i, tensor in enumerate(tensors):  # get_device(): an int, cheaper than .device per tensor
+        groups.setdefault((tensor.get_device(), tensor.dtype, tensor.dim() == 0), []).append(i)
+    parts = [torch.stack([tensors[i] for i in indices]) if scalar else
+             torch.stack(_foreach_norm([tensors[i] for i in indices]))
+             for (_, _, scalar), indices in groups.items()]
     parts += [f.reshape(-1) for f in flags]
-    if len(parts) == 1 and not flags:
-        values = parts[0].tolist()
+    devices = [part.get_device() for part in parts]
+    if len(set(devices)) == 1:  # cat promotes the dtypes
+        values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
     else:
         by_device = defaultdict(list)
-        for part in parts:
-            by_device[part.device].append(part.to(torch.float64))
+        for device, part in zip(devices, parts):
+            by_device[device].append(part)
         read = {device: iter(torch.cat(group).tolist()) for device, group in by_device.items()}
-        values = [next(read[part.device]) for part in parts for _ in range(part.numel())]
+        values = [next(read[device]) for device, part in zip(devices, parts) for _ in range(part.numel())]
     out = [0.0] * len(tensors)
     position = 0
     for indices in groups.values():
         for i in indices:
-            out[i] = values[position]
+            out[i] = abs(values[position])
             position += 1
     return out, values[position:]
 
@@ -255,6 +260,14 @@ class StepGuard:
         else:
             self._add_flags(self._device_bounds(entries), what, names)
 
+    def require_fit(self, rows: list[tuple], fits: Callable, what: str, names) -> None:
+        """validate=True: for each row (θ, reads, exact_reads, args), ``fits(args, values, limit)`` says whether every
+        new value of θ fits ``limit`` (θ's dtype's largest), from a bound on max|t| of each tensor of ``reads`` (its
+        2-norm); a row that fails so is re-decided from the peaks max|t| of ``exact_reads``. The numbers-only form
+        of :meth:`require_bounded` (no terms built per step: the step's bound is one closed formula)."""
+        if rows and self.mode is True:
+            self._checks.append(("fit", (rows, fits), what, names, None))
+
     def require(self, flags: Tensor, what: str, names, error: Callable[[], Exception] | None = None) -> None:
         """Flags decided on the device (True = passes). ``error``: the exception validate=True raises (default:
         the non-finite RuntimeError naming ``names[first]``)."""
@@ -299,6 +312,11 @@ class StepGuard:
         flags = [payload for kind, payload, *_ in checks if kind == "flags"]
         norms, flag_values = _read_back(list(reads.values()), flags)
         norm = dict(zip(reads, norms))
+        floors = {}
+        for t in reads.values():
+            if t.dtype not in floors:
+                floors[t.dtype] = _floor(t.dtype)
+        bound = {key: value * _SLACK + floors[t.dtype] for (key, t), value in zip(reads.items(), norms)}
         flag_values = iter(flag_values)
         passes = []
         for kind, payload, what, names, error in checks:
@@ -306,7 +324,12 @@ class StepGuard:
                 fast = [math.isfinite(norm[id(t)]) for t in payload]
                 passes.append([ok or bool(t.isfinite().all()) for ok, t in zip(fast, payload)])
             elif kind == "bound":
-                passes.append([_fits(param, terms, norm) or _fits_exactly(param, terms) for param, terms in payload])
+                passes.append([_fits(param, terms, bound) or _fits_exactly(param, terms) for param, terms in payload])
+            elif kind == "fit":
+                rows, fits = payload
+                passes.append([fits(args, [bound[id(t)] for t in reads], _limit(param.dtype))
+                               or fits(args, [float(_amax(t)) for t in exact], _limit(param.dtype))
+                               for param, reads, exact, args in rows])
             else:
                 passes.append([next(flag_values) == 1.0 for _ in range(payload.numel())])
         if self.reducer is not None:  # every rank refuses alike: one small collective
@@ -397,6 +420,8 @@ class StepGuard:
 def _tensors_of(kind: str, payload) -> list[Tensor]:
     if kind == "finite":
         return payload
+    if kind == "fit":
+        return [t for _, reads, _, _ in payload[0] for t in reads]
     return [t for _, terms in payload for _, tensors, _, _ in terms for t in tensors]
 
 
@@ -409,13 +434,14 @@ def _floor(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(accumulate).tiny)
 
 
-def _fits(param: Tensor, terms: list[tuple], norm: dict) -> bool:
-    """The fast bound (2-norms, float64 on the host) is finite and fits θ's dtype."""
+def _fits(param: Tensor, terms: list[tuple], bound: dict) -> bool:
+    """The fast bound (2-norms, float64 on the host) is finite and fits θ's dtype. ``bound``: each tensor's norm
+    with its slack and floor."""
     total = 0.0
     for coef, tensors, _, _ in terms:  # ‖Y*ᵀX‖_max ≤ ‖Y*‖·‖X‖: no row factor with 2-norms
         value = float(coef)
         for t in tensors:
-            value *= norm[id(t)] * _SLACK + _floor(t.dtype)
+            value *= bound[id(t)]
         total += value
     return total <= _limit(param.dtype)  # NaN compares False
 
