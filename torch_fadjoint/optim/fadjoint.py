@@ -50,7 +50,7 @@ class _BoundedRule(FAdjointRule):
     written after the layer's feedback: the sweep makes a new X*^{k-1} below it)."""
 
     def __init__(self):
-        self.factors: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self.factors: dict[Tensor, tuple] = {}  # weight: (Y*, X, their versions)
         self.uses: dict[int, int] = {}
 
     def param_feedback(self, layer, y_adj):
@@ -64,12 +64,14 @@ class _BoundedRule(FAdjointRule):
             if weight is not None and weight in feedback:
                 y_adj2d, x_prev2d = factors(layer, y_adj)
                 if y_adj2d.numel() + x_prev2d.numel() < weight.numel():
-                    self.factors[weight] = (y_adj2d, x_prev2d)
+                    self.factors[weight] = (y_adj2d, x_prev2d, y_adj2d._version, x_prev2d._version)
         return feedback
 
     def grad_terms(self) -> dict[Tensor, tuple[Tensor, Tensor]]:
-        """The factors of weights used once (a tied weight's summed gradient is read itself)."""
-        return {w: factors for w, factors in self.factors.items() if self.uses[id(w)] == 1}
+        """The factors of weights used once (a tied weight's summed gradient is read itself), as they were when the
+        gradient was made (a factor written since, which the sweep never does, is not trusted: its gradient is read)."""
+        return {w: (y, x) for w, (y, x, y_version, x_version) in self.factors.items()
+                if self.uses[id(w)] == 1 and y._version == y_version and x._version == x_version}
 
 
 class FAdjoint(RuleOptimizer):
