@@ -308,16 +308,13 @@ class RuleOptimizer(Optimizer):
         if guard.checks_on_host:
             rows, owners = [], []
             for group, params, grads, bufs in plan:
-                args_new, args_old = (False, group), (True, group)
-                if guard.capture is not None:
-                    hyper = self._hyper(group)
-                    args_new, args_old = (False, hyper), (True, hyper)
+                hyper = self._hyper(group)
                 for param, grad, buf in zip(params, grads, bufs):
                     grad_reads = grad_terms.get(param) or (grad,)
                     if buf is None:
-                        rows.append((param, (param, *grad_reads), (param, grad), args_new))
+                        rows.append((param, (param, *grad_reads), (param, grad), (False, hyper)))
                     else:
-                        rows.append((param, (param, buf, *grad_reads), (param, buf, grad), args_old))
+                        rows.append((param, (param, buf, *grad_reads), (param, buf, grad), (True, hyper)))
                     owners.append(param)
             guard.require_fit(rows, sgd_update_fits, what, lambda: [
                 f"the update of {name} ({UPDATE_FAILS})" for name in param_names(self.net, owners)])

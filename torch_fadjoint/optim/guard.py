@@ -91,18 +91,15 @@ def _foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _read_back(tensors: list[Tensor], flags: list[Tensor]) -> tuple[list[float], list[float]]:
-    """A bound on max|t| of each tensor, and the values of ``flags``, on the host: the 2-norm of every tensor of
-    one or more dimensions (one ``_foreach_norm`` per device and dtype), the value itself of a 0-dim tensor (a norm
-    or a peak computed earlier; its sign is dropped on the host), all brought back in one read per device."""
+    """‖t‖₂ of each tensor and the values of ``flags`` on the host: one ``_foreach_norm`` per (device, dtype) of
+    the tensors, and one host read per device (``torch.cat`` promotes the dtypes)."""
     groups: dict = {}
     for i, tensor in enumerate(tensors):  # get_device(): an int, cheaper than .device per tensor
-        groups.setdefault((tensor.get_device(), tensor.dtype, tensor.dim() == 0), []).append(i)
-    parts = [torch.stack([tensors[i] for i in indices]) if scalar else
-             torch.stack(_foreach_norm([tensors[i] for i in indices]))
-             for (_, _, scalar), indices in groups.items()]
+        groups.setdefault((tensor.get_device(), tensor.dtype), []).append(i)
+    parts = [torch.stack(_foreach_norm([tensors[i] for i in indices])) for indices in groups.values()]
     parts += [f.reshape(-1) for f in flags]
     devices = [part.get_device() for part in parts]
-    if len(set(devices)) == 1:  # cat promotes the dtypes
+    if len(set(devices)) == 1:
         values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
     else:
         by_device = defaultdict(list)
@@ -114,7 +111,7 @@ def _read_back(tensors: list[Tensor], flags: list[Tensor]) -> tuple[list[float],
     position = 0
     for indices in groups.values():
         for i in indices:
-            out[i] = abs(values[position])
+            out[i] = values[position]
             position += 1
     return out, values[position:]
 
