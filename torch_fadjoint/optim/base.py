@@ -297,8 +297,8 @@ class RuleOptimizer(Optimizer):
         return plan
 
     def _require_sgd_bounds(self, plan, what: str | None = None, grad_terms: dict | None = None) -> None:
-        """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: {θ: (Y*, X)}, factors
-        whose norms' product bounds the gradient, read instead of it). validate=True decides it from numbers
+        """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: {θ: tensors whose
+        norms' product bounds the gradient, read instead of it: a Linear weight's ‖Y*‖ and ‖X‖, taken in the sweep). validate=True decides it from numbers
         (:func:`sgd_update_fits`, one formula per parameter); async from the terms of :func:`sgd_update_bound`."""
         guard = self.guard
         if not guard.active or not plan:
