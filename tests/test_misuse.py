@@ -581,17 +581,27 @@ def test_retain_records_is_the_documented_second_adjoint_and_it_accumulates():
     assert any(g.abs().max() > 1e-3 for g in once)
 
 
-@pytest.mark.parametrize("change", ["replace-module", "replace-parameter"])
+@pytest.mark.parametrize("change", ["replace-module", "replace-parameter", "class", "instance-forward"])
 def test_model_changed_after_wrapping_is_refused(change):
+    """Whatever changes what a module computes after wrapping is refused at the next forward: a module or parameter
+    replaced, a module's class set (``relu.__class__ = nn.Tanh``: the chain would sweep ReLU's derivative through a
+    tanh) or a forward set on the instance (both were trained silently, ~1e-2 off autograd: session 5's red team)."""
     model, net, opt = trained()
     old_module, old_weight = model[2], model[0].weight
     before = snapshot(model, opt)
     if change == "replace-module":
         model[2] = nn.Linear(5, 3).to(DT)
-    else:
+    elif change == "replace-parameter":
         model[0].weight = nn.Parameter(old_weight.detach().clone())
+    elif change == "class":
+        model[1].__class__ = nn.Tanh
+    else:
+        model[0].forward = lambda inp: F.linear(inp, 2 * old_weight, model[0].bias)
     raises_one_line(RuntimeError, r"changed after wrapping; call net.attach\(\)", lambda: net(batch()[0]))
     model[2], model[0].weight = old_module, old_weight
+    model[1].__class__ = nn.ReLU
+    model[0].__dict__.pop("forward", None)
+    net(batch()[0])  # back to what attach saw
     assert_untouched(before, model, opt)
 
 

@@ -449,3 +449,18 @@ def test_the_numbers_form_of_the_sgd_bound_decides_as_its_terms_do():
         assert sgd_update_fits((has_buf, hyper), values, limit) == by_terms, (hyper, values, limit)
         decided.add(by_terms)
     assert decided == {True, False}
+
+
+@pytest.mark.parametrize("key", ["momentum", "dampening", "weight_decay"])
+@pytest.mark.parametrize("rule", ["fadjoint", "lfp", "equilibrium"])
+def test_hyper_parameters_held_as_numpy_scalars_do_not_switch_the_bound_off(rule, key):
+    """A param group may hold numpy scalars (a scheduler's values; torch.optim.SGD takes them as they are): the
+    bound is Python floats whatever they are, so an inf momentum buffer is still refused (with a numpy float32
+    momentum, numpy compared the bound with the float64 limit cast to float32, inf <= inf, and the step wrote -inf:
+    session 5's red team)."""
+    values = {"momentum": np.float32(0.9), "dampening": np.float32(0.1), "weight_decay": np.float32(1e-4)}
+    model, net, opt, x, t = _setup(rule, True)
+    opt.param_groups[0][key] = values[key]
+    opt.state[model[2].bias]["momentum_buffer"].data[1] = float("inf")
+    before = snapshot(model, opt)
+    _refused(net, opt, x, t, True, model, before, r"non-finite values in the update of 2\.bias")

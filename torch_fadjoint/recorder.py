@@ -316,11 +316,12 @@ class FPropagation(nn.Module):
 
     def _make_fingerprint(self) -> tuple:
         """What ``attach`` saw: every module with the names and identities of its children and parameters and the
-        forward hooks (``_hook_keys``, and the ids of those that are no recorder's), and each parameter's shape, dtype
+        forward hooks (``_hook_keys``, and the ids of those that are no recorder's), its class and any forward set on
+        the instance (``m.__class__ = …``, ``m.forward = …`` change what it computes), and each parameter's shape, dtype
         and device (``model.to(...)`` changes those in place). The fingerprint keeps them alive: their ids stay theirs."""
         modules = tuple((m, tuple(m._modules), tuple(map(id, m._modules.values())), tuple(m._parameters),
                          tuple(map(id, m._parameters.values())),
-                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))))
+                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))), (type(m), m.__dict__.get("forward")))
                         for _, m in self.model.named_modules())
         params = tuple((p, p.shape, p.dtype, p.device) for _, p in self.model.named_parameters(remove_duplicate=False))
         return modules, params
@@ -332,12 +333,13 @@ class FPropagation(nn.Module):
     def _changed(self) -> bool:
         """True if the model is not what ``attach`` saw (checked at every forward without walking the tree): a child
         or parameter added, removed, renamed or replaced, a forward hook other than a recorder's added or removed, a
-        parameter's shape, dtype or device changed."""
+        module's class or instance forward replaced, a parameter's shape, dtype or device changed."""
         modules, params = self._fingerprint
-        for module, child_names, children, own_names, own, hooks in modules:
+        for module, child_names, children, own_names, own, hooks, (kind, forward) in modules:
             found_children, found_params = module._modules, module._parameters
             if (tuple(map(id, found_params.values())) != own or tuple(map(id, found_children.values())) != children
-                    or tuple(found_params) != own_names or tuple(found_children) != child_names):
+                    or tuple(found_params) != own_names or tuple(found_children) != child_names
+                    or type(module) is not kind or module.__dict__.get("forward") is not forward):
                 return True
             if _hook_keys(module) != hooks[0] and tuple(map(id, _foreign_hooks(module))) != hooks[1]:
                 return True

@@ -208,7 +208,9 @@ def sgd_update_fits(args: tuple, values: list[float], limit: float) -> bool:
     the hyper-parameters. True iff every value the update makes fits ``limit`` (NaN anywhere: False)."""
     has_buf, hyper = args
     theta, grad = values[0], math.prod(values[2 if has_buf else 1:])
-    lr, momentum, dampening, weight_decay = float(hyper["lr"]), hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
+    # Python floats: a numpy scalar in a group (a scheduler's) would compute in its own dtype, and numpy compares a
+    # float32 with the float64 limit cast to float32 (inf), passing an inf bound
+    lr, momentum, dampening, weight_decay = (float(hyper[k]) for k in ("lr", "momentum", "dampening", "weight_decay"))
     grad = grad + weight_decay * theta if weight_decay else grad
     made = [grad]
     direction = grad
