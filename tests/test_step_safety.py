@@ -441,12 +441,13 @@ def test_the_numbers_form_of_the_sgd_bound_decides_as_its_terms_do():
         norms = {id(theta_t): 10 ** (6 * u[5]), id(buf_t): 10 ** (6 * u[6]), id(y_t): 10 ** (3 * u[7]),
                  id(x_t): 10 ** (3 * u[8])}
         has_buf = u[9] < 0.7
-        entries = sgd_update_bound(theta_t, (1, (y_t, x_t), 1, None), buf_t if has_buf else None, **hyper)
+        slack = 1 + u[8] * 1e-3
+        entries = sgd_update_bound(theta_t, (slack, (y_t, x_t), 1, None), buf_t if has_buf else None, **hyper)
         largest = max(sum(c * math.prod(norms[id(t)] for t in ts) for c, ts, _, _ in terms) for terms in entries)
         limit = largest * (1 + (u[9] - 0.5) * 1e-6)  # just above or below the largest value made
         values = [norms[id(theta_t)]] + ([norms[id(buf_t)]] if has_buf else []) + [norms[id(y_t)], norms[id(x_t)]]
         by_terms = largest <= limit
-        assert sgd_update_fits((has_buf, hyper), values, limit) == by_terms, (hyper, values, limit)
+        assert sgd_update_fits((has_buf, hyper, slack), values, limit) == by_terms, (hyper, values, limit)
         decided.add(by_terms)
     assert decided == {True, False}
 
@@ -464,3 +465,34 @@ def test_hyper_parameters_held_as_numpy_scalars_do_not_switch_the_bound_off(rule
     opt.state[model[2].bias]["momentum_buffer"].data[1] = float("inf")
     before = snapshot(model, opt)
     _refused(net, opt, x, t, True, model, before, r"non-finite values in the update of 2\.bias")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_gemm_that_rounds_up_past_the_dtype_is_refused_though_its_factors_bound_fits(fused):
+    """The factor bound ‖Y*‖·‖X‖ bounds the exact Y*ᵀX; float32's GEMM may round above it by up to γ_B (B the
+    batch, Higham §3.1). Crafted here: one column whose products each round up, so that lr·G overflows to -inf in
+    autograd + SGD too while lr·‖Y*‖·‖X‖ fits by ~150 ulps: refused (it was written: session 5's red team)."""
+    batch, n = 255, 512  # batch·(n + n) < n·n: 0.weight's bound reads its factors
+    top, ulp, lr = torch.finfo(torch.float32).max, 2.0 ** 104, 2.0 ** 28
+    c = math.sqrt(2.0 ** 103) * (1 + 2 ** -12)
+    column = torch.full((batch,), c, dtype=torch.float64)
+    column[0] = math.sqrt(top - 30 * ulp - (batch - 1) * c * c)
+    x, out_adj = torch.zeros(batch, n), torch.zeros(batch, n)
+    x[:, 0], out_adj[:, 0] = (column * 2.0 ** -14 / 1.5).float(), (column * 2.0 ** -14 * 1.5).float()
+    assert lr * float((x[:, 0].double() * out_adj[:, 0].double()).sum()) < top  # exact: fits by 30 ulps
+    reference = nn.Linear(n, n, bias=False)
+    with torch.no_grad():
+        reference.weight.zero_()
+    reference(x).backward(out_adj)
+    torch.optim.SGD(reference.parameters(), lr=lr).step()
+    assert not reference.weight.isfinite().all()  # autograd + SGD writes -inf
+    model = nn.Sequential(nn.Linear(n, n, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=lr, validate=True, fuse_update=fused)
+    net(x)
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"the update of 0\.weight"):
+        opt.step(out_adj=out_adj)
+    assert_untouched(before, model, opt)

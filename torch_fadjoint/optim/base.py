@@ -297,8 +297,9 @@ class RuleOptimizer(Optimizer):
         return plan
 
     def _require_sgd_bounds(self, plan, what: str | None = None, grad_terms: dict | None = None) -> None:
-        """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: {θ: tensors whose
-        norms' product bounds the gradient, read instead of it: a Linear weight's ‖Y*‖ and ‖X‖, taken in the sweep). validate=True decides it from numbers
+        """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: {θ: (tensors, slack)},
+        tensors whose norms' product times ``slack`` bounds the gradient, read instead of it: a Linear weight's ‖Y*‖
+        and ‖X‖, taken in the sweep, and the GEMM's ``rounding_slack``). validate=True decides it from numbers
         (:func:`sgd_update_fits`, one formula per parameter); async from the terms of :func:`sgd_update_bound`."""
         guard = self.guard
         if not guard.active or not plan:
@@ -310,11 +311,10 @@ class RuleOptimizer(Optimizer):
             for group, params, grads, bufs in plan:
                 hyper = self._hyper(group)
                 for param, grad, buf in zip(params, grads, bufs):
-                    grad_reads = grad_terms.get(param) or (grad,)
-                    if buf is None:
-                        rows.append((param, (param, *grad_reads), (param, grad), (False, hyper)))
-                    else:
-                        rows.append((param, (param, buf, *grad_reads), (param, buf, grad), (True, hyper)))
+                    grad_reads, slack = grad_terms.get(param) or ((grad,), 1.0)
+                    read = (param,) if buf is None else (param, buf)
+                    rows.append((param, (*read, *grad_reads), (buf is not None, hyper, slack), (*read, grad),
+                                 (buf is not None, hyper, 1.0)))
                     owners.append(param)
             guard.require_fit(rows, sgd_update_fits, what, lambda: [
                 f"the update of {name} ({UPDATE_FAILS})" for name in param_names(self.net, owners)])
@@ -324,7 +324,7 @@ class RuleOptimizer(Optimizer):
             hyper = self._hyper(group)
             for param, grad, buf in zip(params, grads, bufs):
                 factors = grad_terms.get(param)
-                term = Term(1, *factors, exact=grad) if factors else Term(1, grad)
+                term = Term(factors[1], *factors[0], exact=grad) if factors else Term(1, grad)
                 for terms in sgd_update_bound(param, term, buf, **hyper):
                     entries.append((param, terms))
                     owners.append(param)

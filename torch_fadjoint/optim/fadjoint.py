@@ -14,7 +14,7 @@ from ..recorder import FPropagation
 from ..sweep import FADJOINT, FAdjointRule, backward_sweep, check_out_adj, check_rule, fadjoint_grads, param_names, sweep_grads
 from .base import UPDATE_FAILS, RuleOptimizer
 from .functional import fused_sgd_weight_update, sgd_update_bound
-from .guard import Term, _foreach_norm
+from .guard import Term, _foreach_norm, rounding_slack, scaled
 
 __all__ = ["FAdjoint", "fadjoint_grads"]
 
@@ -51,7 +51,7 @@ class _BoundedRule(FAdjointRule):
     through the sweep and raise its peak (13 % at 784-1024-1024-10, batch 128)."""
 
     def __init__(self):
-        self.norms: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self.norms: dict[Tensor, tuple] = {}
         self.uses: dict[int, int] = {}
 
     def param_feedback(self, layer, y_adj):
@@ -64,12 +64,14 @@ class _BoundedRule(FAdjointRule):
             weight = getattr(layer.module, "weight", None)
             if weight is not None and weight in feedback:
                 y_adj2d, x_prev2d = factors(layer, y_adj)
-                if y_adj2d.numel() + x_prev2d.numel() < weight.numel():
-                    self.norms[weight] = tuple(_foreach_norm([y_adj2d, x_prev2d]))  # float32 at least (float16)
+                if y_adj2d.numel() + x_prev2d.numel() < weight.numel():  # float32 norms at least (float16)
+                    self.norms[weight] = (tuple(_foreach_norm([y_adj2d, x_prev2d])),
+                                          rounding_slack(y_adj2d.shape[0], y_adj2d.dtype))
         return feedback
 
-    def grad_terms(self) -> dict[Tensor, tuple[Tensor, Tensor]]:
-        """The factors' norms (0-dim) of weights used once (a tied weight's summed gradient is read itself)."""
+    def grad_terms(self) -> dict[Tensor, tuple]:
+        """(the factors' norms (0-dim), the GEMM's rounding slack) of weights used once (a tied weight's summed
+        gradient is read itself)."""
         return {w: norms for w, norms in self.norms.items() if self.uses[id(w)] == 1}
 
 
@@ -180,8 +182,9 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             for weight, (y_adj, x_prev) in fused:  # every entry of Y*ᵀX: ≤ B·max|Y*|·max|X|, ≤ ‖Y*‖·‖X‖
                 group = group_of[weight]
                 term = Term(1, y_adj, x_prev, rows=y_adj.shape[0])
+                slack = rounding_slack(y_adj.shape[0] + 1, y_adj.dtype)  # one addmm rounds every value it makes
                 for terms in sgd_update_bound(weight, term, fused_bufs[weight], **self._hyper(group)):
-                    entries.append((weight, terms))
+                    entries.append((weight, scaled(terms, slack)))
             self.guard.require_bounded(entries, "F-adjoint step", lambda: [
                 f"the update of {name} (fused: {UPDATE_FAILS})" for name in param_names(self.net, [w for w, _ in entries])])
         self.guard.require_finite(list(grads.values()), "F-adjoint gradients",  # top layer first (read once)

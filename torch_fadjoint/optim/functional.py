@@ -204,10 +204,11 @@ def sgd_update_bound(param: Tensor, grad_term: tuple, buf: Tensor | None, *, lr,
 
 def sgd_update_fits(args: tuple, values: list[float], limit: float) -> bool:
     """:func:`sgd_update_bound` decided from numbers (``StepGuard.require_fit``): ``values`` bound max|t| of θ, of
-    b when ``args[0]`` (a buffer exists), then of the gradient's factors (their product bounds |g|); ``args[1]``
-    the hyper-parameters. True iff every value the update makes fits ``limit`` (NaN anywhere: False)."""
-    has_buf, hyper = args
-    theta, grad = values[0], math.prod(values[2 if has_buf else 1:])
+    b when ``args[0]`` (a buffer exists), then of the gradient's factors (their product, times ``args[2]``, bounds
+    |g|: ``rounding_slack`` of the GEMM that made g from them); ``args[1]`` the hyper-parameters. True iff every
+    value the update makes fits ``limit`` (NaN anywhere: False)."""
+    has_buf, hyper, slack = args
+    theta, grad = values[0], math.prod(values[2 if has_buf else 1:]) * slack
     # Python floats: a numpy scalar in a group (a scheduler's) would compute in its own dtype, and numpy compares a
     # float32 with the float64 limit cast to float32 (inf), passing an inf bound
     lr, momentum, dampening, weight_decay = (float(hyper[k]) for k in ("lr", "momentum", "dampening", "weight_decay"))

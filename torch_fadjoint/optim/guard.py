@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["StepGuard", "Capture", "PendingFlags", "Term", "scaled", "VALIDATE", "check_validate", "async_message",
-           "host_bytes"]
+__all__ = ["StepGuard", "Capture", "PendingFlags", "Term", "scaled", "rounding_slack", "VALIDATE", "check_validate",
+           "async_message", "host_bytes"]
 
 VALIDATE = (None, True, False, "async")
 
@@ -62,6 +62,15 @@ def Term(coef, *tensors: Tensor, rows: int = 1, exact: Tensor | None = None) -> 
 def scaled(terms: list[tuple], factor) -> list[tuple]:
     """``factor`` × every term."""
     return [(coef * factor, tensors, rows, exact) for coef, tensors, rows, exact in terms]
+
+
+def rounding_slack(n: int, dtype: torch.dtype) -> float:
+    """1 + γ_n: a sum of n products computed in floating point (a GEMM's contraction of length n, accumulated in
+    float64 for float64, in float32 otherwise) exceeds the exact sum by at most γ_n = n·u / (1 − n·u) times the
+    sum of the products' magnitudes (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1). A bound on
+    the exact product (‖Y*‖·‖X‖) bounds the computed one once multiplied by it; ∞ where n·u ≥ 1/2."""
+    unit = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    return 1 + n * unit / (1 - n * unit) if n * unit < 0.5 else math.inf
 
 
 # -- peaks ---------------------------------------------------------------------------------------
@@ -258,10 +267,11 @@ class StepGuard:
             self._add_flags(self._device_bounds(entries), what, names)
 
     def require_fit(self, rows: list[tuple], fits: Callable, what: str, names) -> None:
-        """validate=True: for each row (θ, reads, exact_reads, args), ``fits(args, values, limit)`` says whether every
-        new value of θ fits ``limit`` (θ's dtype's largest), from a bound on max|t| of each tensor of ``reads`` (its
-        2-norm); a row that fails so is re-decided from the peaks max|t| of ``exact_reads``. The numbers-only form
-        of :meth:`require_bounded` (no terms built per step: the step's bound is one closed formula)."""
+        """validate=True: for each row (θ, reads, args, exact_reads, exact_args), ``fits(args, values, limit)`` says
+        whether every new value of θ fits ``limit`` (θ's dtype's largest), from a bound on max|t| of each tensor of
+        ``reads`` (its 2-norm); a row that fails so is re-decided by ``fits(exact_args, peaks, limit)`` from the peaks
+        max|t| of ``exact_reads``. The numbers-only form of :meth:`require_bounded` (no terms built per step: the
+        step's bound is one closed formula)."""
         if rows and self.mode is True:
             self._checks.append(("fit", (rows, fits), what, names, None))
 
@@ -325,8 +335,8 @@ class StepGuard:
             elif kind == "fit":
                 rows, fits = payload
                 passes.append([fits(args, [bound[id(t)] for t in reads], _limit(param.dtype))
-                               or fits(args, [float(_amax(t)) for t in exact], _limit(param.dtype))
-                               for param, reads, exact, args in rows])
+                               or fits(exact_args, [float(_amax(t)) for t in exact], _limit(param.dtype))
+                               for param, reads, args, exact, exact_args in rows])
             else:
                 passes.append([next(flag_values) == 1.0 for _ in range(payload.numel())])
         if self.reducer is not None:  # every rank refuses alike: one small collective
@@ -418,7 +428,7 @@ def _tensors_of(kind: str, payload) -> list[Tensor]:
     if kind == "finite":
         return payload
     if kind == "fit":
-        return [t for _, reads, _, _ in payload[0] for t in reads]
+        return [t for _, reads, *_ in payload[0] for t in reads]
     return [t for _, terms in payload for _, tensors, _, _ in terms for t in tensors]
 
 
