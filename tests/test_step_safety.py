@@ -496,3 +496,34 @@ def test_a_gemm_that_rounds_up_past_the_dtype_is_refused_though_its_factors_boun
     with pytest.raises(RuntimeError, match=r"the update of 0\.weight"):
         opt.step(out_adj=out_adj)
     assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("validate", MODES)
+def test_a_float16_update_that_rounds_past_the_dtype_is_refused(validate):
+    """A bound holds for the exact values; each op of the update rounds up to half an ulp. float16, lr = 3, a
+    momentum buffer of 43 648 and a gradient of 8.25: the exact θ' = −3·(0.5·43 648 + 8.25) = −65 496.75 fits
+    (max 65 504), but b' rounds up to 21 840 and −3·21 840 = −65 520 rounds to −inf (autograd + SGD writes it).
+    The bound leaves room for the update's roundings, (1 + u)^8: refused (it was written: session 5)."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False)).to(torch.float16)
+    with torch.no_grad():
+        model[0].weight.zero_()
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=3.0, momentum=0.5, validate=validate)
+    x = torch.ones(1, 1, dtype=torch.float16)
+    net(x)
+    opt.step(out_adj=torch.zeros(1, 1, dtype=torch.float16))
+    opt.synchronize()
+    opt.state[model[0].weight]["momentum_buffer"].data.fill_(43648.0)
+    reference = torch.optim.SGD([torch.zeros(1, 1, dtype=torch.float16)], lr=3.0, momentum=0.5, foreach=True)
+    reference.param_groups[0]["params"][0].grad = torch.full((1, 1), 8.25, dtype=torch.float16)
+    reference.state[reference.param_groups[0]["params"][0]]["momentum_buffer"] = torch.full(
+        (1, 1), 43648.0, dtype=torch.float16)
+    reference.step()
+    assert reference.param_groups[0]["params"][0].isinf().all()  # what autograd + SGD writes
+    net(x)
+    before = snapshot(model, opt)
+    out_adj = torch.full((1, 1), 8.25, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"the update of 0\.weight"):
+        opt.step(out_adj=out_adj)
+        opt.synchronize()  # async: decided on the device, raised here
+    assert_untouched(before, model, opt)
