@@ -125,16 +125,17 @@ def _read_back(tensors: list[Tensor], flags: list[Tensor]) -> tuple[list[float],
     return out, values[position:]
 
 
-_ROUNDINGS = 8  # roundings on an update's way, each relative u of a value the bound bounds (g', b', d, θ': ≤ 6)
+_ROUNDINGS = 12  # 8 for the ops of an update (g', b', d, θ' round ≤ 6 times), 4 for the bound's own host sums
 
 
 def _limit(dtype: torch.dtype) -> float:
-    """The largest a bound may be: the dtype's largest value / (1 + u)^8, u its unit roundoff. A bound holds for the
-    exact values; each op of the update rounds its result by up to u of it, so a computed value may exceed its bound
-    by (1 + u)^k after k ops. In float16 that was an overflow (lr = 3, a momentum buffer rounded up: −inf written
-    while the exact θ' fitted by 8 units; session 5); in float32 and float64 the margin is below 10⁻⁶."""
+    """The largest a bound may be: the dtype's largest value × (1 − 12·u), u its unit roundoff. A bound holds for the
+    exact values; each op of the update rounds its result by up to u of it (float16, lr = 3: a momentum buffer
+    rounded up made −inf while the exact θ' fitted by 8 units), and the bound itself is summed in float64 on the
+    host, which rounds alike (float64: a θ' one half-ulp past the largest value passed a bound that the host's
+    sum rounded down, and torch's one-rounding add wrote −inf; session 5). Below 3·10⁻⁶ of the range in float32."""
     info = torch.finfo(dtype)
-    return info.max / (1 + info.eps / 2) ** _ROUNDINGS
+    return info.max * (1 - _ROUNDINGS * info.eps / 2)
 
 
 _LIMITS: dict = {}
