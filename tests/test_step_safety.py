@@ -555,3 +555,25 @@ def test_a_float64_update_one_half_ulp_past_the_dtype_is_refused(fused, validate
         opt.step(out_adj=torch.full((1, 1), grad, dtype=DT))
         opt.synchronize()  # async: decided on the device, raised here
     assert_untouched(before, model, opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["apart", "near-the-largest"])
+def test_a_finite_update_whose_bound_fails_is_decided_by_the_update_itself(dtype, case):
+    """validate=True: a parameter whose fast bound fails is decided by running its update on copies, so the bound's
+    looseness refuses nothing. ``apart``: θ = [0.6·max, 0] and g = [0, 0.6·max] (|θ| + lr·|g| adds peaks of
+    different entries: refused before, though SGD writes ±0.6·max); ``near-the-largest``: θ at 0.97·max, inside the
+    limit's rounding margin (4.7 % of the range in bfloat16: refused before). Both equal torch.optim.SGD's step."""
+    top = torch.finfo(dtype).max
+    theta, grad = ([0.6 * top, 0.0], [0.0, 0.6 * top]) if case == "apart" else ([0.97 * top, 0.0], [1.0, 1.0])
+    model = nn.Sequential(nn.Linear(2, 1, bias=False)).to(dtype)
+    model[0].weight.data.copy_(torch.tensor([theta], dtype=dtype))
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=1.0, validate=True)
+    net(torch.tensor([grad], dtype=dtype))  # out_adj = 1: the weight's gradient is the input x = g
+    expected = torch.tensor([theta], dtype=dtype, requires_grad=True)
+    expected.grad = torch.tensor([grad], dtype=dtype)
+    torch.optim.SGD([expected], lr=1.0, foreach=True).step()
+    assert expected.isfinite().all()
+    opt.step(out_adj=torch.ones(1, 1, dtype=dtype))
+    assert torch.equal(model[0].weight, expected.detach())

@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ from torch.optim import Optimizer
 from ..losses import LOSSES, get_loss
 from ..recorder import FPropagation
 from ..sweep import check_out_adj, param_names
-from .functional import _compiling, sgd_update, sgd_update_bound, sgd_update_fits
+from .functional import _compiling, sgd_update, sgd_update_bound, sgd_update_fits, sgd_update_is_finite
 from .guard import StepGuard, Term, check_validate
 
 __all__ = ["RuleOptimizer", "check_hyper", "UPDATE_FAILS"]
@@ -300,7 +301,8 @@ class RuleOptimizer(Optimizer):
         """Tell the guard: every new value of the plan's update fits its dtype (``grad_terms``: {θ: (tensors, slack)},
         tensors whose norms' product times ``slack`` bounds the gradient, read instead of it: a Linear weight's ‖Y*‖
         and ‖X‖, taken in the sweep, and the GEMM's ``rounding_slack``). validate=True decides it from numbers
-        (:func:`sgd_update_fits`, one formula per parameter); async from the terms of :func:`sgd_update_bound`."""
+        (:func:`sgd_update_fits`, one formula per parameter; a parameter whose bound fails is decided by running its
+        update on copies, :func:`sgd_update_is_finite`); async from the terms of :func:`sgd_update_bound`."""
         guard = self.guard
         if not guard.active or not plan:
             return
@@ -313,8 +315,8 @@ class RuleOptimizer(Optimizer):
                 for param, grad, buf in zip(params, grads, bufs):
                     grad_reads, slack = grad_terms.get(param) or ((grad,), 1.0)
                     read = (param,) if buf is None else (param, buf)
-                    rows.append((param, (*read, *grad_reads), (buf is not None, hyper, slack), (*read, grad),
-                                 (buf is not None, hyper, 1.0)))
+                    exact = partial(sgd_update_is_finite, param, grad, buf, **hyper, foreach=group["foreach"])
+                    rows.append((param, (*read, *grad_reads), (buf is not None, hyper, slack), exact))
                     owners.append(param)
             guard.require_fit(rows, sgd_update_fits, what, lambda: [
                 f"the update of {name} ({UPDATE_FAILS})" for name in param_names(self.net, owners)])

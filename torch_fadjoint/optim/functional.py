@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .guard import Term, scaled
 
-__all__ = ["sgd_update", "fused_sgd_weight_update", "sgd_update_bound", "sgd_update_fits"]
+__all__ = ["sgd_update", "fused_sgd_weight_update", "sgd_update_bound", "sgd_update_fits", "sgd_update_is_finite"]
 
 
 def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
@@ -221,3 +221,13 @@ def sgd_update_fits(args: tuple, values: list[float], limit: float) -> bool:
         made += [new_buf, direction] if hyper["nesterov"] else [new_buf]
     made.append(theta + lr * direction)
     return all(value <= limit for value in made)
+
+
+def sgd_update_is_finite(param: Tensor, grad: Tensor, buf: Tensor | None, **hyper) -> bool:
+    """Whether :func:`sgd_update` would write only finite values into ``param`` and its momentum buffer: the same
+    update, run on copies of the two (the exact decision of a step whose bound failed: no bound's looseness, no
+    rounding margin, refuses it). ``hyper``: the group's hyper-parameters and ``foreach``, as the step passes them."""
+    theta = param.detach().clone()
+    bufs = [None if buf is None else buf.detach().clone()]
+    sgd_update([theta], [grad], bufs, **hyper)
+    return bool(theta.isfinite().all()) and (bufs[0] is None or bool(bufs[0].isfinite().all()))

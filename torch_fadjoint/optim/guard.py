@@ -276,11 +276,10 @@ class StepGuard:
             self._add_flags(self._device_bounds(entries), what, names)
 
     def require_fit(self, rows: list[tuple], fits: Callable, what: str, names) -> None:
-        """validate=True: for each row (θ, reads, args, exact_reads, exact_args), ``fits(args, values, limit)`` says
-        whether every new value of θ fits ``limit`` (θ's dtype's largest), from a bound on max|t| of each tensor of
-        ``reads`` (its 2-norm); a row that fails so is re-decided by ``fits(exact_args, peaks, limit)`` from the peaks
-        max|t| of ``exact_reads``. The numbers-only form of :meth:`require_bounded` (no terms built per step: the
-        step's bound is one closed formula)."""
+        """validate=True: for each row (θ, reads, args, exact), ``fits(args, values, limit)`` says whether every new
+        value of θ fits ``limit`` (``_limit`` of θ's dtype), from a bound on max|t| of each tensor of ``reads`` (its
+        2-norm); a row that fails so is re-decided by ``exact()`` (e.g. the update run on copies). The numbers-only
+        form of :meth:`require_bounded` (no terms built per step: the step's bound is one closed formula)."""
         if rows and self.mode is True:
             self._checks.append(("fit", (rows, fits), what, names, None))
 
@@ -343,9 +342,8 @@ class StepGuard:
                 passes.append([_fits(param, terms, bound) or _fits_exactly(param, terms) for param, terms in payload])
             elif kind == "fit":
                 rows, fits = payload
-                passes.append([fits(args, [bound[id(t)] for t in reads], _limit(param.dtype))
-                               or fits(exact_args, [float(_amax(t)) for t in exact], _limit(param.dtype))
-                               for param, reads, args, exact, exact_args in rows])
+                passes.append([fits(args, [bound[id(t)] for t in reads], _limit(param.dtype)) or exact()
+                               for param, reads, args, exact in rows])
             else:
                 passes.append([next(flag_values) == 1.0 for _ in range(payload.numel())])
         if self.reducer is not None:  # every rank refuses alike: one small collective
