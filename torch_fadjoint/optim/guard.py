@@ -133,7 +133,7 @@ def _limit(dtype: torch.dtype) -> float:
     exact values; each op of the update rounds its result by up to u of it (float16, lr = 3: a momentum buffer
     rounded up made −inf while the exact θ' fitted by 8 units), and the bound itself is summed in float64 on the
     host, which rounds alike (float64: a θ' one half-ulp past the largest value passed a bound that the host's
-    sum rounded down, and torch's one-rounding add wrote −inf; session 5). Below 3·10⁻⁶ of the range in float32."""
+    sum rounded down, and torch's one-rounding add wrote −inf; session 5). Below 10⁻⁶ of the range in float32."""
     info = torch.finfo(dtype)
     return info.max * (1 - _ROUNDINGS * info.eps / 2)
 
