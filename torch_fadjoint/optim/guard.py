@@ -18,8 +18,9 @@ value changed behind the version counters (``.data``, ``.numpy()``, ``vector_to_
 * ``True`` — the checks are gathered as tensors whose 2-norms are read in one ``_foreach_norm`` per (device,
   dtype) and brought to the host in one sync at ``commit()``; the bounds are evaluated there in float64.
   A 2-norm bounds every entry, and is finite iff every entry is (unless it overflows): a failing fast
-  check is re-decided exactly (max|t|, elementwise finiteness) before anything is refused, so no step is
-  refused by the looseness of the fast path.
+  check is re-decided exactly before anything is refused (``require_fit``'s ``exact()``, e.g. the SGD update run
+  on copies; max|t| and elementwise finiteness for the others), so no step is refused by the looseness of the
+  fast path. Every bound must stay below ``_limit``: 12 units of roundoff under the dtype's largest value.
 * ``"async"`` — every check becomes device flags (exact peaks); no host sync; writes are masked by ``ok()``;
   the error is raised by a later step once the flags reached the host, or by ``synchronize()``.
 * ``False`` — nothing is checked.
