@@ -23,6 +23,16 @@ class _Factors(tuple):
     """(Y*^k, X^{k-1}) as 2-d matrices: the weight gradient Y*ᵀX left unmultiplied."""
 
 
+def _smaller_factors(layer, y_adj, weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(Y*, X^{k-1}) as matrices when the layer's weight gradient Y*ᵀX has factors that hold fewer numbers than the
+    ``weight`` itself (a Linear at a small batch), else None (the gradient is smaller: it is made and read)."""
+    factors = getattr(layer.entry, "weight_factors", None)
+    if factors is None:
+        return None
+    y_adj2d, x_prev2d = factors(layer, y_adj)
+    return (y_adj2d, x_prev2d) if y_adj2d.numel() + x_prev2d.numel() < weight.numel() else None
+
+
 class _FactoredRule(FAdjointRule):
     """The F-adjoint sweep, with each fusable weight's gradient left as its factors."""
 
@@ -30,14 +40,11 @@ class _FactoredRule(FAdjointRule):
         self.fusable = fusable
 
     def param_feedback(self, layer, y_adj):
-        factors = getattr(layer.entry, "weight_factors", None)
         weight = getattr(layer.module, "weight", None)
-        if factors is None or not self.fusable(weight):
+        factors = _smaller_factors(layer, y_adj, weight) if self.fusable(weight) else None
+        if factors is None:
             return super().param_feedback(layer, y_adj)
-        y_adj2d, x_prev2d = factors(layer, y_adj)
-        if y_adj2d.numel() + x_prev2d.numel() >= weight.numel():  # the gradient is smaller: make it now
-            return super().param_feedback(layer, y_adj)
-        feedback = {weight: _Factors((y_adj2d, x_prev2d))}
+        feedback = {weight: _Factors(factors)}
         bias = layer.module.bias
         if bias is not None and bias.requires_grad:
             feedback[bias] = y_adj.reshape(-1, y_adj.shape[-1]).sum(0)
@@ -59,14 +66,11 @@ class _BoundedRule(FAdjointRule):
         uses = self.uses
         for param in feedback:
             uses[id(param)] = uses.get(id(param), 0) + 1
-        factors = getattr(layer.entry, "weight_factors", None)
-        if factors is not None:
-            weight = getattr(layer.module, "weight", None)
-            if weight is not None and weight in feedback:
-                y_adj2d, x_prev2d = factors(layer, y_adj)
-                if y_adj2d.numel() + x_prev2d.numel() < weight.numel():  # float32 norms at least (float16)
-                    self.norms[weight] = (tuple(_foreach_norm([y_adj2d, x_prev2d])),
-                                          rounding_slack(y_adj2d.shape[0], y_adj2d.dtype))
+        weight = getattr(layer.module, "weight", None)
+        factors = _smaller_factors(layer, y_adj, weight) if weight is not None and weight in feedback else None
+        if factors is not None:  # float32 norms at least (float16)
+            self.norms[weight] = (tuple(_foreach_norm(list(factors))), rounding_slack(factors[0].shape[0],
+                                                                                      factors[0].dtype))
         return feedback
 
     def grad_terms(self) -> dict[Tensor, tuple]:
