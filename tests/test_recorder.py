@@ -257,10 +257,12 @@ def test_functional_stand_ins_are_not_kept_one_per_scheduled_value():
 
 
 @pytest.mark.parametrize("change", ["bn.eps", "leaky.negative_slope", "train->eval", "fc2.weight replaced",
-                                    "pool.kernel_size"])
+                                    "pool.kernel_size", "fc2.weight shadowed"])
 def test_a_module_changed_between_forward_and_sweep_is_refused(change):
     """Autograd uses what the forward used; the sweep read the module at sweep time (0.23 off for a changed eps,
-    torch's shape error for a changed kernel size). Now refused in one line, nothing written."""
+    torch's shape error for a changed kernel size; a tensor put in the module's ``__dict__`` under its weight's name,
+    which ``module.weight`` then reads, sent the earlier layers a wrong adjoint and left fc2.weight without a
+    gradient). Now refused in one line, nothing written."""
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.1), nn.Unflatten(1, (1, 8)),
                           nn.AvgPool1d(2), nn.Flatten(), nn.Linear(4, 3)).double()
     net = tfa.FPropagation(model, graph=False)
@@ -273,6 +275,8 @@ def test_a_module_changed_between_forward_and_sweep_is_refused(change):
         model.eval()
     elif change == "fc2.weight replaced":
         model[6].weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    elif change == "fc2.weight shadowed":  # no __setattr__: _parameters still holds the weight the forward used
+        model[6].__dict__["weight"] = torch.randn(3, 4, dtype=torch.float64)
     else:
         model[4].kernel_size = (4,)
     with pytest.raises(RuntimeError, match=r"^FPropagation: \S+ \(\w+\) was changed between the forward and the sweep "

@@ -74,19 +74,21 @@ _SETTING_KEYS: dict[type, tuple] = {}
 
 def _settings(module: nn.Module) -> tuple:
     """What a backward reads from a module besides its records: its plain settings (``eps``, ``negative_slope``,
-    ``stride``, ``count_include_pad``, ``training``, …) and which tensors its parameters and buffers are."""
+    ``stride``, ``count_include_pad``, ``training``, …) and which tensors its parameters and buffers are, in one flat
+    tuple: the settings (a fixed number per type), how many parameters, then the ids of the parameters and buffers."""
+    state = module.__dict__
     keys = _SETTING_KEYS.get(type(module))
     if keys is None:  # the names a freshly made module of this type holds (torch's own table modules)
         keys = _SETTING_KEYS[type(module)] = tuple(
-            k for k, v in module.__dict__.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
-    return (tuple(map(module.__dict__.get, keys)), tuple(map(id, module._parameters.values())),
-            tuple(map(id, module._buffers.values())))
+            k for k, v in state.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
+    params = state["_parameters"]
+    return (*map(state.get, keys), len(params), *map(id, params.values()), *map(id, state["_buffers"].values()))
 
 
 def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
     """The first difference between two ``_settings`` of ``module``, in words."""
     keys = _SETTING_KEYS[type(module)]
-    for key, a, b in zip(keys, then[0], now[0]):
+    for key, a, b in zip(keys, then, now):
         if a != b:
             return f"{key}: {a!r} → {b!r}"
     return "a parameter or buffer was replaced"
@@ -98,7 +100,7 @@ def _backward_hook_of(layers, configs) -> str | None:
     module backward hook."""
     if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
         return "a global module backward hook is registered (register_module_full_backward_hook)"
-    for module, what, _ in configs:
+    for module, what, *_ in configs:
         if module._backward_hooks or module._backward_pre_hooks:
             return f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)"
     for layer in layers:
@@ -270,7 +272,8 @@ class ChainRecorder(HookedRecorder):
         self._calls: dict[int, int] = {}
         self._watch: list[tuple[Tensor, int, str, int | None]] = []  # (tensor, version, name, data_ptr of a
         # parameter: one given other memory after the forward, p.data = …, is refused as an in-place write is)
-        self._configs: list[tuple[nn.Module, str, tuple]] = []  # (module, its description, its settings then)
+        self._configs: list[tuple] = []  # (module, its description, its settings then, a layer's parameter names, the
+        # tensors they named then: the sweep reads them through the module)
         self._depth = 0
         self._transparent = None
 
@@ -395,14 +398,14 @@ class ChainRecorder(HookedRecorder):
                     rec.y = _detach(output)
                     self._watch_tensor(rec.y, _Lazy(lambda: f"Y^{rec.k}, the output of {rec.describe}"))
                 self._watch_tensor(x_prev, _Lazy(lambda: f"X^{rec.k - 1}, the input of {rec.describe}"))
-                for param_name in layer.param_names:
-                    self._watch_tensor(getattr(module, param_name, None), _Lazy(lambda n=param_name: f"{name}.{n}"),
-                                       memory=True)
+                params = tuple(getattr(module, param_name, None) for param_name in layer.param_names)
+                for param_name, param in zip(layer.param_names, params):
+                    self._watch_tensor(param, _Lazy(lambda n=param_name: f"{name}.{n}"), memory=True)
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
                         self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
-                self._configs.append((module, described, _settings(module)))
+                self._configs.append((module, described, _settings(module), layer.param_names, params))
                 layers.append(rec)
                 self._advance(output, described)
             finally:
@@ -461,7 +464,7 @@ class ChainRecorder(HookedRecorder):
             for item in saved:
                 self._watch_tensor(item, f"the record of {what}")
         rec = MapRecord(name, module, entry, saved)
-        self._configs.append((module, what, _settings(module)))
+        self._configs.append((module, what, _settings(module), (), ()))
         if self.keep_pre_activations:
             rec.y, rec.x = _detach(y), _detach(x)
             self._watch_tensor(rec.y, f"the input of {what}")
@@ -595,10 +598,12 @@ class ChainRecorder(HookedRecorder):
             self.clear()
             raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
                                "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
-        for module, what, then in self._configs:
+        for module, what, then, names, params in self._configs:
             now = _settings(module)
-            if now != then:
-                change = _setting_change(module, then, now)
+            change = _setting_change(module, then, now) if now != then else next(
+                (f"its {name} is another tensor (an attribute set on the module?)"
+                 for name, param in zip(names, params) if getattr(module, name, None) is not param), None)
+            if change is not None:
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was changed between the forward and the sweep ({change}); "
                                    "the sweep would use what the forward did not; records cleared, nothing was "

@@ -182,6 +182,17 @@ def _hook_keys(module: nn.Module) -> tuple:
     return tuple(pre), tuple(map(id, pre.values())), tuple(post), tuple(map(id, post.values()))
 
 
+def _signature(module: nn.Module) -> tuple:
+    """One flat tuple of ints and strings that is equal only if ``module`` has the class, instance forward, children,
+    parameters and forward hooks it had (their names, and the ids of what the fingerprint keeps alive; each
+    part's length first, so that no two different states flatten alike): one comparison per module per forward."""
+    params, children = module._parameters, module._modules
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    return (id(type(module)), id(module.__dict__.get("forward")), len(params), len(children), len(pre), len(post),
+            *params, *map(id, params.values()), *children, *map(id, children.values()),
+            *pre, *map(id, pre.values()), *post, *map(id, post.values()))
+
+
 class FPropagation(nn.Module):
     """Wrap ``model`` and record its F-propagation (docs/maths.md §1.1, §6.1, §7.1); ``net(x) == model(x)``.
 
@@ -236,7 +247,7 @@ class FPropagation(nn.Module):
             broadcast_parameters(model, process_group)
         self.keep_pre_activations = keep_pre_activations
         self._recorder: ChainRecorder | TapeRecorder | None = None
-        self._fingerprint: tuple = ((), ())
+        self._fingerprint: tuple = ((), (), ())
         self._paused = False
         self._attached = False
         self._claimed_by = None  # the rule that switched a net left to choose to the chain (require_chain)
@@ -318,13 +329,16 @@ class FPropagation(nn.Module):
         """What ``attach`` saw: every module with the names and identities of its children and parameters and the
         forward hooks (``_hook_keys``, and the ids of those that are no recorder's), its class and any forward set on
         the instance (``m.__class__ = …``, ``m.forward = …`` change what it computes), and each parameter's shape, dtype
-        and device (``model.to(...)`` changes those in place). The fingerprint keeps them alive: their ids stay theirs."""
+        and device (``model.to(...)`` changes those in place); and each module's ``_signature``, all of it in one
+        tuple. The fingerprint keeps them alive (the hooks too): their ids stay theirs."""
         modules = tuple((m, tuple(m._modules), tuple(map(id, m._modules.values())), tuple(m._parameters),
                          tuple(map(id, m._parameters.values())),
-                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))), (type(m), m.__dict__.get("forward")))
+                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))), (type(m), m.__dict__.get("forward")),
+                         (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
                         for _, m in self.model.named_modules())
         params = tuple((p, p.shape, p.dtype, p.device) for _, p in self.model.named_parameters(remove_duplicate=False))
-        return modules, params
+        signatures = tuple((m, _signature(m)) for m, *_ in modules)
+        return modules, params, signatures
 
     def _modules_seen(self) -> list[nn.Module]:
         """The model's modules as ``attach`` found them (the fingerprint: no walk of the tree)."""
@@ -333,9 +347,17 @@ class FPropagation(nn.Module):
     def _changed(self) -> bool:
         """True if the model is not what ``attach`` saw (checked at every forward without walking the tree): a child
         or parameter added, removed, renamed or replaced, a forward hook other than a recorder's added or removed, a
-        module's class or instance forward replaced, a parameter's shape, dtype or device changed."""
-        modules, params = self._fingerprint
-        for module, child_names, children, own_names, own, hooks, (kind, forward) in modules:
+        module's class or instance forward replaced, a parameter's shape, dtype or device changed. A module whose
+        ``_signature`` is the one ``attach`` took is unchanged; only one that differs is looked at in detail."""
+        modules, params, signatures = self._fingerprint
+        for module, signature in signatures:
+            if _signature(module) != signature:
+                return self._changed_in_detail(modules)
+        return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
+
+    @staticmethod
+    def _changed_in_detail(modules: tuple) -> bool:
+        for module, child_names, children, own_names, own, hooks, (kind, forward), _ in modules:
             found_children, found_params = module._modules, module._parameters
             if (tuple(map(id, found_params.values())) != own or tuple(map(id, found_children.values())) != children
                     or tuple(found_params) != own_names or tuple(found_children) != child_names
@@ -343,7 +365,7 @@ class FPropagation(nn.Module):
                 return True
             if _hook_keys(module) != hooks[0] and tuple(map(id, _foreign_hooks(module))) != hooks[1]:
                 return True
-        return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
+        return False
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
