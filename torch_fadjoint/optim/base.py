@@ -276,7 +276,8 @@ class RuleOptimizer(Optimizer):
         # first one's buffer: tests/test_graph.py, scripts/dynamo_tensor_key_graph_break.py)
         if not (isinstance(buf, Tensor) and buf.shape == param.shape and buf.dtype == param.dtype
                 and buf.device == param.device and (_compiling() or not buf.is_inference())
-                and not any(stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape))):
+                and ((buf.is_contiguous() and buf.numel()) or not any(  # contiguous and not empty: no stride 0
+                    stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape)))):
             found = (f"a tensor of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}" if isinstance(buf, Tensor)
                      else f"a {type(buf).__name__}")
             if isinstance(buf, Tensor) and buf.shape == param.shape:
