@@ -135,7 +135,8 @@ class Tape:
             self.storages.setdefault(storage, []).append(ref)
             if tensor._is_view():
                 for leaf in _leaves(arguments):
-                    if isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage:
+                    if (isinstance(leaf, Tensor) and leaf.untyped_storage().data_ptr() == storage
+                            and leaf.numel()):
                         found = self.value_of(leaf)
                         if found is None or found in self.foreign:
                             self.foreign.add(index)
@@ -338,11 +339,13 @@ class TapeMode(TorchFunctionMode):
             raise type(exc)(f"{exc} (in {tape.where()})") from None
         finally:
             _set_grad_enabled(True)  # enabled: the calls that reach here are those made with grad enabled
-        needed = frozenset(key for key, (kind, source) in inputs.items()  # inputs whose adjoint reaches a parameter
-                           if (kind == "param" and source.requires_grad) or (kind == "value" and tape.needs[source]))
+        needs = tape.needs  # the inputs whose adjoint reaches a parameter
+        needed = frozenset([key for key, (kind, source) in inputs.items()
+                            if (source.requires_grad if kind == "param" else needs[source])])
         leaves = [out] if isinstance(out, Tensor) else list(out)
-        outputs = [tape.add_value(t, bool(needed), (*args, *kwargs.values()))
-                   if isinstance(t, Tensor) and t.is_floating_point() else -1 for t in leaves]
+        arguments = (*args, *kwargs.values()) if kwargs else args
+        outputs = [tape.add_value(t, bool(needed), arguments) if isinstance(t, Tensor) and t.is_floating_point()
+                   else -1 for t in leaves]
         if len(leaves) > 1 and sum(i >= 0 and t._is_view() for t, i in zip(leaves, outputs)) > 1:
             tape.multi_views.update(i for t, i in zip(leaves, outputs) if i >= 0 and t._is_view())
         versions = [(t, t._version) for t in _tensors_in(saved) if not t.is_inference()]
@@ -496,18 +499,19 @@ _CALLS: dict = {}
 
 
 def _tensors_in(saved) -> list[Tensor]:
-    """The tensors of an entry's record (a tensor, or tuples, lists and dicts of them and of other values)."""
-    found: list[Tensor] = []
-    _collect_tensors(saved, found)
-    return found
-
-
-def _collect_tensors(saved, found: list) -> None:
+    """The tensors of an entry's record (a tensor, or tuples, lists and dicts of them and of other values; a
+    shape holds ints only). One loop over a stack, not a call per container: it runs on every recorded op."""
     if isinstance(saved, Tensor):
-        found.append(saved)
-    elif isinstance(saved, (tuple, list, dict)) and not isinstance(saved, torch.Size):  # a shape holds ints only
-        for item in (saved.values() if isinstance(saved, dict) else saved):
-            if isinstance(item, Tensor):
-                found.append(item)
-            elif isinstance(item, (tuple, list, dict)):
-                _collect_tensors(item, found)
+        return [saved]
+    found: list[Tensor] = []
+    stack = [saved]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            if not isinstance(item, torch.Size):
+                stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
