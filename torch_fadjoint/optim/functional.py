@@ -36,8 +36,8 @@ def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
     of the parameters is kept.
     """
     if foreach is None:  # torch.optim's default: the foreach kernels on CUDA (fewer launches), a per-tensor loop
-        # elsewhere (on CPU torch._foreach_* is that loop in C++ with more bookkeeping: the loop's step is 1-3 %
-        # faster on issue 20's MLPs, benchmarks/results/speed_default_step/foreach_cpu.py); masked writes one by one
+        # elsewhere (on CPU torch._foreach_* is that loop in C++ with more bookkeeping: the loop's step is faster on
+        # issue 20's MLPs, benchmarks/results/speed_default_step/versions/REPORT.md); masked writes go one by one
         foreach = ok is None and all(p.is_cuda for p in params)
     if foreach and ok is None and not isinstance(lr, Tensor):
         _foreach_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
