@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_fadjoint as tfa
+from .state import assert_untouched, snapshot
 
 
 def mlp():
@@ -106,11 +107,15 @@ def test_eval_mode_dropout_records_nothing_and_train_mode_records_its_mask():
     assert out.shape == (50, 2)
 
 
+@pytest.mark.parametrize("second_wrapper", [False, True])
 @pytest.mark.parametrize("change", ["replace_child", "insert_child", "dtype", "delete_bias", "nested_append"])
-def test_every_kind_of_change_after_wrapping_is_detected(change):
-    """(The one refusal kept here: it is about the fingerprint the recorder takes at attach.)"""
+def test_every_kind_of_change_after_wrapping_is_detected(change, second_wrapper):
+    """(The one refusal kept here: it is about the fingerprint the recorder takes at attach.) A second wrapper's
+    hooks change every module's signature without changing the model: the dtype change went unseen behind them
+    (session 6's red team, on the per-module signatures)."""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
     net = tfa.FPropagation(model, graph=False)
+    other = tfa.FPropagation(model) if second_wrapper else None  # noqa: F841 (its hooks stay on the model)
     with torch.no_grad():
         net(torch.randn(1, 3))
     if change == "replace_child":
@@ -283,6 +288,46 @@ def test_a_module_changed_between_forward_and_sweep_is_refused(change):
                                            r"\(.+\); the sweep would use what the forward did not; records cleared"):
         net.backward(F.cross_entropy, torch.tensor([0, 1, 2, 0, 1]))
     assert all(p.grad is None for p in model.parameters())
+
+
+class _SlopeProperty(nn.LeakyReLU):
+    negative_slope = property(lambda self: 0.9, lambda self, value: None)  # what the sweep would read
+
+
+@pytest.mark.parametrize("change", ["bn.running_var shadowed", "bn.running_mean shadowed", "leaky class swapped",
+                                    "fc1.weight unfrozen", "fc1.weight frozen"])
+def test_what_the_chains_sweep_reads_through_a_module_is_what_the_forward_read(change):
+    """Session 6's red team: an eval-mode BatchNorm's running_var put in its ``__dict__``, a LeakyReLU's class swapped
+    for a subclass whose negative_slope is a property, each between forward and step, went unseen (the settings
+    compare the instance's own attributes): 0.08-0.24 off autograd, silently; a weight frozen at the forward and
+    unfrozen before the step got a gradient and an update autograd would not give. Now refused, nothing written."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.1), nn.Linear(8, 3)).double()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].eval()
+    if change == "fc1.weight unfrozen":
+        model[0].weight.requires_grad_(False)
+    net = tfa.FPropagation(model, graph=False)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    net(x)
+    opt.step(target=y)
+    net(x)
+    if change == "bn.running_var shadowed":
+        model[1].__dict__["running_var"] = model[1].running_var * 4
+    elif change == "bn.running_mean shadowed":
+        model[1].__dict__["running_mean"] = model[1].running_mean + 1
+    elif change == "leaky class swapped":
+        model[2].__class__ = _SlopeProperty
+    elif change == "fc1.weight unfrozen":
+        model[0].weight.requires_grad_(True)
+    else:
+        model[0].weight.requires_grad_(False)
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"^FPropagation: \S+ \(\w+\) was changed between the forward and the sweep "
+                                           r"\(.+\); the sweep would use what the forward did not; records cleared"):
+        opt.step(target=y)
+    assert_untouched(before, model, opt)
 
 
 # -- computation the recorder does not see, and backward-side hooks (issue 21's red team) ------------------------

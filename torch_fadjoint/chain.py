@@ -94,6 +94,29 @@ def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
     return "a parameter or buffer was replaced"
 
 
+def _read_through(module: nn.Module, names: tuple) -> tuple:
+    """What a sweep reads through ``module`` besides its settings: its class, and for each of ``names`` (a layer's
+    parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, a
+    property of a class swapped in, shadow the registered one) and whether it requires grad."""
+    found = [type(module)]
+    for name in names:
+        tensor = getattr(module, name, None)
+        found += (tensor, isinstance(tensor, Tensor) and tensor.requires_grad)
+    return tuple(found)
+
+
+def _read_change(module: nn.Module, names: tuple, then: tuple, now: tuple) -> str | None:
+    """The first difference between two ``_read_through`` of ``module``, in words (None if none)."""
+    if now[0] is not then[0]:
+        return f"its class is {now[0].__name__}, was {then[0].__name__}"
+    for name, tensor, wanted, found, wants in zip(names, then[1::2], then[2::2], now[1::2], now[2::2]):
+        if found is not tensor:
+            return f"its {name} is another tensor (an attribute set on the module?)"
+        if wants is not wanted:
+            return f"{name}.requires_grad is {wants}, was {wanted}"
+    return None
+
+
 def _backward_hook_of(layers, configs) -> str | None:
     """The first backward-side hook the sweep would have to call, in words (None if there is none): a tensor hook
     or post-accumulate hook on a recorded parameter, a (full) backward (pre-)hook on a recorded module, or a global
@@ -272,8 +295,8 @@ class ChainRecorder(HookedRecorder):
         self._calls: dict[int, int] = {}
         self._watch: list[tuple[Tensor, int, str, int | None]] = []  # (tensor, version, name, data_ptr of a
         # parameter: one given other memory after the forward, p.data = …, is refused as an in-place write is)
-        self._configs: list[tuple] = []  # (module, its description, its settings then, a layer's parameter names, the
-        # tensors they named then: the sweep reads them through the module)
+        self._configs: list[tuple] = []  # (module, its description, its settings then, the names the sweep reads
+        # through it, what they gave then: _read_through)
         self._depth = 0
         self._transparent = None
 
@@ -398,14 +421,15 @@ class ChainRecorder(HookedRecorder):
                     rec.y = _detach(output)
                     self._watch_tensor(rec.y, _Lazy(lambda: f"Y^{rec.k}, the output of {rec.describe}"))
                 self._watch_tensor(x_prev, _Lazy(lambda: f"X^{rec.k - 1}, the input of {rec.describe}"))
-                params = tuple(getattr(module, param_name, None) for param_name in layer.param_names)
-                for param_name, param in zip(layer.param_names, params):
+                reads = (*layer.param_names, *module._buffers)
+                through = _read_through(module, reads)
+                for param_name, param in zip(layer.param_names, through[1::2]):
                     self._watch_tensor(param, _Lazy(lambda n=param_name: f"{name}.{n}"), memory=True)
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
                         self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
-                self._configs.append((module, described, _settings(module), layer.param_names, params))
+                self._configs.append((module, described, _settings(module), reads, through))
                 layers.append(rec)
                 self._advance(output, described)
             finally:
@@ -464,7 +488,8 @@ class ChainRecorder(HookedRecorder):
             for item in saved:
                 self._watch_tensor(item, f"the record of {what}")
         rec = MapRecord(name, module, entry, saved)
-        self._configs.append((module, what, _settings(module), (), ()))
+        reads = tuple(module._buffers)
+        self._configs.append((module, what, _settings(module), reads, _read_through(module, reads)))
         if self.keep_pre_activations:
             rec.y, rec.x = _detach(y), _detach(x)
             self._watch_tensor(rec.y, f"the input of {what}")
@@ -598,11 +623,10 @@ class ChainRecorder(HookedRecorder):
             self.clear()
             raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
                                "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
-        for module, what, then, names, params in self._configs:
+        for module, what, then, names, through in self._configs:
             now = _settings(module)
-            change = _setting_change(module, then, now) if now != then else next(
-                (f"its {name} is another tensor (an attribute set on the module?)"
-                 for name, param in zip(names, params) if getattr(module, name, None) is not param), None)
+            change = (_setting_change(module, then, now) if now != then
+                      else _read_change(module, names, through, _read_through(module, names)))
             if change is not None:
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was changed between the forward and the sweep ({change}); "

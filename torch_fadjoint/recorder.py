@@ -350,9 +350,9 @@ class FPropagation(nn.Module):
         module's class or instance forward replaced, a parameter's shape, dtype or device changed. A module whose
         ``_signature`` is the one ``attach`` took is unchanged; only one that differs is looked at in detail."""
         modules, params, signatures = self._fingerprint
-        for module, signature in signatures:
-            if _signature(module) != signature:
-                return self._changed_in_detail(modules)
+        if any(_signature(module) != signature for module, signature in signatures) and \
+                self._changed_in_detail(modules):  # a differing signature may be another recorder's hooks only
+            return True
         return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
 
     @staticmethod

@@ -280,8 +280,9 @@ class RuleOptimizer(Optimizer):
                     stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape)))):
             found = (f"a tensor of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}" if isinstance(buf, Tensor)
                      else f"a {type(buf).__name__}")
-            if isinstance(buf, Tensor) and buf.shape == param.shape:
-                found += (" made under torch.inference_mode (not writable here)" if buf.is_inference()
+            if isinstance(buf, Tensor) and (buf.shape, buf.dtype, buf.device) == (param.shape, param.dtype, param.device):
+                found += (f" of layout {buf.layout}" if buf.layout != torch.strided
+                          else " made under torch.inference_mode (not writable here)" if buf.is_inference()
                           else " whose entries share memory (an expand()ed view, not writable in place)")
             raise ValueError(f"{type(self).__name__}.step: the momentum_buffer of {param_names(self.net, [param])[0]} "
                              f"is {found}, expected a tensor of shape {tuple(param.shape)}, {param.dtype} on "
