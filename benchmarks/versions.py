@@ -1,15 +1,17 @@
 """Two versions of torch_fadjoint in one process: the step of issue 20's MLP, each against autograd + SGD, paired.
 
     git worktree add /tmp/fadjoint-6648738 6648738
-    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.versions --against /tmp/fadjoint-6648738 \
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.versions --against /tmp/fadjoint-6648738=6648738 \
         --out benchmarks/results/speed_default_step/versions
 
 On a shared 2-core machine two runs of ``benchmarks.speed`` move a ratio by ±0.05, more than the few microseconds
 a change to the step's Python makes; here both versions run in the same process on copies of one model,
-interleaved with autograd + ``torch.optim.SGD(foreach=True)`` (issue 20's reference), step after step, and each
-repetition's ratio to its neighbouring autograd step is kept: the median of thousands of such pairs resolves
-1 %. The other version is the package folder of any checkout (``--against``), imported under another name; rules
-that version does not know are left out. A step is ``net(x); opt.step(target=y)`` under the user's own
+interleaved with autograd + ``torch.optim.SGD(foreach=True)`` (issue 20's reference) in a new random order at each
+repetition (a fixed order moved one configuration by 4 % against itself), and each repetition's ratio to that
+repetition's autograd step is kept. How far to trust a difference: in this checkout ``unchecked`` and ``unchecked,
+loop`` are one configuration on CPU (``foreach=None`` is the loop there), and their medians differ by up to 0.02.
+The other versions are the package folders of other checkouts (``--against``), imported under other names; rules
+a version does not know are left out. A step is ``net(x); opt.step(target=y)`` under the user's own
 ``torch.no_grad()``, SGD momentum 0.9 on both sides, ``lr=0`` so that every repetition steps the same weights.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import copy
 import gc
 import importlib
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -36,7 +39,7 @@ RULES = {"checked": dict(), "unchecked": dict(validate=False), "unchecked, forea
          "unchecked, loop": dict(validate=False, foreach=False)}
 
 
-def load_other(root: str, name: str = "tfa_against"):
+def load_other(root: str, name: str):
     """The package ``torch_fadjoint`` of the checkout at ``root``, imported as ``name`` (its imports are relative)."""
     folder = Path(tempfile.mkdtemp(prefix="fadjoint-versions-"))
     (folder / name).symlink_to(Path(root, "torch_fadjoint").resolve(), target_is_directory=True)
@@ -83,10 +86,13 @@ def paired(steps: dict, repeats: int, warmup: int = 10) -> dict:
     gc.collect()
     gc.disable()  # a collection lands on one column's repetition at random; none runs inside the loop
     try:
+        order = list(steps)
+        shuffle = random.Random(0).shuffle
         for _ in range(repeats):
-            for name, step in steps.items():
+            shuffle(order)  # a fixed order favours some places (the step after autograd's pays its evictions)
+            for name in order:
                 start = time.perf_counter()
-                step()
+                steps[name]()
                 times[name].append(time.perf_counter() - start)
     finally:
         gc.enable()
@@ -101,8 +107,8 @@ def paired(steps: dict, repeats: int, warmup: int = 10) -> dict:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", required=True, help="the root of another checkout (a git worktree)")
-    parser.add_argument("--label", default=None, help="its name in the report (default: the folder's name)")
+    parser.add_argument("--against", required=True, action="append",
+                        help="the root of another checkout (a git worktree), as DIR or DIR=LABEL; may be repeated")
     parser.add_argument("--widths", default="784,256,256,10")
     parser.add_argument("--batches", default="16,128")
     parser.add_argument("--repeats", type=int, default=2000)
@@ -110,13 +116,14 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", default="runs/versions")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    other = load_other(args.against)
-    label = args.label or Path(args.against).resolve().name
-    packages = {"this checkout": torch_fadjoint, label: other}
+    packages = {"this checkout": torch_fadjoint}
+    for i, against in enumerate(args.against):
+        root, _, label = against.partition("=")
+        packages[label or Path(root).resolve().name] = load_other(root, f"tfa_against_{i}")
     widths = [int(w) for w in args.widths.split(",")]
     lines = ["# Two versions in one process: step time / autograd + SGD's, paired", "",
              f"Command: `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} python -m benchmarks.versions "
-             f"--against {args.against} --widths {args.widths} --batches {args.batches} --repeats {args.repeats} "
+             f"{' '.join('--against ' + a for a in args.against)} --widths {args.widths} --batches {args.batches} --repeats {args.repeats} "
              f"--threads {args.threads} --out {args.out}`  ",
              f"Machine: CPU, torch {torch.__version__}, {args.threads} threads, float32; load average "
              f"{os.getloadavg()[0]:.1f} when it ended.", "",

@@ -35,10 +35,9 @@ def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
     device, nothing changes where it is False (a new buffer is zeros) — one tensor at a time, so no copy
     of the parameters is kept.
     """
-    if foreach is None:  # torch.optim's default: the foreach kernels on CUDA (fewer launches), a per-tensor loop
-        # elsewhere (on CPU torch._foreach_* is that loop in C++ with more bookkeeping: the loop's step is faster on
-        # issue 20's MLPs, benchmarks/results/speed_default_step/versions/REPORT.md); masked writes go one by one
-        foreach = ok is None and all(p.is_cuda for p in params)
+    if foreach is None:  # the batched path: fewer launches on CUDA; on CPU as fast as the loop or faster (by up to
+        # 2.6 % of autograd's step, benchmarks/results/speed_default_step/versions); masked writes go one by one
+        foreach = ok is None
     if foreach and ok is None and not isinstance(lr, Tensor):
         _foreach_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
