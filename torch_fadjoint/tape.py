@@ -135,8 +135,7 @@ class Tape:
             self.storages.setdefault(storage, []).append(ref)
             if tensor._is_view():
                 for leaf in _leaves(arguments):
-                    if (isinstance(leaf, Tensor) and leaf.untyped_storage().data_ptr() == storage
-                            and leaf.numel()):
+                    if isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage:
                         found = self.value_of(leaf)
                         if found is None or found in self.foreign:
                             self.foreign.add(index)
