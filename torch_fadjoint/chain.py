@@ -96,8 +96,8 @@ def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
 
 def _read_through(module: nn.Module, names: tuple) -> tuple:
     """What a sweep reads through ``module`` besides its settings: its class, and for each of ``names`` (a layer's
-    parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, a
-    property of a class swapped in, shadow the registered one) and whether it requires grad."""
+    parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, or a
+    property of a class swapped in, shadows the registered one) and whether it requires grad."""
     found = [type(module)]
     for name in names:
         tensor = getattr(module, name, None)
