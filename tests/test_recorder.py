@@ -4,6 +4,8 @@ and functionals, and its hooks; which recorder ``FPropagation(model)`` picks (th
 Every refusal (non-chains, unsupported modules, in-place ops, foreign hooks, changes after wrapping) is in
 the misuse catalogue, tests/test_misuse.py.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,7 +297,7 @@ class _SlopeProperty(nn.LeakyReLU):
 
 
 @pytest.mark.parametrize("change", ["bn.running_var shadowed", "bn.running_mean shadowed", "leaky class swapped",
-                                    "fc1.weight unfrozen", "fc1.weight frozen"])
+                                    "fc1.weight unfrozen"])
 def test_what_the_chains_sweep_reads_through_a_module_is_what_the_forward_read(change):
     """Session 6's red team: an eval-mode BatchNorm's running_var put in its ``__dict__``, a LeakyReLU's class swapped
     for a subclass whose negative_slope is a property, each between forward and step, went unseen (the settings
@@ -319,15 +321,34 @@ def test_what_the_chains_sweep_reads_through_a_module_is_what_the_forward_read(c
         model[1].__dict__["running_mean"] = model[1].running_mean + 1
     elif change == "leaky class swapped":
         model[2].__class__ = _SlopeProperty
-    elif change == "fc1.weight unfrozen":
-        model[0].weight.requires_grad_(True)
     else:
-        model[0].weight.requires_grad_(False)
+        model[0].weight.requires_grad_(True)
     before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"^FPropagation: \S+ \(\w+\) was changed between the forward and the sweep "
                                            r"\(.+\); the sweep would use what the forward did not; records cleared"):
         opt.step(target=y)
     assert_untouched(before, model, opt)
+
+
+def test_a_weight_frozen_between_forward_and_step_gets_no_gradient_as_with_autograd():
+    """The other direction is autograd's too: a parameter frozen after the forward gets no gradient from
+    ``loss.backward()``; the chain's sweep skips it and the other gradients are autograd's (session 6's second red
+    team: the first fix refused this)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.1), nn.Linear(8, 3)).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    out = reference(x)
+    reference[0].weight.requires_grad_(False)
+    F.cross_entropy(out, y).backward()
+    net = tfa.FPropagation(model, graph=False)
+    net(x)
+    model[0].weight.requires_grad_(False)
+    net.backward(F.cross_entropy, y)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
 
 
 # -- computation the recorder does not see, and backward-side hooks (issue 21's red team) ------------------------

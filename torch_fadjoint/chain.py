@@ -112,8 +112,8 @@ def _read_change(module: nn.Module, names: tuple, then: tuple, now: tuple) -> st
     for name, tensor, wanted, found, wants in zip(names, then[1::2], then[2::2], now[1::2], now[2::2]):
         if found is not tensor:
             return f"its {name} is another tensor (an attribute set on the module?)"
-        if wants is not wanted:
-            return f"{name}.requires_grad is {wants}, was {wanted}"
+        if wants and not wanted:  # frozen at the forward: autograd gives it no gradient (one frozen since: none)
+            return f"{name}.requires_grad is True, was False"
     return None
 
 
