@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import activations, arithmetic, functionals, poolings, steps  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
-from .tape_writes import (_LEAVING, _STATISTICS, _check_in_place, _constant_write, _keep_state, _keep_state_written,
+from .tape_writes import (_LEAF_TYPES, _LEAVING, _STATISTICS, _check_in_place, _constant_write, _keep_state, _keep_state_written,
                           _leaves, _note_nograd_views, _op_name, _writes_first_argument, put_back_state, state_of,
                           written_by)
 
@@ -134,13 +134,15 @@ class Tape:
             storage = tensor.untyped_storage().data_ptr()
             self.storages.setdefault(storage, []).append(ref)
             if tensor._is_view():
-                for leaf in _leaves(arguments):
-                    if isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage:
-                        found = self.value_of(leaf)
-                        if found is None or found in self.foreign:
-                            self.foreign.add(index)
-                        elif found in self.multi_views:
-                            self.multi_views.add(index)
+                for arg in arguments:  # the tensors among them, as _leaves(arguments) gives them, nested ones last
+                    for leaf in ((arg,) if isinstance(arg, Tensor) else () if type(arg) in _LEAF_TYPES
+                                 else _leaves((arg,))):
+                        if isinstance(leaf, Tensor) and leaf.numel() and leaf.untyped_storage().data_ptr() == storage:
+                            found = self.value_of(leaf)
+                            if found is None or found in self.foreign:
+                                self.foreign.add(index)
+                            elif found in self.multi_views:
+                                self.multi_views.add(index)
         if self.keep:
             self.kept[index] = (tensor, tensor._version)
         return index
@@ -499,18 +501,24 @@ _CALLS: dict = {}
 
 def _tensors_in(saved) -> list[Tensor]:
     """The tensors of an entry's record (a tensor, or tuples, lists and dicts of them and of other values; a
-    shape holds ints only). One loop over a stack, not a call per container: it runs on every recorded op."""
+    shape holds ints only). One loop over a stack, not a call per container, and plain values (most of a record:
+    keys, dims, shapes) dropped by their type before any isinstance: it runs on every recorded op."""
     if isinstance(saved, Tensor):
         return [saved]
     found: list[Tensor] = []
     stack = [saved]
+    pop, push, keep, plain = stack.pop, stack.extend, found.append, _LEAF_TYPES
     while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor):
-            found.append(item)
-        elif isinstance(item, (tuple, list)):
-            if not isinstance(item, torch.Size):
-                stack.extend(item)
+        item = pop()
+        kind = type(item)
+        if kind in plain:
+            continue
+        if kind is tuple or kind is list:
+            push(item)
+        elif isinstance(item, Tensor):
+            keep(item)
+        elif isinstance(item, (tuple, list)):  # a named tuple, a list subclass (torch.Size is plain, above)
+            push(item)
         elif isinstance(item, dict):
-            stack.extend(item.values())
+            push(item.values())
     return found
