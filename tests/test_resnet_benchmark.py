@@ -82,3 +82,17 @@ def test_speed_resnet18_runs_small(tmp_path):
         assert entry["peak_bytes"] > 0
     assert entries["resnet18_tv/fadjoint"]["kept_bytes"] > 0 and entries["resnet18_tv/sgd"]["kept_bytes"] > 0
     assert "| resnet18_tv | 4 | fadjoint |" in (tmp_path / "SPEED.md").read_text()
+
+
+def test_record_overhead_pairs_the_record_with_plain_and_autograd_forwards():
+    """benchmarks.record_overhead on the language model at 2 × 8 tokens, 3 repetitions: the tape's 82 ops, finite
+    paired ratios against the plain forward and against autograd's forward, each the median of its own pairs."""
+    from benchmarks import record_overhead
+
+    torch.manual_seed(0)
+    row = record_overhead.paired(record_overhead.LanguageModel().train(), torch.randint(0, 512, (2, 8)), repeats=3,
+                                 warmup=1)
+    assert row["ops"] == 82
+    for low, middle, high in (("q1", "ratio", "q3"), ("own_q1", "own", "own_q3")):
+        assert 0 < row[low] <= row[middle] <= row[high] < math.inf
+    assert row["autograd_ratio"] > 0 and row["record_ms"] > 0
