@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torch_fadjoint as tfa
@@ -204,6 +205,12 @@ def hooked_ce():
     return criterion
 
 
+def instance_forward_ce():  # a temperature written into the instance's forward (red team, session 7)
+    criterion = nn.CrossEntropyLoss()
+    criterion.forward = lambda out, t: F.cross_entropy(out / 0.3, t)
+    return criterion
+
+
 _LIST = "nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss (reduction 'mean' or 'sum', label_smoothing; weight=None, " \
         "ignore_index=-100)"
 REFUSED = {
@@ -228,6 +235,9 @@ REFUSED = {
     "ce-hook": (hooked_ce, ValueError,
                 "loss: nn.CrossEntropyLoss with hooks is not supported (they would not run); remove them or pass a "
                 "callable returning (loss, out_adj)"),
+    "forward-on-instance": (instance_forward_ce, ValueError,
+                            "loss: nn.CrossEntropyLoss, its forward is replaced on the instance, is not supported (the "
+                            "closed form would train another loss); pass a callable returning (loss, out_adj)"),
     "subclass": (SubclassedCE, TypeError,
                  "loss: SubclassedCE, a subclass of nn.CrossEntropyLoss, is not supported (its forward may differ); "
                  "pass nn.CrossEntropyLoss itself or a callable returning (loss, out_adj)"),
@@ -271,7 +281,13 @@ def test_an_unsupported_module_or_setting_is_refused_at_the_optimizers_construct
      "is refused, not ignored)"),
     (lambda c: setattr(c, "label_smoothing", -0.1),
      "loss: nn.CrossEntropyLoss with label_smoothing=-0.1 is not supported; it must lie in [0, 1]"),
-], ids=["reduction", "weight", "ignore-index", "smoothing"])
+    (lambda c: setattr(c, "forward", lambda out, t: F.cross_entropy(out / 0.3, t)),
+     "loss: nn.CrossEntropyLoss, its forward is replaced on the instance, is not supported (the closed form would "
+     "train another loss); pass a callable returning (loss, out_adj)"),
+    (lambda c: setattr(c, "__class__", SubclassedCE),
+     "loss: nn.CrossEntropyLoss, its class was swapped for SubclassedCE, is not supported (the closed form would "
+     "train another loss); pass a callable returning (loss, out_adj)"),
+], ids=["reduction", "weight", "ignore-index", "smoothing", "forward-on-instance", "class-swapped"])
 def test_a_setting_that_became_unsupported_refuses_the_step_and_changes_nothing(change, message):
     criterion = nn.CrossEntropyLoss()
     model = model_for(criterion)

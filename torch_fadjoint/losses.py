@@ -197,7 +197,7 @@ class ModuleLoss:
                                 f"may differ); pass nn.{parent.__name__} itself or a callable returning (loss, out_adj)")
             raise TypeError(f"loss: {name} has no closed-form output adjoint here; supported modules: "
                             f"{_SUPPORTED_MODULES}")
-        self.module = module
+        self.module, self.kind = module, kind
         self.closed_form = MODULE_LOSSES[kind]
         self.__name__ = f"nn.{kind.__name__}"
         self.settings()  # refuses now (get_loss, an optimizer's construction) what the closed form cannot honour
@@ -211,6 +211,11 @@ class ModuleLoss:
     def settings(self) -> dict:
         """The closed form's keyword arguments from the module's settings now; ValueError for one it cannot honour."""
         module, name = self.module, self.__name__
+        if type(module) is not self.kind or "forward" in module.__dict__:  # what it computes is not the closed form's
+            change = (f"its class was swapped for {type(module).__name__}" if type(module) is not self.kind
+                      else "its forward is replaced on the instance")
+            raise ValueError(f"loss: {name}, {change}, is not supported (the closed form would train another loss); "
+                             "pass a callable returning (loss, out_adj)")
         if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
             raise ValueError(f"loss: {name} with hooks is not supported (they would not run); remove them or pass a "
                              "callable returning (loss, out_adj)")
