@@ -322,6 +322,20 @@ class _ReversedGradient(torch.autograd.Function):
         return -grad
 
 
+class _StraightThrough(torch.autograd.Function):
+    """A straight-through estimator: the forward returns the quantised values it is given (computed from
+    ``h.detach()``: a constant), the backward passes the gradient to ``h``. Its forward calls torch on constants
+    only (``clone``), or on nothing (returned as is: autograd's own ``view_as``)."""
+
+    @staticmethod
+    def forward(ctx, h, quantised, copy):
+        return quantised.clone() if copy else quantised
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 class _WithAutogradFunction(nn.Module):
     def __init__(self, how):
         super().__init__()
@@ -331,16 +345,21 @@ class _WithAutogradFunction(nn.Module):
         h = self.a(x)
         if self.how == "function":
             h = _ReversedGradient.apply(h)
+        elif self.how.startswith("straight_through"):
+            h = _StraightThrough.apply(h, torch.round(h.detach() * 4) / 4, self.how.endswith("copy"))
         else:
             h = torch.utils.checkpoint.checkpoint(torch.tanh, h, use_reentrant=True)
         return self.c(h)
 
 
-@pytest.mark.parametrize("how", ["function", "checkpoint_reentrant"])
+@pytest.mark.parametrize("how", ["function", "checkpoint_reentrant", "straight_through_copy", "straight_through"])
 @pytest.mark.parametrize("caller_grad", [True, False])
 def test_an_autograd_function_in_the_forward_is_refused(how, caller_grad):
     """Before: its inside ran under a grad mode the tape took for the user's no_grad, so `a` silently got no
-    gradient (autograd gives it one, through the function's own backward). Now one line, nothing written."""
+    gradient (autograd gives it one, through the function's own backward). Now one line, nothing written. A
+    function whose forward reads constants only (a straight-through estimator) was still taken for a constant
+    until session 7 (its red team: `a`'s gradient silently None); every call under a grad mode switched off
+    unseen is refused now, a constant's too."""
     import warnings
     torch.manual_seed(0)
     model = _WithAutogradFunction(how).to(DT)
@@ -352,6 +371,24 @@ def test_an_autograd_function_in_the_forward_is_refused(how, caller_grad):
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(RuntimeError, match="no recorded forward"):
         net.backward(F.cross_entropy, torch.tensor([0, 1, 2]))
+
+
+def test_a_constant_made_under_inference_mode_in_the_forward_stays_a_constant():
+    """The refusal of calls under a grad mode switched off unseen spares inference_mode's constants (a shift made
+    there, added to a value: autograd's constant too)."""
+    torch.manual_seed(0)
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            with torch.inference_mode():
+                shift = torch.linspace(-1, 1, 5, dtype=x.dtype)
+            return self.c(torch.tanh(self.a(x) + shift))
+
+    _compare(Shifted().to(DT), torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,)))
 
 
 def test_checkpoint_without_reentrance_stays_exact():

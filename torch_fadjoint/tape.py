@@ -284,9 +284,12 @@ class TapeMode(TorchFunctionMode):
             raise ValueError(f"{_op_name(func)} in {tape.where()}: runs under a torch.func transform (vmap, grad, "
                              "jacrev …), whose tensors the tape cannot follow; the forward is refused")
         inputs = _inputs(tape, func, args, kwargs, call.metadata)
+        if torch.is_grad_enabled() != self.seen_grad and not call.metadata and (inputs or not _inference_mode()):
+            # on a constant too: an autograd.Function whose forward computes only from constants (a straight-through
+            # estimator returning h_q.clone()) would pass the gradient to its value inputs, which the tape never saw
+            # go in; a constant made under inference_mode (a mask) is autograd's constant too, and a shape is no value
+            self._check_grad_mode(func)
         if inputs:
-            if torch.is_grad_enabled() != self.seen_grad:
-                self._check_grad_mode(func)
             if call.leaving and any(kind == "value" and tape.needs[index] for kind, index in inputs.values()):
                 raise ValueError(f"{_op_name(func)} in {tape.where()}: takes a value out of torch (autograd refuses "
                                  "it on a tensor that requires grad too); detach it first, or keep it in torch")
@@ -468,6 +471,7 @@ _VALUE_ATTRIBUTES = {
 
 
 _set_grad_enabled = torch._C._set_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
 
 
 class _Call:
