@@ -299,6 +299,8 @@ class ChainRecorder(HookedRecorder):
         # through it, what they gave then: _read_through)
         self._depth = 0
         self._transparent = None
+        self._reads: list[tuple] = []  # (module, _read_through of its parameters) of each layer whose forward
+        # runs: what its pre-hook read, taken by its forward hook
 
     @property
     def layers(self) -> list[LayerRecord]:
@@ -388,8 +390,8 @@ class ChainRecorder(HookedRecorder):
             self._depth += 1  # the module's own ops are not the chain's (reset by forward() on error)
             what = _Lazy(lambda: _describe(name, module))
             known = self._param_names
-            for param_name in layer.param_names:
-                value = getattr(module, param_name, None)
+            through = _read_through(module, layer.param_names)  # the parameters its forward reads (on_layer adds
+            for param_name, value in zip(layer.param_names, through[1::2]):  # the buffers, as they are after it)
                 if value is not None and id(value) not in known:
                     raise ValueError(f"{what}: its {param_name} is not the parameter it was wrapped with (torch.func."
                                      "functional_call, or a tensor assigned in its place?): the sweep would update "
@@ -398,10 +400,13 @@ class ChainRecorder(HookedRecorder):
             why = layer.check_input(module, x_prev)
             if why:
                 raise ValueError(f"{what}: {why}")
+            self._reads.append((module, through))  # for its on_layer (a stack: a layer may hold layers)
             return None
         return _ours(check_input)
 
     def _layer_hook(self, name: str, layer: Layer):
+        param_whats = [f"{name}.{param_name}" for param_name in layer.param_names]  # fixed per hook: made once
+
         def on_layer(module, inputs, output):
             if not self._recording:
                 return None
@@ -421,11 +426,17 @@ class ChainRecorder(HookedRecorder):
                     rec.y = _detach(output)
                     self._watch_tensor(rec.y, _Lazy(lambda: f"Y^{rec.k}, the output of {rec.describe}"))
                 self._watch_tensor(x_prev, _Lazy(lambda: f"X^{rec.k - 1}, the input of {rec.describe}"))
-                reads = (*layer.param_names, *module._buffers)
-                through = _read_through(module, reads)
-                for param_name, param in zip(layer.param_names, through[1::2]):
-                    self._watch_tensor(param, _Lazy(lambda n=param_name: f"{name}.{n}"), memory=True)
+                read = self._reads.pop() if self._reads else None
+                if read is None or read[0] is not module:  # its check_input always ran first: never, but say so
+                    raise RuntimeError(f"{described}: its forward hook ran without its pre-hook (hooks reordered?)")
+                through = read[1]
+                for what, param in zip(param_whats, through[1::2]):
+                    self._watch_tensor(param, what, memory=True)
                 buffers = module._buffers  # running statistics are buffers: a Linear has none (no failing getattr)
+                reads = layer.param_names
+                if buffers:
+                    reads = (*reads, *buffers)
+                    through += _read_through(module, tuple(buffers))[1:]
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
                         self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
