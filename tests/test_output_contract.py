@@ -56,9 +56,7 @@ CHANGES = {
     "data_assignment": (lambda out: setattr(out, "data", out.data / 2), r"data = … \(an assignment\)"),
     "custom_function": (lambda out: _Halve.apply(out), "Tensor.div"),
     "clone_then_change": (lambda out: out.clone().mul_(2), "Tensor.mul_"),
-    "another_wrapped_model": (lambda out: tfa.FPropagation(nn.Sequential(nn.Linear(CLASSES, 3)).to(DT))(out),
-                              "Sequential's recorded forward"),
-}
+}  # fed into a recorded forward (another wrapped model, the same one): refused there (test_an_output_fed_…, below)
 
 # losses the user computes from the output that are not the one trained (F.cross_entropy, mean, no smoothing)
 OTHER_LOSSES = {
@@ -224,17 +222,103 @@ def test_the_note_is_the_last_forwards_only_and_an_explicit_adjoint_is_the_users
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_an_output_fed_back_as_an_input_is_recorded_as_a_plain_input():
+class _Recurrent(nn.Module):
+    """A step of a weight-tied recurrence (its input and output alike), with a memory read from an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.memory = None
+
+    def forward(self, x):
+        h = self.a(torch.tanh(x)) + x
+        return h if self.memory is None else h + self.memory
+
+
+def _recurrent(kind):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).to(DT)
-    x = torch.randn(3, 4, dtype=DT)
+    if kind == "chain":
+        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).to(DT)
+    return _Recurrent().to(DT)
+
+
+# an output of a recorded forward, or a tensor computed from one, fed into a recorded forward (session 7's red team:
+# each trained as if detached, silently; autograd backpropagates through both forwards)
+FEEDS = {
+    "itself": lambda net, x: net(net(x)),
+    "a_loop": lambda net, x: [h := net(x), h := net(h), net(h)][-1],
+    "computed_from_it": lambda net, x: net(net(x) * 1.0),
+    "sliced_and_joined": lambda net, x: net(torch.cat([net(x)[:2], x[2:]])),
+    "split_part": lambda net, x: net(torch.cat(net(x).split([1, 2]), 0)),
+    "as_keyword": lambda net, x: net(input=net(x)) if not net.graph else net(x=net(x)),
+    "another_wrapped_model": lambda net, x: tfa.FPropagation(_recurrent("chain"))(net(x)),
+}
+
+
+@pytest.mark.parametrize("kind", ["chain", "tape"])
+@pytest.mark.parametrize("feed", FEEDS)
+def test_an_output_fed_into_a_recorded_forward_is_refused_before_anything_is_written(kind, feed):
+    model = _recurrent(kind)
     net = tfa.FPropagation(model)
-    h = net(x)
-    out = net(h)
-    torch.testing.assert_close(out, model(model(x)).detach(), rtol=0, atol=0)
-    target = torch.tensor([0, 1, 2])
+    x = torch.randn(3, 4, dtype=DT)
+    net(x)
+    net.backward(F.cross_entropy, torch.tensor([0, 1, 2]))  # .grad to keep
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"is the output of a recorded forward \(or computed from one\) with trainable "
+                                         r"parameters upstream: autograd would backpropagate through both forwards") \
+            as error:
+        FEEDS[feed](net, x)
+    assert "\n" not in str(error.value)
+    assert_untouched(before, model)
+
+
+class _SumOfList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, xs):
+        return self.a(xs[0] + xs[1])
+
+
+def test_an_output_fed_inside_a_list_is_refused():
+    torch.manual_seed(0)
+    model = _SumOfList().to(DT)
+    net = tfa.FPropagation(model)
+    x = torch.randn(3, 4, dtype=DT)
+    with pytest.raises(ValueError, match=r"an input is the output of a recorded forward"):
+        net([x, net([x, x])])
+    net([x, net([x, x]).detach()])
+
+
+def test_an_output_kept_in_an_attribute_and_read_by_the_next_forward_is_refused():
+    model = _recurrent("tape")
+    net = tfa.FPropagation(model)
+    x = torch.randn(3, 4, dtype=DT)
+    model.memory = net(x)
+    with pytest.raises(ValueError, match=r"Tensor.add in <model> \(_Recurrent\): reads the output of a recorded forward"):
+        net(x)
+    model.memory = model.memory.detach()  # what the user means: the memory a constant, as autograd has it detached
+    net(x)
+    net.backward(F.cross_entropy, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("kind", ["chain", "tape"])
+def test_an_output_fed_in_detached_or_with_nothing_trainable_upstream_trains_as_autograd(kind):
+    model = _recurrent(kind)
+    x, target = torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2])
     want = oracles.autograd_grads(lambda: model(model(x).detach()), dict(model.named_parameters()),
                                   "cross_entropy", target)
+    net = tfa.FPropagation(model)
+    out = net(net(x).detach())
+    torch.testing.assert_close(out, model(model(x)).detach(), rtol=0, atol=0)
+    net.backward(F.cross_entropy, target)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-12, msg=name)
+    teacher = _recurrent(kind).requires_grad_(False)  # a frozen teacher: its output needs no gradient, in autograd too
+    model.zero_grad()
+    want = oracles.autograd_grads(lambda: model(teacher(x)), dict(model.named_parameters()), "cross_entropy", target)
+    net(tfa.FPropagation(teacher)(x))
     net.backward(F.cross_entropy, target)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-12, msg=name)
@@ -248,3 +332,30 @@ def test_the_output_modified_in_place_is_refused_by_its_version_as_before():
         out.mul_(2)  # even under no_grad: the recorded values changed
     with pytest.raises(RuntimeError, match="modified in place"):
         net.backward(F.cross_entropy, t)
+
+
+@pytest.mark.parametrize("kind", ["chain", "tape"])
+def test_a_top_signal_or_target_computed_from_an_output_leaves_plain_tensors_in_the_library(kind):
+    """A stand-in computed from an output with trainable parameters upstream is watched (above); given to the library
+    as the top signal (``net.adjoint``, ``step(out_adj=)``) or as a target made from another net's output, it is taken
+    as a plain tensor: the gradients, momentum buffers and parameters stay plain ``torch.Tensor``s and parameters."""
+    model, other = _recurrent(kind), _recurrent(kind)
+    net, other_net = tfa.FPropagation(model), tfa.FPropagation(other)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, loss="mse")
+    x, target = torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2])
+    want = oracles.autograd_grads(lambda: model(x), dict(model.named_parameters()), "cross_entropy", target)
+    out = net(x)
+    out_adj = (torch.softmax(out, 1) - F.one_hot(target, 4)) / 3
+    assert isinstance(out_adj, tfa.output.RecordedOutput)
+    net.adjoint(out_adj)
+    for name, p in model.named_parameters():
+        assert type(p.grad) is torch.Tensor
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-12, msg=name)
+    for signal in ("out_adj", "target"):
+        out = net(x)
+        if signal == "out_adj":
+            opt.step(out_adj=(out - 1.0) * 0.5)
+        else:
+            opt.step(target=other_net(x) * 0.5)
+        assert all(type(p.grad) is torch.Tensor and type(p) is nn.Parameter for p in model.parameters())
+        assert all(type(state["momentum_buffer"]) is torch.Tensor for state in opt.state.values())

@@ -22,7 +22,13 @@ the same values (``clone``, ``contiguous``, ``.to`` another device), which stay 
 Not seen (documented, not detected): a deliberate escape from ``__torch_function__`` (``out.as_subclass(Tensor)``,
 ``Tensor._make_subclass``, ``torch.utils.swap_tensors``) and ``torch.vmap`` over it.
 
-Every result of a call on it is a plain ``torch.Tensor``: only the object ``net(x)`` returned is watched.
+When a trainable parameter lies upstream of the output, a result that stands in for it (``out * 1.0``, ``out[:2]``,
+``torch.cat([out, x])``) is watched too, sharing its note, and so is every stand-in made from one: a recorded
+forward it is fed into (``net(net(x))``, ``h = net(h)`` in a loop, ``dec(enc(x))`` with two wrappers, a tensor kept
+in an attribute) refuses it — autograd would backpropagate through both forwards, the sweep covers the one it
+records only; ``out.detach()`` is the way to feed it on. The library's own entries take such a tensor as a plain
+one (a top signal computed from the output: ``sweep.check_out_adj``). With nothing trainable upstream (a frozen
+teacher) the results are plain tensors and the output is a plain input.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from torch import Tensor
 from .losses import called_loss_identity
 from .tape import _op_name
 
-__all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched"]
+__all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched", "refuse_fed_output"]
 
 # calls whose floating result is no stand-in for the output (autograd gives it no gradient either)
 _READS = frozenset({
@@ -51,13 +57,15 @@ _LOSSES = frozenset(getattr(F, name) for name in dir(F) if name.endswith("_loss"
 
 class OutputNote:
     """What happened to one forward's returned output: ``change`` (the first call that made a stand-in for it, by
-    name) and ``losses`` ([(name, identity)] of every loss applied to it, ``losses.called_loss_identity``)."""
+    name) and ``losses`` ([(name, identity)] of every loss applied to it, ``losses.called_loss_identity``);
+    ``needs``: a trainable parameter lies upstream of it (autograd's ``requires_grad`` of the output)."""
 
-    __slots__ = ("change", "losses")
+    __slots__ = ("change", "losses", "needs")
 
-    def __init__(self):
+    def __init__(self, needs: bool = False):
         self.change: str | None = None
         self.losses: list[tuple[str, tuple | None]] = []
+        self.needs = needs
 
     def changed(self, name: str) -> None:
         if self.change is None:
@@ -70,6 +78,7 @@ class RecordedOutput(Tensor):
 
     _fadjoint_note: OutputNote
     _fadjoint_copy = False  # a copy (clone, .to) shares the note, not the recorded output's version counter
+    _fadjoint_needs = False  # computed from a recorded output that has trainable parameters upstream
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -88,11 +97,14 @@ class RecordedOutput(Tensor):
               and result.shape == watched[0].shape and result.dtype == watched[0].dtype):
             copy = watch_output(result, watched[0]._fadjoint_note)  # the same values: watched as the output is
             copy._fadjoint_copy = True  # its own version counter: a change in place is noted, not versioned
+            copy._fadjoint_needs = watched[0]._fadjoint_needs
             return copy
         elif func not in _READS and _stands_in(result):
             for value in watched:
                 if result is not value or value._fadjoint_copy:  # in place on the output: its version refuses it
                     value._fadjoint_note.changed(_op_name(func))
+            if any(value._fadjoint_needs for value in watched) and not any(result is value for value in watched):
+                return _derived(result, watched)
         return result
 
     def __repr__(self, *, tensor_contents=None):
@@ -118,6 +130,23 @@ def _stands_in(result) -> bool:
     return False
 
 
+def _derived(result, watched: list[RecordedOutput]):
+    """``result`` (a stand-in made from ``watched``, one of which has a trainable parameter upstream: ``out * 1.0``,
+    ``out[:2]``, ``torch.cat([out, x])``) watched too, with the first one's note: a recorded forward it is fed into
+    refuses it (autograd would backpropagate into the forward that made it; :func:`unwatched`). The library's own
+    entries take it as a plain tensor (a top signal: ``sweep.check_out_adj``)."""
+    note = watched[0]._fadjoint_note
+
+    def watch(tensor: Tensor) -> RecordedOutput:
+        derived = watch_output(tensor, note)
+        derived._fadjoint_copy, derived._fadjoint_needs = True, True  # its own version counter, as a copy's
+        return derived
+
+    if isinstance(result, Tensor):
+        return watch(result)
+    return type(result)(watch(item) for item in result)  # split, chunk: a tuple or a list of floating tensors
+
+
 def _outputs_in(args: tuple, kwargs: dict) -> list[RecordedOutput]:
     """The watched outputs among a call's arguments (top level and inside lists or tuples)."""
     found = []
@@ -133,13 +162,27 @@ def watch_output(output: Tensor, note: OutputNote) -> RecordedOutput:
     """``output`` as a :class:`RecordedOutput` writing into ``note`` (an alias: same storage, same version)."""
     watched = output.as_subclass(RecordedOutput)
     watched._fadjoint_note = note
+    watched._fadjoint_needs = note.needs
     return watched
 
 
-def unwatched(value, model):
+def refuse_fed_output(value, where: str) -> None:
+    """ValueError when ``value`` is a recorded output, or was computed from one, with a trainable parameter upstream:
+    read by the recorded forward ``where`` describes, autograd would backpropagate through both forwards, and the
+    sweep covers the one it records only."""
+    if getattr(value, "_fadjoint_needs", False) and isinstance(value, RecordedOutput):
+        raise ValueError(f"FPropagation: {where} is the output of a recorded forward (or computed from one) with "
+                         "trainable parameters upstream: autograd would backpropagate through both forwards, the sweep "
+                         "covers this one only; pass it detached (out.detach()) to train this forward alone, or "
+                         "record both in one model")
+
+
+def unwatched(value, model, where: str = "an input"):
     """``value`` as a plain tensor when it is a watched output — fed into the recorded forward of ``model``,
-    which changes it for its own loss — else itself."""
+    which changes it for its own loss — else itself; refused (:func:`refuse_fed_output`) when a trainable parameter
+    lies upstream of it."""
     if not isinstance(value, RecordedOutput):
         return value
+    refuse_fed_output(value, where)
     value._fadjoint_note.changed(f"{type(model).__name__}'s recorded forward")
     return value.as_subclass(Tensor)

@@ -32,7 +32,7 @@ from .chain import ChainRecorder, HookedRecorder, _check_inputs, _describe, _for
 from .layers import LayerRecord
 from .losses import describe_identity, get_loss, loss_identity
 from .maps import MapRecord
-from .output import OutputNote, unwatched, watch_output
+from .output import OutputNote, refuse_fed_output, unwatched, watch_output
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
 from .tape import Tape, TapeMode, put_back_state, state_of
 from .tape_sweep import check_versions, sweep_tape, tape_grads
@@ -155,7 +155,7 @@ class TapeRecorder(HookedRecorder):
         net, tape = self.net, self.tape
         if tape is None:
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
-        check_out_adj(net, out_adj)
+        out_adj = check_out_adj(net, out_adj)
         hook = _graph_backward_hook(net.model, net._modules_seen(), self._params.values())
         if hook is not None:
             self.clear()
@@ -376,8 +376,12 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
-        args = tuple(unwatched(value, self.model) for value in args)  # an output fed in: changed for its own loss
-        kwargs = {key: unwatched(value, self.model) for key, value in kwargs.items()}
+        if not all(isinstance(value, Tensor) for value in (*args, *kwargs.values())):  # nested inputs: looked into
+            for leaf in tree_flatten((args, kwargs))[0]:
+                refuse_fed_output(leaf, "an input")
+        # an output fed in: refused with trainable parameters upstream, else plain (changed for its own loss)
+        args = tuple(unwatched(value, self.model, f"input {i}") for i, value in enumerate(args))
+        kwargs = {key: unwatched(value, self.model, f"input {key!r}") for key, value in kwargs.items()}
         try:
             output = self._recorder.forward(args, kwargs)
         except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded
@@ -385,8 +389,16 @@ class FPropagation(nn.Module):
                 raise
             raise type(exc)(f"{exc} (this net records a chain because {self._claimed_by} sweeps one; that rule does "
                             "not run on graphs)") from None
-        self._output_note = OutputNote()
+        self._output_note = OutputNote(needs=self._output_needs())
         return watch_output(output, self._output_note) if isinstance(output, Tensor) else output
+
+    def _output_needs(self) -> bool:
+        """Whether a trainable parameter lies upstream of the recorded output (autograd's ``requires_grad`` of it,
+        were the forward run with grad enabled): every recorded layer's, on a chain; the tape's own answer."""
+        recorder = self._recorder
+        if isinstance(recorder, TapeRecorder):
+            return bool(recorder.tape.needs[recorder.tape.output])
+        return any(p.requires_grad for layer in recorder.layers for p in layer.entry.params(layer.module))
 
     # -- records -------------------------------------------------------------------------------
     @property

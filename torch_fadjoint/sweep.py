@@ -110,14 +110,23 @@ def take(signal):
     return signal.pop() if isinstance(signal, list) else signal
 
 
-def check_out_adj(net, signal: Tensor, what: str = "out_adj") -> None:
-    """The top signal must have the recorded output's shape, dtype and device."""
-    output, signal = net.output, peek(signal)
-    if not isinstance(signal, Tensor):
-        raise ValueError(f"{what}: expected a tensor, got {type(signal).__name__}")
-    if signal.shape != output.shape or signal.dtype != output.dtype or signal.device != output.device:
+def check_out_adj(net, signal, what: str = "out_adj"):
+    """The top signal must have the recorded output's shape, dtype and device. Returns it (a tensor, or the
+    one-element list it came in) as a plain ``torch.Tensor``: one computed from a net's returned output is watched
+    (``tfa.output``), and the sweep's every tensor would be too, the gradients included."""
+    output, tensor = net.output, peek(signal)
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{what}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.shape != output.shape or tensor.dtype != output.dtype or tensor.device != output.device:
         raise ValueError(f"{what}: expected shape {tuple(output.shape)}, {output.dtype} on {output.device} (the output "
-                         f"of {net.layers[-1].describe if net.layers else 'the model'}), got {tuple(signal.shape)}, {signal.dtype} on {signal.device}")
+                         f"of {net.layers[-1].describe if net.layers else 'the model'}), got {tuple(tensor.shape)}, {tensor.dtype} on {tensor.device}")
+    if type(tensor) is Tensor or not hasattr(tensor, "_fadjoint_note"):
+        return signal
+    plain = tensor.as_subclass(Tensor)
+    if isinstance(signal, list):
+        signal[0] = plain
+        return signal
+    return plain
 
 
 def param_names(net, params) -> list[str]:
@@ -237,7 +246,7 @@ def fadjoint_grads(net, out_adj: Tensor, *, validate: bool = True, retain_record
     [(2, 3), (2,)]
     """
     layers = net.recorded_layers()
-    check_out_adj(net, out_adj)
+    out_adj = check_out_adj(net, out_adj)
     check_rule(FADJOINT, layers)
     return sweep_grads(net, layers, out_adj, FADJOINT, what="F-adjoint gradients", validate=validate,
                        retain_records=retain_records)

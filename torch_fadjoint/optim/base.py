@@ -206,7 +206,7 @@ class RuleOptimizer(Optimizer):
             loss, signal = self._top_signal(self.net.loss_input(*self._trained_loss()), target)
         else:
             loss, signal = None, out_adj
-        check_out_adj(self.net, signal, self.signal)
+        signal = check_out_adj(self.net, signal, self.signal)
         guard = self.guard
         if guard.active:
             top, name = self.net.layers[-1] if self.net.layers else None, self.signal  # named only on failure

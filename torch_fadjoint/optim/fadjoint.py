@@ -141,7 +141,7 @@ with or without ``validate``); the factors wait until then. With ``validate`` ev
             self._apply_sgd(fadjoint_grads(self.net, out_adj, validate=False))
             return
         layers = self.net.recorded_layers()
-        check_out_adj(self.net, out_adj)
+        out_adj = check_out_adj(self.net, out_adj)
         check_rule(FADJOINT, layers)
         rule = _BoundedRule()
         grads = sweep_grads(self.net, layers, out_adj, rule, what="F-adjoint gradients", validate=False)

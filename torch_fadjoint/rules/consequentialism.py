@@ -271,12 +271,12 @@ def consequentialism_grads(net, out_adj: Tensor, mode: str = "consequentialism",
     """
     rule = ConsequentialismRule(mode, delta, delta_rel, positions)
     if getattr(net, "graph", False):  # the tape (docs/maths.md §7.3)
-        check_out_adj(net, out_adj)
+        out_adj = check_out_adj(net, out_adj)
         rule = ConsequentialismGraphRule(mode, delta, delta_rel, positions, out_adj.shape[0] if out_adj.dim() else 1)
         grads = net.graph_grads(out_adj, retain_records=retain_records, rule=rule)
     else:
         layers = net.recorded_layers()
-        check_out_adj(net, out_adj)
+        out_adj = check_out_adj(net, out_adj)
         check_rule(rule, layers)
         grads = sweep_grads(net, layers, out_adj, rule, what=f"{mode} gradients", validate=False,
                             retain_records=retain_records)

@@ -316,7 +316,7 @@ def equilibrium_grads(net, out_adj: Tensor, *, tau: float = 0.1, steps: int | No
                          names=lambda: param_names(net, grads))
         return grads
     layers = net.recorded_layers()
-    check_out_adj(net, out_adj)
+    out_adj = check_out_adj(net, out_adj)
     check_rule(rule, layers)
     return sweep_grads(net, layers, out_adj, rule, what="equilibrium F-adjoint gradients", validate=validate,
                        retain_records=retain_records)
