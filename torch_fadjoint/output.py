@@ -177,12 +177,12 @@ def refuse_fed_output(value, where: str) -> None:
                          "record both in one model")
 
 
-def unwatched(value, model, where: str = "an input"):
-    """``value`` as a plain tensor when it is a watched output — fed into the recorded forward of ``model``,
-    which changes it for its own loss — else itself; refused (:func:`refuse_fed_output`) when a trainable parameter
-    lies upstream of it."""
+def unwatched(value, model, position: int | str = 0):
+    """``value`` as a plain tensor when it is a watched output — fed into the recorded forward of ``model`` as its
+    input at ``position`` (an index, or a keyword), which changes it for its own loss — else itself; refused
+    (:func:`refuse_fed_output`) when a trainable parameter lies upstream of it."""
     if not isinstance(value, RecordedOutput):
         return value
-    refuse_fed_output(value, where)
+    refuse_fed_output(value, f"input {position!r}" if isinstance(position, str) else f"input {position}")
     value._fadjoint_note.changed(f"{type(model).__name__}'s recorded forward")
     return value.as_subclass(Tensor)

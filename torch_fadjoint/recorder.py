@@ -380,8 +380,8 @@ class FPropagation(nn.Module):
             for leaf in tree_flatten((args, kwargs))[0]:
                 refuse_fed_output(leaf, "an input")
         # an output fed in: refused with trainable parameters upstream, else plain (changed for its own loss)
-        args = tuple(unwatched(value, self.model, f"input {i}") for i, value in enumerate(args))
-        kwargs = {key: unwatched(value, self.model, f"input {key!r}") for key, value in kwargs.items()}
+        args = tuple(unwatched(value, self.model, i) for i, value in enumerate(args))
+        kwargs = {key: unwatched(value, self.model, key) for key, value in kwargs.items()}
         try:
             output = self._recorder.forward(args, kwargs)
         except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded
