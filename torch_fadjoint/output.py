@@ -170,7 +170,7 @@ def refuse_fed_output(value, where: str) -> None:
     """ValueError when ``value`` is a recorded output, or was computed from one, with a trainable parameter upstream:
     read by the recorded forward ``where`` describes, autograd would backpropagate through both forwards, and the
     sweep covers the one it records only."""
-    if getattr(value, "_fadjoint_needs", False) and isinstance(value, RecordedOutput):
+    if isinstance(value, RecordedOutput) and value._fadjoint_needs:
         raise ValueError(f"FPropagation: {where} is the output of a recorded forward (or computed from one) with "
                          "trainable parameters upstream: autograd would backpropagate through both forwards, the sweep "
                          "covers this one only; pass it detached (out.detach()) to train this forward alone, or "

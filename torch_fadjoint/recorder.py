@@ -394,11 +394,12 @@ class FPropagation(nn.Module):
 
     def _output_needs(self) -> bool:
         """Whether a trainable parameter lies upstream of the recorded output (autograd's ``requires_grad`` of it,
-        were the forward run with grad enabled): every recorded layer's, on a chain; the tape's own answer."""
+        were the forward run with grad enabled): the tape's own answer; on a chain, any parameter's (or buffer's) the
+        forward read (its ``requires_grad``, as the recorder kept it: ``chain._read_through``)."""
         recorder = self._recorder
         if isinstance(recorder, TapeRecorder):
             return bool(recorder.tape.needs[recorder.tape.output])
-        return any(p.requires_grad for layer in recorder.layers for p in layer.entry.params(layer.module))
+        return any(any(through[2::2]) for *_, through in recorder._configs)
 
     # -- records -------------------------------------------------------------------------------
     @property

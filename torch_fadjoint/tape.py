@@ -37,9 +37,9 @@ from torch.utils._pytree import tree_flatten
 
 from . import activations, arithmetic, functionals, poolings, steps  # noqa: F401  (they fill JUNCTIONS)
 from .junctions import JUNCTIONS
-from .tape_writes import (_LEAF_TYPES, _LEAVING, _STATISTICS, _check_in_place, _constant_write, _keep_state, _keep_state_written,
-                          _leaves, _note_nograd_views, _op_name, _writes_first_argument, put_back_state, state_of,
-                          written_by)
+from .tape_writes import (_LEAF_TYPES, _LEAVING, _STATISTICS, _check_in_place, _constant_write, _keep_state,
+                          _keep_state_written, _leaves, _note_nograd_views, _op_name, _writes_first_argument,
+                          put_back_state, state_of, written_by)
 
 __all__ = ["Tape", "TapeMode", "rerun", "state_of", "put_back_state"]
 
