@@ -252,7 +252,20 @@ FEEDS = {
     "split_part": lambda net, x: net(torch.cat(net(x).split([1, 2]), 0)),
     "as_keyword": lambda net, x: net(input=net(x)) if not net.graph else net(x=net(x)),
     "another_wrapped_model": lambda net, x: tfa.FPropagation(_recurrent("chain"))(net(x)),
+    "under_no_grad": lambda net, x: _under_no_grad(lambda: net(net(x))),
+    "a_scalar_of_it": lambda net, x: net(x * net(x).mean()),
+    "its_max_values": lambda net, x: net(x * net(x).max(1).values[:, None]),
+    "written_into_a_buffer": lambda net, x: net(_written(lambda z, out: z.__setitem__(slice(None), out), net(x))),
+    "copied_into_a_tensor": lambda net, x: net(_written(lambda z, out: z.copy_(out), net(x))),
+    "added_into_a_tensor": lambda net, x: net(_written(lambda z, out: z.add_(out), net(x))),
 }
+
+
+def _written(write, out):
+    """A plain tensor written with ``out`` in place, then read again by the user's name for it."""
+    z = torch.zeros_like(out.detach())
+    write(z, out)
+    return z * 1.0
 
 
 @pytest.mark.parametrize("kind", ["chain", "tape"])
@@ -356,6 +369,35 @@ def test_a_top_signal_or_target_computed_from_an_output_leaves_plain_tensors_in_
         if signal == "out_adj":
             opt.step(out_adj=(out - 1.0) * 0.5)
         else:
-            opt.step(target=other_net(x) * 0.5)
+            opt.step(target=(other_net(x) * 0.5).detach())
         assert all(type(p.grad) is torch.Tensor and type(p) is nn.Parameter for p in model.parameters())
         assert all(type(state["momentum_buffer"]) is torch.Tensor for state in opt.state.values())
+
+
+@pytest.mark.parametrize("kind", ["chain", "tape"])
+@pytest.mark.parametrize("entry", ["backward", "step", "step_under_no_grad"])
+def test_a_target_computed_from_a_trainable_output_is_refused_before_anything_is_written(kind, entry):
+    """Autograd differentiates a loss through its target too when the target needs a gradient (session 7's second
+    red team: ``net.backward(F.mse_loss, net(x2).softmax(1))`` was off by 0.055, a trainable teacher's gradient
+    None); the library's losses take the target as a constant: refused unless detached."""
+    model, teacher = _recurrent(kind), _recurrent(kind)
+    net, teacher_net = tfa.FPropagation(model), tfa.FPropagation(teacher)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9, loss="mse")
+    x = torch.randn(3, 4, dtype=DT)
+    net(x)
+    opt.step(target=torch.zeros(3, 4, dtype=DT))  # momentum buffers and .grad to keep
+    for make_target in (lambda: teacher_net(x).softmax(1), lambda: net(x).softmax(1)):
+        target = make_target()
+        net(x)
+        before = snapshot(model, opt)
+        with pytest.raises(ValueError, match=r"^target: computed from the output of a recorded forward with trainable "
+                                             r"parameters upstream: autograd would differentiate the loss through it"):
+            if entry == "backward":
+                net.backward(F.mse_loss, target)
+            elif entry == "step":
+                opt.step(target=target)
+            else:
+                with torch.no_grad():
+                    opt.step(target=target)
+        assert_untouched(before, model, opt)
+        opt.step(target=target.detach())

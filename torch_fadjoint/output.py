@@ -22,11 +22,13 @@ the same values (``clone``, ``contiguous``, ``.to`` another device), which stay 
 Not seen (documented, not detected): a deliberate escape from ``__torch_function__`` (``out.as_subclass(Tensor)``,
 ``Tensor._make_subclass``, ``torch.utils.swap_tensors``) and ``torch.vmap`` over it.
 
-When a trainable parameter lies upstream of the output, a result that stands in for it (``out * 1.0``, ``out[:2]``,
-``torch.cat([out, x])``) is watched too, sharing its note, and so is every stand-in made from one: a recorded
-forward it is fed into (``net(net(x))``, ``h = net(h)`` in a loop, ``dec(enc(x))`` with two wrappers, a tensor kept
-in an attribute) refuses it — autograd would backpropagate through both forwards, the sweep covers the one it
-records only; ``out.detach()`` is the way to feed it on. The library's own entries take such a tensor as a plain
+When a trainable parameter lies upstream of the output, every floating result of a call on it (``out * 1.0``,
+``out[:2]``, ``out.mean()``, ``torch.cat([out, x])``) is watched too, sharing its note, and so is every floating
+result made from one, and a plain tensor written with one in place (``buf[:] = out``, ``z.copy_(out)``: its class
+becomes ``RecordedOutput``): a recorded forward it is fed into (``net(net(x))``, ``h = net(h)`` in a loop,
+``dec(enc(x))`` with two wrappers, a tensor kept in an attribute) refuses it — autograd would backpropagate through
+both forwards, the sweep covers the one it records only — and so does a loss given it as its target (autograd would
+differentiate through it); ``out.detach()`` is the way to feed it on. The library's own entries take such a tensor as a plain
 one (a top signal computed from the output: ``sweep.check_out_adj``). With nothing trainable upstream (a frozen
 teacher) the results are plain tensors and the output is a plain input.
 """
@@ -39,7 +41,7 @@ from torch import Tensor
 from .losses import called_loss_identity
 from .tape import _op_name
 
-__all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched", "refuse_fed_output"]
+__all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched", "refuse_fed_output", "refuse_fed_target"]
 
 # calls whose floating result is no stand-in for the output (autograd gives it no gradient either)
 _READS = frozenset({
@@ -99,12 +101,15 @@ class RecordedOutput(Tensor):
             copy._fadjoint_copy = True  # its own version counter: a change in place is noted, not versioned
             copy._fadjoint_needs = watched[0]._fadjoint_needs
             return copy
-        elif func not in _READS and _stands_in(result):
-            for value in watched:
-                if result is not value or value._fadjoint_copy:  # in place on the output: its version refuses it
-                    value._fadjoint_note.changed(_op_name(func))
-            if any(value._fadjoint_needs for value in watched) and not any(result is value for value in watched):
-                return _derived(result, watched)
+        elif func not in _READS:
+            if _stands_in(result):
+                for value in watched:
+                    if result is not value or value._fadjoint_copy:  # in place on the output: its version refuses it
+                        value._fadjoint_note.changed(_op_name(func))
+            if any(value._fadjoint_needs for value in watched):  # autograd would carry a gradient into the result
+                _watch_written(func, args, kwargs, watched)
+                if not any(result is value for value in watched):
+                    return _derived(result, watched)
         return result
 
     def __repr__(self, *, tensor_contents=None):
@@ -130,11 +135,16 @@ def _stands_in(result) -> bool:
     return False
 
 
+def _floating(value) -> bool:
+    return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+
+
 def _derived(result, watched: list[RecordedOutput]):
-    """``result`` (a stand-in made from ``watched``, one of which has a trainable parameter upstream: ``out * 1.0``,
-    ``out[:2]``, ``torch.cat([out, x])``) watched too, with the first one's note: a recorded forward it is fed into
-    refuses it (autograd would backpropagate into the forward that made it; :func:`unwatched`). The library's own
-    entries take it as a plain tensor (a top signal: ``sweep.check_out_adj``)."""
+    """``result``'s floating tensors (made from ``watched``, one of which has a trainable parameter upstream:
+    ``out * 1.0``, ``out[:2]``, ``out.mean()``, ``torch.cat([out, x])``, ``out.max(1).values``) watched too, with the
+    first one's note: a recorded forward they are fed into refuses them (autograd would backpropagate into the
+    forward that made them; :func:`unwatched`). The library's own entries take them as plain tensors (a top signal:
+    ``sweep.check_out_adj``). Integer results (``argmax``, indices) stay plain, as autograd gives them no gradient."""
     note = watched[0]._fadjoint_note
 
     def watch(tensor: Tensor) -> RecordedOutput:
@@ -142,9 +152,26 @@ def _derived(result, watched: list[RecordedOutput]):
         derived._fadjoint_copy, derived._fadjoint_needs = True, True  # its own version counter, as a copy's
         return derived
 
-    if isinstance(result, Tensor):
+    if _floating(result):
         return watch(result)
-    return type(result)(watch(item) for item in result)  # split, chunk: a tuple or a list of floating tensors
+    if isinstance(result, (tuple, list)) and any(_floating(item) for item in result):  # split, max(dim), aminmax
+        return type(result)([watch(item) if _floating(item) else item for item in result])
+    return result
+
+
+def _watch_written(func, args: tuple, kwargs: dict, watched: list[RecordedOutput]) -> None:
+    """A plain tensor that the call writes with ``watched`` (``buf[:] = out``, ``z.copy_(out)``, ``z.add_(out)``,
+    ``out=z``) is watched from now on, as a stand-in made from them: its class becomes :class:`RecordedOutput` (the
+    same tensor object: the user's name for it sees the change). A parameter, or a tensor of another subclass, keeps
+    its class (a recorded forward reading a parameter trains it)."""
+    name = getattr(func, "__name__", "")
+    target = kwargs.get("out")
+    if target is None and args and (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))):
+        target = args[0]
+    if type(target) is Tensor and _floating(target):
+        target.__class__ = RecordedOutput
+        target._fadjoint_note = watched[0]._fadjoint_note
+        target._fadjoint_copy, target._fadjoint_needs = True, True
 
 
 def _outputs_in(args: tuple, kwargs: dict) -> list[RecordedOutput]:
@@ -173,8 +200,18 @@ def refuse_fed_output(value, where: str) -> None:
     if isinstance(value, RecordedOutput) and value._fadjoint_needs:
         raise ValueError(f"FPropagation: {where} is the output of a recorded forward (or computed from one) with "
                          "trainable parameters upstream: autograd would backpropagate through both forwards, the sweep "
-                         "covers this one only; pass it detached (out.detach()) to train this forward alone, or "
-                         "record both in one model")
+                         "covers this one only (under torch.no_grad too: the recorder trains whatever the grad mode); "
+                         "pass it detached (out.detach()) to train this forward alone, or record both in one model")
+
+
+def refuse_fed_target(value, what: str = "target") -> None:
+    """ValueError when a loss's ``value`` (a target) is a recorded output, or was computed from one, with a trainable
+    parameter upstream: autograd would differentiate the loss through it too; the library's loss takes it as a
+    constant."""
+    if isinstance(value, RecordedOutput) and value._fadjoint_needs:
+        raise ValueError(f"{what}: computed from the output of a recorded forward with trainable parameters upstream: "
+                         "autograd would differentiate the loss through it too, the sweep takes it as a constant "
+                         "(under torch.no_grad too); pass it detached (.detach()) to mean a constant")
 
 
 def unwatched(value, model, position: int | str = 0):

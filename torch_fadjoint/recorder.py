@@ -32,7 +32,7 @@ from .chain import ChainRecorder, HookedRecorder, _check_inputs, _describe, _for
 from .layers import LayerRecord
 from .losses import describe_identity, get_loss, loss_identity
 from .maps import MapRecord
-from .output import OutputNote, refuse_fed_output, unwatched, watch_output
+from .output import OutputNote, refuse_fed_output, refuse_fed_target, unwatched, watch_output
 from .sweep import accumulate_grads, check_finite, check_out_adj, fadjoint_grads, param_names
 from .tape import Tape, TapeMode, put_back_state, state_of
 from .tape_sweep import check_versions, sweep_tape, tape_grads
@@ -429,6 +429,14 @@ class FPropagation(nn.Module):
             raise RuntimeError("FPropagation: no recorded forward; call net(x) first (records are freed by each sweep)")
         return output
 
+    @staticmethod
+    def loss_target(target):
+        """``target`` for a loss computed here; refused (ValueError, nothing written) when it is a recorded output,
+        or was computed from one, with trainable parameters upstream (:func:`~torch_fadjoint.output.refuse_fed_target`:
+        autograd would differentiate the loss through it)."""
+        refuse_fed_target(target)
+        return target
+
     def loss_input(self, loss_fn=None, loss_kwargs: dict | None = None) -> Tensor:
         """X^L for a loss computed here (``net.backward``, a step given ``target=``) by ``loss_fn`` (as
         :func:`~torch_fadjoint.losses.get_loss` returns it; None: a rule's own signal, not a loss): the recorded
@@ -496,7 +504,7 @@ class FPropagation(nn.Module):
         >>> loss = net.backward(torch.nn.functional.nll_loss, torch.tensor([0, 2]))
         """
         loss_fn = get_loss(loss)
-        output = self.loss_input(loss_fn, loss_kwargs)
+        output, target = self.loss_input(loss_fn, loss_kwargs), self.loss_target(target)
         if output.shape[0] == 0:
             raise ValueError("FPropagation.backward: the recorded forward has batch size 0; nothing to learn from")
         result = loss_fn(output, target, **loss_kwargs)

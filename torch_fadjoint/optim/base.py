@@ -202,7 +202,7 @@ class RuleOptimizer(Optimizer):
         if out_adj is None:
             if target is None:
                 raise ValueError("step() needs target= (or the top signal as out_adj=)")
-            target = _as_target(target)
+            target = self.net.loss_target(_as_target(target))
             loss, signal = self._top_signal(self.net.loss_input(*self._trained_loss()), target)
         else:
             loss, signal = None, out_adj

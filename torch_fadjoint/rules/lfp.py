@@ -385,7 +385,7 @@ def lfp_grads(net, target: Tensor | None = None, *, reward="softmax", eps: float
     else:
         if target is None:
             raise ValueError("lfp_grads needs a target (or a precomputed reward tensor)")
-        out_reward = lfp_reward(net.loss_input(), target, reward, validate)
+        out_reward = lfp_reward(net.loss_input(), net.loss_target(target), reward, validate)
     out_reward = check_out_adj(net, out_reward, "reward")
     if graph:  # the tape (docs/maths.md §7.2)
         batch = out_reward.shape[0] if out_reward.dim() else 1
