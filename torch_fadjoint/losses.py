@@ -287,6 +287,9 @@ def loss_identity(loss_fn, loss_kwargs: dict | None = None) -> tuple | None:
     return None
 
 
+_SIGNATURES: dict = {}  # torch's functional losses (the keys of TORCH_LOSSES) → their inspect.Signature
+
+
 def called_loss_identity(func, args: tuple, kwargs: dict) -> tuple | None:
     """(closed form, settings) of torch's functional loss called as ``func(*args, **kwargs)`` (a loss module
     calls it with its own settings); None for a loss with no closed form here (another loss, a class weight,
@@ -294,8 +297,11 @@ def called_loss_identity(func, args: tuple, kwargs: dict) -> tuple | None:
     form = TORCH_LOSSES.get(func)
     if form is None:
         return None
+    signature = _SIGNATURES.get(func)
+    if signature is None:  # once per function: a loss logged at every step would build it every time
+        signature = _SIGNATURES[func] = inspect.signature(func)
     try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
         return None
     bound.apply_defaults()
