@@ -88,3 +88,15 @@ def test_output_adjoint_has_autograds_bits_in_float32(name, reduction):
         leaf, target, reduction=reduction).backward()
     _, out_adj = getattr(tfa.losses, name)(x, target, reduction=reduction)
     assert torch.equal(out_adj, leaf.grad)
+
+
+def test_a_loss_callable_returning_a_tensor_is_refused_by_the_step_naming_its_type():
+    """A callable without a ``__name__`` (``functools.partial``, a compiled loss module) is named by its type."""
+    import functools
+
+    torch.manual_seed(0)
+    net = tfa.FPropagation(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    opt = tfa.optim.FAdjoint(net, lr=0.1, loss=functools.partial(F.cross_entropy))
+    net(torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"^loss partial: expected a callable returning \(loss, out_adj\), got Tensor$"):
+        opt.step(target=torch.tensor([0, 1]))

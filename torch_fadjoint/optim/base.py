@@ -248,7 +248,7 @@ class RuleOptimizer(Optimizer):
             target = self._safe_target(output, target)
         result = self._loss_fn(output, target, **kwargs)
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor)):
-            name = getattr(self._loss_fn, "__name__", "the loss")
+            name = getattr(self._loss_fn, "__name__", type(self._loss_fn).__name__)  # a module: its class
             raise TypeError(f"loss {name}: expected a callable returning (loss, out_adj), got {type(result).__name__}")
         return result
 
