@@ -21,7 +21,7 @@ ALLOWED = {
     "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps", "tape_writes"},  # the graph: ops through the table
     "chain": {"layers", "maps"},
     "tape_sweep": {"tape"},  # the sweep over a recorded tape (the F-adjoint, the rules' interface)
-    "output": {"tape", "losses"},  # the returned output that notices a change before the loss (its op names: the tape's)  # the chain recorder (§6)
+    "output": {"tape", "tape_writes", "losses"},  # the returned output that notices a change before the loss (its op names: the tape's; in-place names: tape_writes)
     "recorder": {"chain", "layers", "maps", "sweep", "losses", "distributed", "tape", "tape_sweep", "output"},  # the façade, the tape recorder
     "rules": {"sweep", "layers", "maps", "losses", "tape", "tape_sweep"},  # the tape's sweep and its TapeRule
     "optim": {"rules", "recorder", "sweep", "losses"},

@@ -22,13 +22,16 @@ the same values (``clone``, ``contiguous``, ``.to`` another device), which stay 
 Not seen (documented, not detected): a deliberate escape from ``__torch_function__`` (``out.as_subclass(Tensor)``,
 ``Tensor._make_subclass``, ``torch.utils.swap_tensors``) and ``torch.vmap`` over it.
 
-When a trainable parameter lies upstream of the output, every floating result of a call on it (``out * 1.0``,
-``out[:2]``, ``out.mean()``, ``torch.cat([out, x])``) is watched too, sharing its note, and so is every floating
-result made from one, and a plain tensor written with one in place (``buf[:] = out``, ``z.copy_(out)``: its class
-becomes ``RecordedOutput``): a recorded forward it is fed into (``net(net(x))``, ``h = net(h)`` in a loop,
-``dec(enc(x))`` with two wrappers, a tensor kept in an attribute) refuses it — autograd would backpropagate through
-both forwards, the sweep covers the one it records only — and so does a loss given it as its target (autograd would
-differentiate through it); ``out.detach()`` is the way to feed it on. The library's own entries take such a tensor as a plain
+When the output needs a gradient as autograd has it (a trainable parameter upstream, grad enabled at ``net(x)``),
+every floating result of a call on it made with grad enabled (``out * 1.0``, ``out[:2]``, ``out.mean()``,
+``torch.cat([out, x])``) is watched too, sharing its note, and so is every floating result made from one, and a
+tensor written with one in place (``buf[:] = out``, ``z.copy_(out)``, through a view of ``buf`` too: a plain
+tensor's class becomes ``RecordedOutput``, the same object): a recorded forward it is fed into (``net(net(x))``,
+``h = net(h)`` in a loop, ``dec(enc(x))`` with two wrappers, a tensor kept in an attribute) refuses it — autograd
+would backpropagate through both forwards, the sweep covers the one it records only — and so does a loss given it
+as its target (autograd would differentiate through it); ``out.detach()`` is the way to feed it on,
+``buf.detach_()`` makes a written tensor a constant again. What is made under ``torch.no_grad()`` is a constant, as
+in autograd. The library's own entries take such a tensor as a plain
 one (a top signal computed from the output: ``sweep.check_out_adj``). With nothing trainable upstream (a frozen
 teacher) the results are plain tensors and the output is a plain input.
 """
@@ -36,10 +39,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .losses import called_loss_identity
 from .tape import _op_name
+from .tape_writes import _IN_PLACE_OPERATORS
 
 __all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched", "refuse_fed_output", "refuse_fed_target"]
 
@@ -81,6 +85,7 @@ class RecordedOutput(Tensor):
     _fadjoint_note: OutputNote
     _fadjoint_copy = False  # a copy (clone, .to) shares the note, not the recorded output's version counter
     _fadjoint_needs = False  # computed from a recorded output that has trainable parameters upstream
+    _fadjoint_derived = False  # computed from one (``_derived``) or written with one (``_watch_written``): not it
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -99,17 +104,29 @@ class RecordedOutput(Tensor):
               and result.shape == watched[0].shape and result.dtype == watched[0].dtype):
             copy = watch_output(result, watched[0]._fadjoint_note)  # the same values: watched as the output is
             copy._fadjoint_copy = True  # its own version counter: a change in place is noted, not versioned
-            copy._fadjoint_needs = watched[0]._fadjoint_needs
+            copy._fadjoint_needs = watched[0]._fadjoint_needs and torch.is_grad_enabled()
             return copy
+        elif func is Tensor.detach_ and isinstance(result, RecordedOutput) and result._fadjoint_derived:
+            result.__class__ = Tensor  # a stand-in or a tensor written with one, detached in place: a constant again
         elif func not in _READS:
+            written = _written(func, args, kwargs)
+            if written is not None and not (written is result is watched[0] and len(watched) == 1):
+                # written in place with watched tensors read (buf[:] = out, z.copy_(out), preds[i:j].copy_(out)):
+                # the one written carries them on; a copy or stand-in written is noted; the output itself is
+                # its version counter's to refuse
+                if isinstance(written, RecordedOutput) and written._fadjoint_copy:
+                    written._fadjoint_note.changed(_op_name(func))
+                sources = [value for value in watched if value is not written]
+                if torch.is_grad_enabled() and any(value._fadjoint_needs for value in sources):
+                    _watch_written(written, sources[0]._fadjoint_note)
+                return result  # the very object written (a parameter's -= stays a parameter's)
+            needs = any(value._fadjoint_needs for value in watched) and torch.is_grad_enabled()  # as requires_grad
             if _stands_in(result):
                 for value in watched:
                     if result is not value or value._fadjoint_copy:  # in place on the output: its version refuses it
                         value._fadjoint_note.changed(_op_name(func))
-            if any(value._fadjoint_needs for value in watched):  # autograd would carry a gradient into the result
-                _watch_written(func, args, kwargs, watched)
-                if not any(result is value for value in watched):
-                    return _derived(result, watched)
+            if needs and not any(result is value for value in watched):
+                return _derived(result, watched)
         return result
 
     def __repr__(self, *, tensor_contents=None):
@@ -117,8 +134,9 @@ class RecordedOutput(Tensor):
         return self.as_subclass(Tensor).__repr__(tensor_contents=tensor_contents)
 
     def __deepcopy__(self, memo):
-        """A copy is a plain tensor (a copy is not the recorded output)."""
-        return self.as_subclass(Tensor).clone()
+        """A copy is a plain tensor (a copy is not the recorded output), made as torch copies one: a leaf stays a
+        leaf, and tensors sharing memory in one ``deepcopy`` share it in the copy."""
+        return Tensor.__deepcopy__(self.as_subclass(Tensor), memo)
 
     def __reduce_ex__(self, protocol):
         """Saved (``torch.save``, pickle) as the plain tensor it is: ``torch.load(weights_only=True)`` reads it."""
@@ -149,7 +167,8 @@ def _derived(result, watched: list[RecordedOutput]):
 
     def watch(tensor: Tensor) -> RecordedOutput:
         derived = watch_output(tensor, note)
-        derived._fadjoint_copy, derived._fadjoint_needs = True, True  # its own version counter, as a copy's
+        derived._fadjoint_needs = derived._fadjoint_derived = True  # not a copy: a write into it changes no output
+        # (one into a view of the output is the output's version counter's to refuse)
         return derived
 
     if _floating(result):
@@ -159,19 +178,28 @@ def _derived(result, watched: list[RecordedOutput]):
     return result
 
 
-def _watch_written(func, args: tuple, kwargs: dict, watched: list[RecordedOutput]) -> None:
-    """A plain tensor that the call writes with ``watched`` (``buf[:] = out``, ``z.copy_(out)``, ``z.add_(out)``,
-    ``out=z``) is watched from now on, as a stand-in made from them: its class becomes :class:`RecordedOutput` (the
-    same tensor object: the user's name for it sees the change). A parameter, or a tensor of another subclass, keeps
-    its class (a recorded forward reading a parameter trains it)."""
-    name = getattr(func, "__name__", "")
+def _written(func, args: tuple, kwargs: dict):
+    """The tensor a call writes in place (its ``out=``, the first argument of ``x.add_(…)``, ``x[i] = …``), or None."""
     target = kwargs.get("out")
-    if target is None and args and (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))):
-        target = args[0]
-    if type(target) is Tensor and _floating(target):
-        target.__class__ = RecordedOutput
-        target._fadjoint_note = watched[0]._fadjoint_note
-        target._fadjoint_copy, target._fadjoint_needs = True, True
+    if target is None and args:
+        name = getattr(func, "__name__", "")
+        if name == "__setitem__" or name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+            target = args[0]
+    return target if isinstance(target, Tensor) else None
+
+
+def _watch_written(target: Tensor, note: OutputNote) -> None:
+    """``target``, written in place with a watched tensor that needs a gradient (``buf[:] = out``, ``z.copy_(out)``,
+    ``z.add_(out)``, a view of ``buf`` written), is watched from now on, and so is the tensor it is a view of: a plain
+    tensor's class becomes :class:`RecordedOutput` (the same object: the user's name for it sees the change), a
+    tensor of another subclass is flagged (``_fadjoint_needs``), a parameter is left alone (a recorded forward reading
+    it trains it). ``target.detach_()`` makes it a constant again."""
+    for tensor in (target, target._base):
+        if type(tensor) is Tensor and (tensor.is_floating_point() or tensor.is_complex()):
+            tensor.__class__ = RecordedOutput
+            tensor._fadjoint_note, tensor._fadjoint_needs, tensor._fadjoint_derived = note, True, True
+        elif tensor is not None and not isinstance(tensor, nn.Parameter):
+            tensor._fadjoint_needs = True
 
 
 def _outputs_in(args: tuple, kwargs: dict) -> list[RecordedOutput]:
@@ -197,29 +225,31 @@ def refuse_fed_output(value, where: str) -> None:
     """ValueError when ``value`` is a recorded output, or was computed from one, with a trainable parameter upstream:
     read by the recorded forward ``where`` describes, autograd would backpropagate through both forwards, and the
     sweep covers the one it records only."""
-    if isinstance(value, RecordedOutput) and value._fadjoint_needs:
+    if type(value) is not Tensor and isinstance(value, Tensor) and getattr(value, "_fadjoint_needs", False):
         raise ValueError(f"FPropagation: {where} is the output of a recorded forward (or computed from one) with "
                          "trainable parameters upstream: autograd would backpropagate through both forwards, the sweep "
-                         "covers this one only (under torch.no_grad too: the recorder trains whatever the grad mode); "
-                         "pass it detached (out.detach()) to train this forward alone, or record both in one model")
+                         "covers this one only; pass it detached (out.detach()) to train this forward alone, or record "
+                         "both in one model")
 
 
 def refuse_fed_target(value, what: str = "target") -> None:
     """ValueError when a loss's ``value`` (a target) is a recorded output, or was computed from one, with a trainable
     parameter upstream: autograd would differentiate the loss through it too; the library's loss takes it as a
     constant."""
-    if isinstance(value, RecordedOutput) and value._fadjoint_needs:
+    if type(value) is not Tensor and isinstance(value, Tensor) and getattr(value, "_fadjoint_needs", False):
         raise ValueError(f"{what}: computed from the output of a recorded forward with trainable parameters upstream: "
-                         "autograd would differentiate the loss through it too, the sweep takes it as a constant "
-                         "(under torch.no_grad too); pass it detached (.detach()) to mean a constant")
+                         "autograd would differentiate the loss through it too, the sweep takes it as a constant; pass "
+                         "it detached (.detach()) to mean a constant")
 
 
 def unwatched(value, model, position: int | str = 0):
     """``value`` as a plain tensor when it is a watched output — fed into the recorded forward of ``model`` as its
     input at ``position`` (an index, or a keyword), which changes it for its own loss — else itself; refused
     (:func:`refuse_fed_output`) when a trainable parameter lies upstream of it."""
-    if not isinstance(value, RecordedOutput):
+    if type(value) is Tensor or not isinstance(value, Tensor):
         return value
     refuse_fed_output(value, f"input {position!r}" if isinstance(position, str) else f"input {position}")
+    if not isinstance(value, RecordedOutput):
+        return value
     value._fadjoint_note.changed(f"{type(model).__name__}'s recorded forward")
     return value.as_subclass(Tensor)

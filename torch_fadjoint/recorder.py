@@ -376,6 +376,7 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
+        grad_enabled = torch.is_grad_enabled()  # the caller's (the recorder runs the forward with its own)
         if not all(isinstance(value, Tensor) for value in (*args, *kwargs.values())):  # nested inputs: looked into
             for leaf in tree_flatten((args, kwargs))[0]:
                 refuse_fed_output(leaf, "an input")
@@ -389,7 +390,8 @@ class FPropagation(nn.Module):
                 raise
             raise type(exc)(f"{exc} (this net records a chain because {self._claimed_by} sweeps one; that rule does "
                             "not run on graphs)") from None
-        self._output_note = OutputNote(needs=self._output_needs())
+        # autograd's requires_grad of the output: a trainable parameter upstream, grad enabled at the call
+        self._output_note = OutputNote(needs=grad_enabled and self._output_needs())
         return watch_output(output, self._output_note) if isinstance(output, Tensor) else output
 
     def _output_needs(self) -> bool:
