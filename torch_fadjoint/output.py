@@ -199,7 +199,11 @@ def _watch_written(target: Tensor, note: OutputNote) -> None:
             tensor.__class__ = RecordedOutput
             tensor._fadjoint_note, tensor._fadjoint_needs, tensor._fadjoint_derived = note, True, True
         elif tensor is not None and not isinstance(tensor, nn.Parameter):
-            tensor._fadjoint_needs = True
+            try:
+                tensor._fadjoint_needs = True
+            except AttributeError:  # a subclass without instance attributes: refused below rather than missed
+                raise ValueError(f"a {type(tensor).__name__} written in place with the output of a recorded forward "
+                                 "that needs a gradient cannot be watched; write out.detach() into it") from None
 
 
 def _outputs_in(args: tuple, kwargs: dict) -> list[RecordedOutput]:
