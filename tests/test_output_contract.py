@@ -260,7 +260,15 @@ FEEDS = {
     "copied_into_a_view": lambda net, x: net(_written_base(lambda z, out: z[:].copy_(out), net(x))),
     "added_into_a_view": lambda net, x: net(_written_base(lambda z, out: z.view(-1).add_(out.reshape(-1)), net(x))),
     "into_a_subclass": lambda net, x: net(_written_base(lambda z, out: z.copy_(out), net(x), _MyTensor)),
+    "a_view_made_before_the_write": lambda net, x: net(_view_then_written(net(x))),
 }
+
+
+def _view_then_written(out):
+    base = torch.zeros(out.shape[0] * out.shape[1], dtype=out.dtype)
+    view = base.view(out.shape)  # made before base is written: a plain tensor still
+    base.copy_(out.reshape(-1))
+    return view
 
 
 class _MyTensor(torch.Tensor):
@@ -476,3 +484,28 @@ def test_an_output_copied_into_a_predictions_buffer_is_a_read_not_a_change():
     opt.step(target=t)
     kept = copy.deepcopy({"preds": preds, "view": preds[:BATCH]})
     assert type(kept["preds"]) is torch.Tensor and kept["view"].data_ptr() == kept["preds"].data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["chain", "tape"])
+def test_detach_in_place_and_formatting_work_on_outputs_as_on_tensors(kind):
+    """``h.detach_()`` (truncated backpropagation through time) makes the output a constant, as autograd's does (it
+    raised torch's "Can't detach views in-place" on the output's alias); ``f"{out.mean():.3f}"`` formats the number;
+    ``tfa.losses.mse`` refuses a target that needs a gradient, as the library's other losses do."""
+    model = _recurrent(kind)
+    net = tfa.FPropagation(model)
+    x, target = torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2])
+    want = oracles.autograd_grads(lambda: model(model(x).detach()), dict(model.named_parameters()), "cross_entropy",
+                                  target)
+    h = net(x)
+    assert h.detach_() is h
+    net(h)
+    net.backward(F.cross_entropy, target)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-12, msg=name)
+    derived = net(x) * 2
+    derived.detach_()
+    assert type(derived) is torch.Tensor
+    out = net(x)
+    assert f"{out.mean():.3f}" == f"{out.detach().mean().item():.3f}" and f"{out[0, 0]:.2f}"
+    with pytest.raises(ValueError, match="^mse: the target is computed from the output of a recorded forward"):
+        tfa.losses.mse(out.detach(), tfa.FPropagation(_recurrent(kind))(x))

@@ -145,6 +145,10 @@ def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     """
     x_out = x_out.detach()  # read, not changed: no graph, and net(x)'s watched output stays unnoted (tfa.output)
     _check_reduction(reduction)
+    if type(target) is not Tensor and getattr(target, "_fadjoint_needs", False):  # tfa.output's refuse_fed_target
+        raise ValueError("mse: the target is computed from the output of a recorded forward with trainable parameters "
+                         "upstream: autograd would differentiate the loss through it too, the sweep takes it as a "
+                         "constant; pass it detached (.detach()) to mean a constant")
     if not target.is_floating_point():
         _check_logits(x_out, target, "mse", validate)
         target = onehot(target, x_out.shape[1], x_out.dtype)

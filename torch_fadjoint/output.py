@@ -90,6 +90,8 @@ class RecordedOutput(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is Tensor.detach_ and isinstance(args[0], RecordedOutput):
+            return _detached_in_place(args[0])
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
         watched = _outputs_in(args, kwargs)
@@ -106,8 +108,6 @@ class RecordedOutput(Tensor):
             copy._fadjoint_copy = True  # its own version counter: a change in place is noted, not versioned
             copy._fadjoint_needs = watched[0]._fadjoint_needs and torch.is_grad_enabled()
             return copy
-        elif func is Tensor.detach_ and isinstance(result, RecordedOutput) and result._fadjoint_derived:
-            result.__class__ = Tensor  # a stand-in or a tensor written with one, detached in place: a constant again
         elif func not in _READS:
             written = _written(func, args, kwargs)
             if written is not None and not (written is result is watched[0] and len(watched) == 1):
@@ -132,6 +132,10 @@ class RecordedOutput(Tensor):
     def __repr__(self, *, tensor_contents=None):
         """Printed as the tensor it is (``tensor([...])``): the watching is not part of its value."""
         return self.as_subclass(Tensor).__repr__(tensor_contents=tensor_contents)
+
+    def __format__(self, spec: str) -> str:
+        """Formatted as the tensor it is (``f"{out.mean():.3f}"``: a scalar's number)."""
+        return self.as_subclass(Tensor).__format__(spec)
 
     def __deepcopy__(self, memo):
         """A copy is a plain tensor (a copy is not the recorded output), made as torch copies one: a leaf stays a
@@ -176,6 +180,18 @@ def _derived(result, watched: list[RecordedOutput]):
     if isinstance(result, (tuple, list)) and any(_floating(item) for item in result):  # split, max(dim), aminmax
         return type(result)([watch(item) if _floating(item) else item for item in result])
     return result
+
+
+def _detached_in_place(value: RecordedOutput) -> RecordedOutput:
+    """``value.detach_()``, as autograd's: a constant from now on (truncated backpropagation: ``h = net(x + h);
+    h.detach_()``). A stand-in, or a tensor written with one, becomes a plain tensor; the output (or a copy) stays
+    watched for its loss but needs no gradient. torch's own ``detach_`` refuses the output's alias (a view), and
+    there is no graph to cut (the recorder builds none)."""
+    if value._fadjoint_derived:
+        value.__class__ = Tensor
+    else:
+        value._fadjoint_needs = False
+    return value
 
 
 def _written(func, args: tuple, kwargs: dict):
@@ -225,11 +241,16 @@ def watch_output(output: Tensor, note: OutputNote) -> RecordedOutput:
     return watched
 
 
+def _needs(value) -> bool:
+    """Whether ``value`` is watched (tfa.output) and needs a gradient as autograd has it."""
+    return type(value) is not Tensor and isinstance(value, Tensor) and getattr(value, "_fadjoint_needs", False)
+
+
 def refuse_fed_output(value, where: str) -> None:
     """ValueError when ``value`` is a recorded output, or was computed from one, with a trainable parameter upstream:
     read by the recorded forward ``where`` describes, autograd would backpropagate through both forwards, and the
     sweep covers the one it records only."""
-    if type(value) is not Tensor and isinstance(value, Tensor) and getattr(value, "_fadjoint_needs", False):
+    if _needs(value) or (isinstance(value, Tensor) and _needs(value._base)):  # a view made before its base was written
         raise ValueError(f"FPropagation: {where} is the output of a recorded forward (or computed from one) with "
                          "trainable parameters upstream: autograd would backpropagate through both forwards, the sweep "
                          "covers this one only; pass it detached (out.detach()) to train this forward alone, or record "
@@ -240,7 +261,7 @@ def refuse_fed_target(value, what: str = "target") -> None:
     """ValueError when a loss's ``value`` (a target) is a recorded output, or was computed from one, with a trainable
     parameter upstream: autograd would differentiate the loss through it too; the library's loss takes it as a
     constant."""
-    if type(value) is not Tensor and isinstance(value, Tensor) and getattr(value, "_fadjoint_needs", False):
+    if _needs(value) or (isinstance(value, Tensor) and _needs(value._base)):
         raise ValueError(f"{what}: computed from the output of a recorded forward with trainable parameters upstream: "
                          "autograd would differentiate the loss through it too, the sweep takes it as a constant; pass "
                          "it detached (.detach()) to mean a constant")
@@ -250,7 +271,7 @@ def unwatched(value, model, position: int | str = 0):
     """``value`` as a plain tensor when it is a watched output — fed into the recorded forward of ``model`` as its
     input at ``position`` (an index, or a keyword), which changes it for its own loss — else itself; refused
     (:func:`refuse_fed_output`) when a trainable parameter lies upstream of it."""
-    if type(value) is Tensor or not isinstance(value, Tensor):
+    if not isinstance(value, Tensor) or (type(value) is Tensor and value._base is None):
         return value
     refuse_fed_output(value, f"input {position!r}" if isinstance(position, str) else f"input {position}")
     if not isinstance(value, RecordedOutput):

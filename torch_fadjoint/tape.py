@@ -236,8 +236,10 @@ def _inputs(tape: Tape, func, args: tuple, kwargs: dict, metadata: bool = False)
                                  "parameter of the model (autograd would fill its .grad, the sweep does not): register "
                                  "it on a module of the model, or detach it")
             else:
-                if type(item) is not Tensor and getattr(item, "_fadjoint_needs", False) and not metadata \
-                        and torch.is_grad_enabled():  # a RecordedOutput (tfa.output) carried in: an attribute
+                base = item._base
+                if (getattr(item, "_fadjoint_needs", False) if type(item) is not Tensor else
+                        base is not None and type(base) is not Tensor and getattr(base, "_fadjoint_needs", False)) \
+                        and not metadata and torch.is_grad_enabled():  # tfa.output's watched (or a view of one)
                     raise ValueError(f"{_op_name(func)} in {tape.where()}: reads the output of a recorded forward (or "
                                      "a tensor computed from one) with trainable parameters upstream: autograd would "
                                      "backpropagate into that forward, the sweep covers this one only; detach() it")
