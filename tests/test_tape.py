@@ -682,3 +682,54 @@ def test_a_base_read_after_a_write_through_its_view_is_refused():
     with pytest.raises(ValueError, match=r"^\S+ in .*: reads a value that Tensor\.mul_ in .* overwrote through a "
                                          r"view of the same memory \(the tape does not follow views\)"):
         net(torch.randn(3, 2, 5, 5, dtype=DT))
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_the_tapes_sweep_with_grad_enabled_leaves_plain_gradients():
+    """``net.backward`` called with grad enabled (the README's form) swept the tape with grad enabled: every gradient
+    upstream of the last layer carried an autograd graph (the parameters require grad), growing as gradients
+    accumulated, and a later in-place accumulation into the gradients a step wrote raised torch's view error (session
+    7's red team). The sweep runs under no_grad, as the chain's does."""
+    torch.manual_seed(1)
+    model = _TwoLayers().to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    x, t = torch.randn(8, 5, dtype=DT), torch.randint(0, 3, (8,))
+    for _ in range(2):
+        net(x)
+        net.backward(F.cross_entropy, t)
+    assert all(not p.grad.requires_grad and p.grad.grad_fn is None for p in model.parameters())
+    opt = tfa.optim.FAdjoint(net, lr=0.1)
+    net(x)
+    opt.step(target=t)
+    net(x)
+    net.backward(F.cross_entropy, t)  # accumulates into what the step wrote
+    assert all(not p.grad.requires_grad for p in model.parameters())
+
+
+def test_a_forward_under_inference_mode_is_an_evaluation_on_the_tape():
+    """``with torch.inference_mode(): net(x_test)`` raised torch's "Inference tensors do not track version counter"
+    from inside the tape (session 7's red team): it runs unrecorded now, its output the model's, and the last records
+    are dropped, so that a step cannot train on another forward than the last one."""
+    torch.manual_seed(1)
+    model = _TwoLayers().to(DT)
+    net = tfa.FPropagation(model, graph=True)
+    opt = tfa.optim.FAdjoint(net, lr=0.1)
+    x, t = torch.randn(8, 5, dtype=DT), torch.randint(0, 3, (8,))
+    net(x)
+    with torch.inference_mode():
+        out = net(x)
+    assert type(out) is torch.Tensor and torch.equal(out, model(x).detach())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no recorded forward"):
+        opt.step(target=t)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    net(x)
+    opt.step(target=t)

@@ -162,8 +162,9 @@ class TapeRecorder(HookedRecorder):
             raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
                                "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
         try:
-            grads = (tape_grads(tape, out_adj, release=not retain_records) if rule is None
-                     else sweep_tape(tape, out_adj, rule, release=not retain_records))
+            with torch.no_grad():  # the parameters require grad: with grad enabled, every adjoint would carry a graph
+                grads = (tape_grads(tape, out_adj, release=not retain_records) if rule is None
+                         else sweep_tape(tape, out_adj, rule, release=not retain_records))
             if net.reducer is not None and grads:  # data parallel: the mean over the ranks (one bucket per sweep)
                 net.reducer.launch(list(grads.values()))
                 net.reducer.wait()
@@ -376,6 +377,13 @@ class FPropagation(nn.Module):
         if self._changed():
             raise RuntimeError("FPropagation: the model's modules, parameters or hooks changed after wrapping; "
                                "call net.attach()")
+        if torch.is_inference_mode_enabled() and isinstance(self._recorder, TapeRecorder):
+            # an evaluation: inference tensors carry no version counter for the tape's in-place checks, and autograd
+            # could not backpropagate through them either: run unrecorded, and drop the last records, so that no
+            # step trains on a forward other than the one the user just ran
+            self._recorder.clear()
+            self._output_note = OutputNote()
+            return self.model(*args, **kwargs)
         grad_enabled = torch.is_grad_enabled()  # the caller's (the recorder runs the forward with its own)
         if not all(isinstance(value, Tensor) for value in (*args, *kwargs.values())):  # nested inputs: looked into
             for leaf in tree_flatten((args, kwargs))[0]:
