@@ -30,7 +30,8 @@ def check_versions(tape: Tape) -> None:
         for tensor, version in op.versions:
             if tensor._version != version:
                 raise RuntimeError(f"FPropagation: a tensor that {op.entry.name} in {op.where} saved for the sweep was "
-                                   "modified in place later (autograd refuses this too); nothing was changed")
+                                   "modified in place later (as autograd refuses it where it keeps that tensor); "
+                                   "nothing was changed")
     for held, version, name, where in tape.watched:
         tensor = held() if isinstance(held, weakref.ref) else held
         if tensor is not None and tensor._version != version:
