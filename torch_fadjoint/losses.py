@@ -134,6 +134,15 @@ def _nll_adjoint(log_probs: Tensor, target: Tensor, reduction: str, grad: float 
                                             log_probs.new_full((), float(log_probs.shape[0])))  # a fill: no host copy
 
 
+def needs_gradient(value) -> bool:
+    """Whether ``value`` is a tensor computed from a net's returned output that needs a gradient as autograd has it
+    (watched by ``tfa.output``: ``_fadjoint_needs``), or a plain view of one (made before it was written)."""
+    for tensor in (value, getattr(value, "_base", None)):
+        if type(tensor) is not Tensor and isinstance(tensor, Tensor) and getattr(tensor, "_fadjoint_needs", False):
+            return True
+    return False
+
+
 def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool = True) -> tuple[Tensor, Tensor]:
     """Mean squared error and X*^L (docs/maths.md §1.3).
 
@@ -145,7 +154,7 @@ def mse(x_out: Tensor, target: Tensor, reduction: str = "mean", validate: bool =
     """
     x_out = x_out.detach()  # read, not changed: no graph, and net(x)'s watched output stays unnoted (tfa.output)
     _check_reduction(reduction)
-    if type(target) is not Tensor and getattr(target, "_fadjoint_needs", False):  # tfa.output's refuse_fed_target
+    if needs_gradient(target):  # as tfa.output's refuse_fed_target
         raise ValueError("mse: the target is computed from the output of a recorded forward with trainable parameters "
                          "upstream: autograd would differentiate the loss through it too, the sweep takes it as a "
                          "constant; pass it detached (.detach()) to mean a constant")

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import called_loss_identity
+from .losses import called_loss_identity, needs_gradient
 from .tape import _op_name
-from .tape_writes import _IN_PLACE_OPERATORS
+from .tape_writes import _writes_first_argument
 
 __all__ = ["RecordedOutput", "OutputNote", "watch_output", "unwatched", "refuse_fed_output", "refuse_fed_target"]
 
@@ -197,10 +197,8 @@ def _detached_in_place(value: RecordedOutput) -> RecordedOutput:
 def _written(func, args: tuple, kwargs: dict):
     """The tensor a call writes in place (its ``out=``, the first argument of ``x.add_(…)``, ``x[i] = …``), or None."""
     target = kwargs.get("out")
-    if target is None and args:
-        name = getattr(func, "__name__", "")
-        if name == "__setitem__" or name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
-            target = args[0]
+    if target is None and args and _writes_first_argument(func):  # the tape's own test of an in-place call
+        target = args[0]
     return target if isinstance(target, Tensor) else None
 
 
@@ -241,16 +239,11 @@ def watch_output(output: Tensor, note: OutputNote) -> RecordedOutput:
     return watched
 
 
-def _needs(value) -> bool:
-    """Whether ``value`` is watched (tfa.output) and needs a gradient as autograd has it."""
-    return type(value) is not Tensor and isinstance(value, Tensor) and getattr(value, "_fadjoint_needs", False)
-
-
 def refuse_fed_output(value, where: str) -> None:
     """ValueError when ``value`` is a recorded output, or was computed from one, with a trainable parameter upstream:
     read by the recorded forward ``where`` describes, autograd would backpropagate through both forwards, and the
     sweep covers the one it records only."""
-    if _needs(value) or (isinstance(value, Tensor) and _needs(value._base)):  # a view made before its base was written
+    if needs_gradient(value):
         raise ValueError(f"FPropagation: {where} is the output of a recorded forward (or computed from one) with "
                          "trainable parameters upstream: autograd would backpropagate through both forwards, the sweep "
                          "covers this one only; pass it detached (out.detach()) to train this forward alone, or record "
@@ -261,7 +254,7 @@ def refuse_fed_target(value, what: str = "target") -> None:
     """ValueError when a loss's ``value`` (a target) is a recorded output, or was computed from one, with a trainable
     parameter upstream: autograd would differentiate the loss through it too; the library's loss takes it as a
     constant."""
-    if _needs(value) or (isinstance(value, Tensor) and _needs(value._base)):
+    if needs_gradient(value):
         raise ValueError(f"{what}: computed from the output of a recorded forward with trainable parameters upstream: "
                          "autograd would differentiate the loss through it too, the sweep takes it as a constant; pass "
                          "it detached (.detach()) to mean a constant")
