@@ -32,6 +32,7 @@ Over 400 lines: one class, the chain recorder's plan and record, whose hooks sha
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 
 import torch
@@ -69,7 +70,9 @@ _STANDINS_KEPT = 64  # functional stand-ins cached per call signature, least rec
 
 
 _SETTING_TYPES = (bool, int, float, str, tuple, type(None))
-_SETTING_KEYS: dict[type, tuple] = {}
+_SETTING_KEYS: dict[type, tuple] = {}  # type -> (the setting names, their getter)
+_MODULE_GETATTR = nn.Module.__getattr__
+_MISSING = object()
 
 
 def _settings(module: nn.Module) -> tuple:
@@ -77,17 +80,33 @@ def _settings(module: nn.Module) -> tuple:
     ``stride``, ``count_include_pad``, ``training``, …) and which tensors its parameters and buffers are, in one flat
     tuple: the settings (a fixed number per type), how many parameters, then the ids of the parameters and buffers."""
     state = module.__dict__
-    keys = _SETTING_KEYS.get(type(module))
-    if keys is None:  # the names a freshly made module of this type holds (torch's own table modules)
-        keys = _SETTING_KEYS[type(module)] = tuple(
-            k for k, v in state.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
+    read = _SETTING_KEYS.get(type(module))
+    if read is None:  # the names a freshly made module of this type holds (torch's own table modules)
+        keys = tuple(k for k, v in state.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
+        read = _SETTING_KEYS[type(module)] = (keys, _getter(keys))
     params = state["_parameters"]
-    return (*map(state.get, keys), len(params), *map(id, params.values()), *map(id, state["_buffers"].values()))
+    return (*read[1](state), len(params), *map(id, params.values()), *map(id, state["_buffers"].values()))
+
+
+def _getter(keys: tuple):
+    """``state -> tuple of state.get(key)`` for ``keys``, in C where every key is there (the usual case)."""
+    if not keys:
+        return lambda state: ()
+    at_once = operator.itemgetter(*keys)
+    if len(keys) == 1:
+        return lambda state: (state.get(keys[0]),)
+
+    def get(state: dict) -> tuple:
+        try:
+            return at_once(state)
+        except KeyError:  # a setting deleted from the instance
+            return tuple(map(state.get, keys))
+    return get
 
 
 def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
     """The first difference between two ``_settings`` of ``module``, in words."""
-    keys = _SETTING_KEYS[type(module)]
+    keys = _SETTING_KEYS[type(module)][0]
     for key, a, b in zip(keys, then, now):
         if a != b:
             return f"{key}: {a!r} → {b!r}"
@@ -97,10 +116,22 @@ def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
 def _read_through(module: nn.Module, names: tuple) -> tuple:
     """What a sweep reads through ``module`` besides its settings: its class, and for each of ``names`` (a layer's
     parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, or a
-    property of a class swapped in, shadows the registered one) and whether it requires grad."""
-    found = [type(module)]
+    property of a class swapped in, shadows the registered one) and whether it requires grad. Read from the
+    registries where nothing can shadow them (no instance attribute, no class attribute of that name, ``nn.Module``'s
+    ``__getattr__``): what ``getattr`` gives then, at a third of its cost."""
+    cls = type(module)
+    found = [cls]
+    state = module.__dict__
+    plain = cls.__getattr__ is _MODULE_GETATTR
     for name in names:
-        tensor = getattr(module, name, None)
+        if plain and name not in state and getattr(cls, name, _MISSING) is _MISSING:
+            tensor = state["_parameters"].get(name)
+            if tensor is None:
+                tensor = state["_buffers"].get(name)
+                if tensor is None:
+                    tensor = state["_modules"].get(name)
+        else:
+            tensor = getattr(module, name, None)
         found += (tensor, isinstance(tensor, Tensor) and tensor.requires_grad)
     return tuple(found)
 
@@ -143,6 +174,31 @@ def plain_chain(model: nn.Module) -> bool:
     return all((type(m) is nn.Sequential if next(m.children(), None) is not None
                 else layer_for(m) is not None or map_for(m) is not None or type(m) in TRANSPARENT)
                and not _foreign_hooks(m) and "forward" not in m.__dict__ for m in model.modules())
+
+
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
+_MODULE_CALL, _MODULE_CALL_IMPL = nn.Module.__call__, nn.Module._call_impl
+
+
+def _direct_steps(model: nn.Module, hooks: dict) -> tuple | None:
+    """``(steps, modules)`` for a model whose containers are all ``nn.Sequential``: each leaf in the order
+    ``model(x)`` calls it, with this recorder's pre-hook and hook (``hooks``: id -> the hooks attach registered on
+    it), and every module met; None when a module is missing (a ``None`` child) or is not a container or leaf with
+    exactly the two hooks of a table entry."""
+    steps, modules = [], []
+
+    def walk(module) -> bool:
+        modules.append(module)
+        if module._modules:
+            return type(module) is nn.Sequential and all(child is not None and walk(child)
+                                                         for child in module._modules.values())
+        registered = hooks.get(id(module), ())
+        if len(registered) != 2 or len(module._forward_pre_hooks) != 1 or len(module._forward_hooks) != 1:
+            return False
+        steps.append((module, *registered))
+        return True
+
+    return (tuple(steps), tuple(modules)) if walk(model) else None
 
 
 def _normalisations(model: nn.Module) -> list[nn.Module]:
@@ -260,6 +316,7 @@ class ChainRecorder(HookedRecorder):
         self._handles: list = []
         self._standins: dict = {}
         self._needs_mode = False
+        self._steps = None  # (module, its pre-hook, its hook) per leaf in the order the forward calls them: _run
         self._recording = False
         self._undo: list = []  # what map entries' prepare() set on a module for one call (MaxPool's return_indices)
         self._param_names: dict[int, str] = {}
@@ -276,12 +333,16 @@ class ChainRecorder(HookedRecorder):
 
     def attach(self) -> None:
         """Check every module first, then register the hooks (nothing is registered on error)."""
-        plans = [self._plan(name, module) for name, module in self.model.named_modules()]
-        for plan in plans:
-            self._handles.extend(plan())
+        plans = [(module, self._plan(name, module)) for name, module in self.model.named_modules()]
+        hooks = {}
+        for module, plan in plans:
+            handles = plan()
+            self._handles.extend(handles)
+            hooks[id(module)] = [handle.hooks_dict_ref()[handle.id] for handle in handles]
         self._needs_mode = any(
             (next(m.children(), None) is not None and type(m) is not nn.Sequential) or isinstance(m, TRANSPARENT)
             for m in self.model.modules())
+        self._steps = None if self._needs_mode else _direct_steps(self.model, hooks)
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         self._normalisations = _normalisations(self.model)
 
@@ -589,8 +650,15 @@ class ChainRecorder(HookedRecorder):
         self._recording = True
         try:
             # no autograd graph: nothing would use it (the sweep is ours); the output has requires_grad=False
-            with torch.no_grad(), (_ChainMode(self) if self._needs_mode else contextlib.nullcontext()):
-                output = self.model(*args, **kwargs)
+            if self._needs_mode:
+                with torch.no_grad(), _ChainMode(self):
+                    output = self.model(*args, **kwargs)
+            elif self._steps is not None and len(args) == 1 and not kwargs and self._runs_as_planned():
+                with torch.no_grad():
+                    output = self._run(args[0])
+            else:
+                with torch.no_grad():
+                    output = self.model(*args, **kwargs)
             self._finish(output)
         except BaseException:
             self.clear()
@@ -603,6 +671,35 @@ class ChainRecorder(HookedRecorder):
                 if undo is not None:
                     undo()
         return output
+
+    def _runs_as_planned(self) -> bool:
+        """Whether ``model(x)`` would call each leaf of ``_steps`` in turn with this recorder's two hooks and nothing
+        else: the façade found the model as attach saw it (hooks included, ``net._pristine``), no module is compiled
+        in place (``module.compile()``), has a backward hook or a class whose ``__call__`` is not ``nn.Module``'s,
+        ``nn.Sequential.forward`` is torch's, and no JIT trace is running."""
+        return (self.net._pristine and nn.Sequential.forward is _SEQUENTIAL_FORWARD
+                and not torch._C._get_tracing_state()
+                and not any(m._compiled_call_impl is not None or m._backward_hooks or m._backward_pre_hooks
+                            or type(m).__call__ is not _MODULE_CALL or type(m)._call_impl is not _MODULE_CALL_IMPL
+                            for m in self._steps[1]))
+
+    def _run(self, x):
+        """``model(x)`` for a model of nested ``nn.Sequential`` containers, its leaves' hooks called here as
+        ``nn.Module.__call__`` calls them (a hook's non-None return replaces the input or the output) and each
+        leaf's ``forward`` directly: the same calls in the same order, without ``__call__``'s dispatch (a fifth of
+        the recording's cost on a small MLP; docs/performance.md)."""
+        for module, pre, post in self._steps[0]:
+            inputs = (x,)
+            if pre is not None:
+                replaced = pre(module, inputs)
+                if replaced is not None:
+                    inputs = replaced if isinstance(replaced, tuple) else (replaced,)
+            x = module.forward(*inputs)
+            if post is not None:
+                replaced = post(module, inputs, x)
+                if replaced is not None:
+                    x = replaced
+        return x
 
     def _finish(self, output) -> None:
         if not self._layers:

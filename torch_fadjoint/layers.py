@@ -94,10 +94,19 @@ class Layer:
         return None
 
     def check_input(self, module: nn.Module, x_prev: Tensor) -> str | None:
-        """Why ``x_prev`` does not fit the module (checked before it runs), or None."""
-        params = self.params(module)
-        weight = params[0] if params else None
-        if weight is not None and (x_prev.dtype != weight.dtype or x_prev.device != weight.device):
+        """Why ``x_prev`` does not fit the module (checked before it runs), or None. The weight is read from the
+        module's registered parameters (once per layer and forward: ``nn.Module.__getattr__`` costs a microsecond);
+        the chain's pre-hook has checked that what its forward reads is a parameter the model was wrapped with."""
+        registered, weight = module._parameters, None
+        for name in self.param_names:
+            weight = registered.get(name)
+            if weight is not None:
+                break
+        if weight is None and not registered:  # an entry whose tensors are not registered parameters
+            params = self.params(module)
+            weight = params[0] if params else None
+        if weight is not None and (x_prev.dtype is not weight.dtype or not (x_prev.is_cpu and weight.is_cpu)
+                                   and x_prev.device != weight.device):  # one CPU: no device objects to compare
             return (f"expected a {weight.dtype} input on {weight.device} (its weight's), "
                     f"got {x_prev.dtype} on {x_prev.device}")
         return None

@@ -20,7 +20,9 @@ share the forward's put-back-on-refusal path; ``TapeRecorder`` is the part to mo
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
+from itertools import chain
 from typing import Iterator
 
 import torch
@@ -184,14 +186,26 @@ def _hook_keys(module: nn.Module) -> tuple:
 
 
 def _signature(module: nn.Module) -> tuple:
-    """One flat tuple of ints and strings that is equal only if ``module`` has the class, instance forward, children,
-    parameters and forward hooks it had (their names, and the ids of what the fingerprint keeps alive; each
-    part's length first, so that no two different states flatten alike): one comparison per module per forward."""
-    params, children = module._parameters, module._modules
-    pre, post = module._forward_pre_hooks, module._forward_hooks
-    return (id(type(module)), id(module.__dict__.get("forward")), len(params), len(children), len(pre), len(post),
-            *params, *map(id, params.values()), *children, *map(id, children.values()),
-            *pre, *map(id, pre.values()), *post, *map(id, post.values()))
+    """One flat tuple of the objects that make ``module`` what it is: its class, instance forward, children,
+    parameters and forward hooks (their names and the objects; each part's length first, so that no two different
+    states flatten alike). Compared by identity (``_same``): the fingerprint keeps every object alive, so an equal
+    signature is the same module state; an equal object that is not the same one (a name re-made) only sends the
+    comparison to the detailed one."""
+    state = module.__dict__
+    params, children = state["_parameters"], state["_modules"]
+    pre, post = state["_forward_pre_hooks"], state["_forward_hooks"]
+    return (type(module), state.get("forward"), len(params), len(children), len(pre), len(post),
+            *params, *params.values(), *children, *children.values(), *pre, *pre.values(), *post, *post.values())
+
+
+def _signatures(modules) -> tuple:
+    """The signatures of ``modules``, one flat tuple."""
+    return tuple(chain.from_iterable(map(_signature, modules)))
+
+
+def _same(now: tuple, then: tuple) -> bool:
+    """Whether two flat tuples hold the same objects (identity, never ``==``: a tensor's is elementwise)."""
+    return len(now) == len(then) and all(map(operator.is_, now, then))
 
 
 class FPropagation(nn.Module):
@@ -222,7 +236,8 @@ class FPropagation(nn.Module):
     """
 
     # Per-forward state is written at every forward: plain attributes, not nn.Module.__setattr__.
-    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached", "_claimed_by", "_output_note"})
+    _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached", "_claimed_by", "_output_note",
+                              "_pristine"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -248,9 +263,10 @@ class FPropagation(nn.Module):
             broadcast_parameters(model, process_group)
         self.keep_pre_activations = keep_pre_activations
         self._recorder: ChainRecorder | TapeRecorder | None = None
-        self._fingerprint: tuple = ((), (), ())
+        self._fingerprint: tuple = ((), (), ((), ()))
         self._paused = False
         self._attached = False
+        self._pristine = False  # the last forward found every module as attach saw it, hooks included (_changed)
         self._claimed_by = None  # the rule that switched a net left to choose to the chain (require_chain)
         self._output_note = OutputNote()  # what was done to the returned output before the loss (tfa.output)
         self.attach(model)
@@ -338,21 +354,21 @@ class FPropagation(nn.Module):
                          (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
                         for _, m in self.model.named_modules())
         params = tuple((p, p.shape, p.dtype, p.device) for _, p in self.model.named_parameters(remove_duplicate=False))
-        signatures = tuple((m, _signature(m)) for m, *_ in modules)
-        return modules, params, signatures
+        seen = tuple(m for m, *_ in modules)
+        return modules, params, (seen, _signatures(seen))
 
     def _modules_seen(self) -> list[nn.Module]:
         """The model's modules as ``attach`` found them (the fingerprint: no walk of the tree)."""
-        return [m for m, *_ in self._fingerprint[0]]
+        return list(self._fingerprint[2][0])
 
     def _changed(self) -> bool:
         """True if the model is not what ``attach`` saw (checked at every forward without walking the tree): a child
         or parameter added, removed, renamed or replaced, a forward hook other than a recorder's added or removed, a
         module's class or instance forward replaced, a parameter's shape, dtype or device changed. A module whose
         ``_signature`` is the one ``attach`` took is unchanged; only one that differs is looked at in detail."""
-        modules, params, signatures = self._fingerprint
-        if any(_signature(module) != signature for module, signature in signatures) and \
-                self._changed_in_detail(modules):  # a differing signature may be another recorder's hooks only
+        modules, params, (seen, signatures) = self._fingerprint
+        self._pristine = _same(_signatures(seen), signatures)
+        if not self._pristine and self._changed_in_detail(modules):  # may differ by another recorder's hooks only
             return True
         return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
 

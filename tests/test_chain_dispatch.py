@@ -1,0 +1,138 @@
+"""The chain recorder runs a plain ``nn.Sequential`` chain itself (``ChainRecorder._run``: each leaf's hooks and
+``forward`` called as ``nn.Module.__call__`` calls them, without its dispatch); whatever could make ``model(x)``
+call something else sends the forward back through ``model(x)``. Each test fails if the direct run ignored it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_fadjoint as tfa
+
+DT = torch.float64
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Sequential(nn.Linear(5, 4), nn.ReLU()), nn.Linear(4, 3)).to(DT)
+
+
+def _grads_match_autograd(model, x, t, *, forward=None):
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    net = tfa.FPropagation(model)
+    assert not net.graph
+    (forward or net)(x)
+    net.backward(F.cross_entropy, t)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with net.paused():
+        F.cross_entropy(model(x), t).backward()
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), reference[name])
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-10, atol=1e-12)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen)
+
+
+def test_a_plain_chain_runs_directly_and_is_exact():
+    model = _model()
+    net = tfa.FPropagation(model)
+    calls = []
+    run = net._recorder._run
+    net._recorder._run = lambda x: calls.append(1) or run(x)
+    x, t = _batch()
+    out = net(x)
+    assert calls == [1]
+    with net.paused():
+        torch.testing.assert_close(out.detach(), model(x), rtol=0, atol=0)
+    net.remove()
+    _grads_match_autograd(model, x, t)
+
+
+def test_a_leaf_class_with_its_own_call_is_called_through_it():
+    """A registered layer's class may override ``__call__`` (or ``_call_impl``): the forward goes through it."""
+    class Scaled(nn.Linear):
+        def __call__(self, x):
+            return super().__call__(x * 2.0)
+
+    tfa.register_layer(Scaled, tfa.layers.LAYERS[nn.Linear])
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(Scaled(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+        x, t = _batch()
+        net = tfa.FPropagation(model)
+        out = net(x)
+        with net.paused():
+            torch.testing.assert_close(out.detach(), model(x), rtol=0, atol=0)
+        assert torch.equal(net.layers[0].x_prev, x * 2.0)  # what its __call__ passed on
+    finally:
+        tfa.layers.LAYERS.pop(Scaled)
+
+
+def test_a_patched_sequential_forward_is_what_runs(monkeypatch):
+    seen = []
+    original = nn.Sequential.forward
+
+    def forward(self, x):
+        seen.append(type(self).__name__)
+        return original(self, x)
+
+    model = _model()
+    net = tfa.FPropagation(model)
+    monkeypatch.setattr(nn.Sequential, "forward", forward)
+    x, _ = _batch()
+    net(x)
+    assert seen == ["Sequential", "Sequential"]  # the model and its inner Sequential
+
+
+def test_a_second_recorder_on_the_same_model_sends_the_forward_through_model_call():
+    model = _model()
+    first, second = tfa.FPropagation(model), tfa.FPropagation(model)
+    x, t = _batch()
+    first(x)
+    assert not first._pristine  # the other recorder's hooks: model(x) runs, with every hook
+    first.backward(F.cross_entropy, t)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    second(x)
+    second.backward(F.cross_entropy, t)
+    for before, param in zip(grads, model.parameters()):
+        torch.testing.assert_close(param.grad, before, rtol=0, atol=0)
+
+
+def test_a_module_compiled_in_place_is_called_through_its_compiled_call(monkeypatch):
+    model = _model()
+    net = tfa.FPropagation(model)
+    calls = []
+    leaf = model[1]
+    leaf._compiled_call_impl = lambda *args, **kwargs: calls.append(1) or leaf._call_impl(*args, **kwargs)
+    x, t = _batch()
+    net(x)
+    assert calls == [1]
+    net.remove()
+    del leaf._compiled_call_impl
+    _grads_match_autograd(model, x, t)
+
+
+def test_a_backward_hook_on_a_leaf_sends_the_forward_through_model_call_and_the_sweep_refuses_it():
+    model = _model()
+    net = tfa.FPropagation(model)
+    model[1].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    x, t = _batch()
+    net(x)
+    with pytest.raises(RuntimeError, match=r"has a backward hook"):
+        net.backward(F.cross_entropy, t)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("args", ["two", "keyword"])
+def test_a_call_sequential_cannot_take_gets_torchs_own_error(args):
+    model = _model()
+    net = tfa.FPropagation(model)
+    x, _ = _batch()
+    with pytest.raises(TypeError):
+        net(x, x) if args == "two" else net(input=x, extra=x)
