@@ -353,7 +353,8 @@ class FPropagation(nn.Module):
                          (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))), (type(m), m.__dict__.get("forward")),
                          (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
                         for _, m in self.model.named_modules())
-        params = tuple((p, p.shape, p.dtype, p.device) for _, p in self.model.named_parameters(remove_duplicate=False))
+        params = tuple((p, p.shape, p.dtype, p.device, p.is_cpu)
+                       for _, p in self.model.named_parameters(remove_duplicate=False))
         seen = tuple(m for m, *_ in modules)
         return modules, params, (seen, _signatures(seen))
 
@@ -370,7 +371,8 @@ class FPropagation(nn.Module):
         self._pristine = _same(_signatures(seen), signatures)
         if not self._pristine and self._changed_in_detail(modules):  # may differ by another recorder's hooks only
             return True
-        return any(p.shape != shape or p.dtype != dtype or p.device != device for p, shape, dtype, device in params)
+        return any(p.dtype is not dtype or p.shape != shape or not (cpu and p.is_cpu) and p.device != device
+                   for p, shape, dtype, device, cpu in params)  # on the one CPU device: no device objects made
 
     @staticmethod
     def _changed_in_detail(modules: tuple) -> bool:
@@ -401,12 +403,13 @@ class FPropagation(nn.Module):
             self._output_note = OutputNote()
             return self.model(*args, **kwargs)
         grad_enabled = torch.is_grad_enabled()  # the caller's (the recorder runs the forward with its own)
-        if not all(isinstance(value, Tensor) for value in (*args, *kwargs.values())):  # nested inputs: looked into
-            for leaf in tree_flatten((args, kwargs))[0]:
-                refuse_fed_output(leaf, "an input")
-        # an output fed in: refused with trainable parameters upstream, else plain (changed for its own loss)
-        args = tuple(unwatched(value, self.model, i) for i, value in enumerate(args))
-        kwargs = {key: unwatched(value, self.model, key) for key, value in kwargs.items()}
+        if not (len(args) == 1 and not kwargs and type(args[0]) is Tensor and args[0]._base is None):  # else: x
+            if not all(isinstance(value, Tensor) for value in (*args, *kwargs.values())):  # nested: looked into
+                for leaf in tree_flatten((args, kwargs))[0]:
+                    refuse_fed_output(leaf, "an input")
+            # an output fed in: refused with trainable parameters upstream, else plain (changed for its own loss)
+            args = tuple(unwatched(value, self.model, i) for i, value in enumerate(args))
+            kwargs = {key: unwatched(value, self.model, key) for key, value in kwargs.items()}
         try:
             output = self._recorder.forward(args, kwargs)
         except (TypeError, ValueError) as exc:  # the chain's refusal of a model the tape would have recorded
