@@ -274,8 +274,9 @@ class RuleOptimizer(Optimizer):
         # is_inference() is an eager-mode check: dynamo graph-breaks on it, and torch 2.14.1 resumes a frame that
         # broke after a lookup keyed by a tensor with the first key's value for every key (each parameter got the
         # first one's buffer: tests/test_graph.py, scripts/dynamo_tensor_key_graph_break.py)
-        if not (isinstance(buf, Tensor) and buf.shape == param.shape and buf.dtype == param.dtype
-                and buf.device == param.device and (_compiling() or not buf.is_inference())
+        if not (isinstance(buf, Tensor) and buf.dtype is param.dtype and buf.shape == param.shape
+                and (buf.is_cpu and param.is_cpu or buf.device == param.device)  # one CPU: no device objects made
+                and (_compiling() or not buf.is_inference())
                 and ((buf.is_contiguous() and buf.numel()) or not any(  # contiguous and not empty: no stride 0
                     stride == 0 and size > 1 for stride, size in zip(buf.stride(), buf.shape)))):
             found = (f"a tensor of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}" if isinstance(buf, Tensor)
