@@ -136,3 +136,74 @@ def test_a_call_sequential_cannot_take_gets_torchs_own_error(args):
     x, _ = _batch()
     with pytest.raises(TypeError):
         net(x, x) if args == "two" else net(input=x, extra=x)
+
+
+def test_a_model_put_in_the_nets_place_is_refused_until_attached():
+    """``net.model = other`` without ``attach``: the direct run would train the old model (red team, session 8)."""
+    net = tfa.FPropagation(_model())
+    other = _model()
+    net.model = other
+    x, t = _batch()
+    with pytest.raises(RuntimeError, match=r"changed after wrapping; call net.attach\(\)"):
+        net(x)
+    net.attach(other)
+    net(x)
+    net.backward(F.cross_entropy, t)
+    assert all(p.grad is not None for p in other.parameters())
+
+
+def test_a_copied_net_asks_for_attach():
+    import copy
+
+    net = tfa.FPropagation(_model())
+    twin = copy.deepcopy(net)
+    x, t = _batch()
+    with pytest.raises(RuntimeError, match=r"changed after wrapping; call net.attach\(\)"):
+        twin(x)
+    twin.attach()
+    twin(x)
+    twin.backward(F.cross_entropy, t)
+    assert all(p.grad is not None for p in twin.model.parameters())
+    assert all(p.grad is None for p in net.model.parameters())
+
+
+def test_a_call_impl_set_on_a_module_is_called():
+    """``model(x)`` calls an instance ``_call_impl`` (``_wrapped_call_impl`` reads it from the instance)."""
+    model = _model()
+    net = tfa.FPropagation(model)
+    leaf, calls = model[3], []
+    leaf._call_impl = lambda *args, **kwargs: calls.append(1) or nn.Module._call_impl(leaf, *args, **kwargs)
+    x, t = _batch()
+    out = net(x)
+    assert calls == [1]
+    with net.paused():
+        torch.testing.assert_close(out.detach(), model(x), rtol=0, atol=0)
+
+
+def test_a_patched_sequential_iter_is_what_runs(monkeypatch):
+    model = _model()
+    net = tfa.FPropagation(model)
+    original, seen = nn.Sequential.__iter__, []
+
+    def iterate(self):
+        seen.append(len(self))
+        return original(self)
+
+    monkeypatch.setattr(nn.Sequential, "__iter__", iterate)
+    net(_batch()[0])
+    assert seen == [4, 2]
+
+
+def test_only_torchs_own_functions_count_as_unpatched():
+    """A patch made before torch_fadjoint was imported is no reference: the direct run is then never taken."""
+    from torch_fadjoint.chain import _torchs
+
+    def forward(self, input):
+        return input
+
+    assert _torchs(nn.Sequential.forward, "torch.nn.modules.container", "Sequential.forward",
+                   "torch/nn/modules/container.py") is nn.Sequential.forward
+    assert _torchs(forward, "torch.nn.modules.container", "Sequential.forward",
+                   "torch/nn/modules/container.py") is None
+    forward.__module__, forward.__qualname__ = "torch.nn.modules.container", "Sequential.forward"
+    assert _torchs(forward, "torch.nn.modules.container", "Sequential.forward", "torch/nn/modules/container.py") is None

@@ -178,8 +178,27 @@ def plain_chain(model: nn.Module) -> bool:
                and not _foreign_hooks(m) and "forward" not in m.__dict__ for m in model.modules())
 
 
-_SEQUENTIAL_FORWARD = nn.Sequential.forward
-_MODULE_CALL, _MODULE_CALL_IMPL = nn.Module.__call__, nn.Module._call_impl
+def _torchs(function, module: str, qualname: str, file: str):
+    """``function`` when it is torch's own (its module, qualified name and source file; not a wrapper), else None:
+    a patch made before this module was imported is no reference for "unpatched"."""
+    code = getattr(function, "__code__", None)
+    if (getattr(function, "__module__", None) == module and getattr(function, "__qualname__", None) == qualname
+            and not hasattr(function, "__wrapped__") and code is not None
+            and code.co_filename.replace("\\", "/").endswith(file)):
+        return function
+    return None
+
+
+# what nn.Sequential's forward calls, as torch defines it: the direct run (ChainRecorder._run) only stands in for these
+_SEQUENTIAL_FORWARD = _torchs(nn.Sequential.forward, "torch.nn.modules.container", "Sequential.forward",
+                              "torch/nn/modules/container.py")
+_SEQUENTIAL_ITER = _torchs(nn.Sequential.__iter__, "torch.nn.modules.container", "Sequential.__iter__",
+                           "torch/nn/modules/container.py")
+_MODULE_CALL = _torchs(nn.Module.__call__, "torch.nn.modules.module", "Module._wrapped_call_impl",
+                       "torch/nn/modules/module.py")
+_MODULE_CALL_IMPL = _torchs(nn.Module._call_impl, "torch.nn.modules.module", "Module._call_impl",
+                            "torch/nn/modules/module.py")
+_DIRECT = None not in (_SEQUENTIAL_FORWARD, _SEQUENTIAL_ITER, _MODULE_CALL, _MODULE_CALL_IMPL)
 
 
 def _direct_steps(model: nn.Module, hooks: dict) -> tuple | None:
@@ -344,7 +363,7 @@ class ChainRecorder(HookedRecorder):
         self._needs_mode = any(
             (next(m.children(), None) is not None and type(m) is not nn.Sequential) or isinstance(m, TRANSPARENT)
             for m in self.model.modules())
-        self._steps = None if self._needs_mode else _direct_steps(self.model, hooks)
+        self._steps = None if self._needs_mode or not _DIRECT else _direct_steps(self.model, hooks)
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         self._normalisations = _normalisations(self.model)
 
@@ -676,14 +695,16 @@ class ChainRecorder(HookedRecorder):
 
     def _runs_as_planned(self) -> bool:
         """Whether ``model(x)`` would call each leaf of ``_steps`` in turn with this recorder's two hooks and nothing
-        else: the façade found the model as attach saw it (hooks included, ``net._pristine``), no module is compiled
-        in place (``module.compile()``), has a backward hook or a class whose ``__call__`` is not ``nn.Module``'s,
-        ``nn.Sequential.forward`` is torch's, and no JIT trace is running."""
-        return (self.net._pristine and nn.Sequential.forward is _SEQUENTIAL_FORWARD
-                and not torch._C._get_tracing_state()
+        else: the façade found the model as attach saw it (hooks included, ``net._pristine``; ``net.model`` not
+        replaced), no module is compiled in place (``module.compile()``), has a backward hook, a ``_call_impl`` set on
+        it or a class whose ``__call__`` or ``_call_impl`` is not ``nn.Module``'s, ``nn.Sequential``'s ``forward``
+        and ``__iter__`` are torch's, and no JIT trace is running."""
+        modules = self._steps[1]
+        return (self.net._pristine and self.net.model is modules[0] and nn.Sequential.forward is _SEQUENTIAL_FORWARD
+                and nn.Sequential.__iter__ is _SEQUENTIAL_ITER and not torch._C._get_tracing_state()
                 and not any(m._compiled_call_impl is not None or m._backward_hooks or m._backward_pre_hooks
-                            or type(m).__call__ is not _MODULE_CALL or type(m)._call_impl is not _MODULE_CALL_IMPL
-                            for m in self._steps[1]))
+                            or "_call_impl" in m.__dict__ or type(m).__call__ is not _MODULE_CALL
+                            or type(m)._call_impl is not _MODULE_CALL_IMPL for m in modules))
 
     def _run(self, x):
         """``model(x)`` for a model of nested ``nn.Sequential`` containers, its leaves' hooks called here as

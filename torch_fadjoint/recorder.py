@@ -237,7 +237,7 @@ class FPropagation(nn.Module):
 
     # Per-forward state is written at every forward: plain attributes, not nn.Module.__setattr__.
     _PLAIN_STATE = frozenset({"_recorder", "_fingerprint", "_paused", "_attached", "_claimed_by", "_output_note",
-                              "_pristine"})
+                              "_pristine", "_owner"})
 
     def __setattr__(self, name, value):
         if name in FPropagation._PLAIN_STATE:
@@ -267,6 +267,7 @@ class FPropagation(nn.Module):
         self._paused = False
         self._attached = False
         self._pristine = False  # the last forward found every module as attach saw it, hooks included (_changed)
+        self._owner = None  # id(self) at attach
         self._claimed_by = None  # the rule that switched a net left to choose to the chain (require_chain)
         self._output_note = OutputNote()  # what was done to the returned output before the loss (tfa.output)
         self.attach(model)
@@ -293,6 +294,7 @@ class FPropagation(nn.Module):
             recorder.attach()
         self._recorder = recorder
         self._fingerprint = self._make_fingerprint()
+        self._owner = id(self)  # a copy (copy.deepcopy, pickle) keeps the number: its hooks are still this net's
         self._attached = True
         return self
 
@@ -365,9 +367,13 @@ class FPropagation(nn.Module):
     def _changed(self) -> bool:
         """True if the model is not what ``attach`` saw (checked at every forward without walking the tree): a child
         or parameter added, removed, renamed or replaced, a forward hook other than a recorder's added or removed, a
-        module's class or instance forward replaced, a parameter's shape, dtype or device changed. A module whose
+        module's class or instance forward replaced, a parameter's shape, dtype or device changed, ``net.model``
+        replaced, or this net a copy of another (``copy.deepcopy``, pickle: its hooks are the other's). A module whose
         ``_signature`` is the one ``attach`` took is unchanged; only one that differs is looked at in detail."""
         modules, params, (seen, signatures) = self._fingerprint
+        if self._owner != id(self) or (seen and self.model is not seen[0]):  # a copy of a net, or net.model replaced
+            self._pristine = False
+            return True
         self._pristine = _same(_signatures(seen), signatures)
         if not self._pristine and self._changed_in_detail(modules):  # may differ by another recorder's hooks only
             return True
