@@ -186,7 +186,8 @@ def _hook_keys(module: nn.Module) -> tuple:
 
 
 def _signature(module: nn.Module) -> tuple:
-    """One flat tuple of the objects that make ``module`` what it is: its class, instance forward, children,
+    """One flat tuple of the objects that make ``module`` what it is: its class and the class's forward (patched
+    after wrapping, it computes something else), its instance forward, children,
     parameters and forward hooks (their names and the objects; each part's length first, so that no two different
     states flatten alike). Compared by identity (``_same``): the fingerprint keeps every object alive, so an equal
     signature is the same module state; an equal object that is not the same one (a name re-made) only sends the
@@ -194,7 +195,8 @@ def _signature(module: nn.Module) -> tuple:
     state = module.__dict__
     params, children = state["_parameters"], state["_modules"]
     pre, post = state["_forward_pre_hooks"], state["_forward_hooks"]
-    return (type(module), state.get("forward"), len(params), len(children), len(pre), len(post),
+    cls = type(module)
+    return (cls, cls.forward, state.get("forward"), len(params), len(children), len(pre), len(post),
             *params, *params.values(), *children, *children.values(), *pre, *pre.values(), *post, *post.values())
 
 
@@ -352,7 +354,8 @@ class FPropagation(nn.Module):
         tuple. The fingerprint keeps them alive (the hooks too): their ids stay theirs."""
         modules = tuple((m, tuple(m._modules), tuple(map(id, m._modules.values())), tuple(m._parameters),
                          tuple(map(id, m._parameters.values())),
-                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))), (type(m), m.__dict__.get("forward")),
+                         (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))),
+                         (type(m), m.__dict__.get("forward"), type(m).forward),
                          (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
                         for _, m in self.model.named_modules())
         params = tuple((p, p.shape, p.dtype, p.device, p.is_cpu)
@@ -382,11 +385,12 @@ class FPropagation(nn.Module):
 
     @staticmethod
     def _changed_in_detail(modules: tuple) -> bool:
-        for module, child_names, children, own_names, own, hooks, (kind, forward), _ in modules:
+        for module, child_names, children, own_names, own, hooks, (kind, forward, class_forward), _ in modules:
             found_children, found_params = module._modules, module._parameters
             if (tuple(map(id, found_params.values())) != own or tuple(map(id, found_children.values())) != children
                     or tuple(found_params) != own_names or tuple(found_children) != child_names
-                    or type(module) is not kind or module.__dict__.get("forward") is not forward):
+                    or type(module) is not kind or module.__dict__.get("forward") is not forward
+                    or kind.forward is not class_forward):
                 return True
             if _hook_keys(module) != hooks[0] and tuple(map(id, _foreign_hooks(module))) != hooks[1]:
                 return True
