@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import operator
 from functools import partial
 
 import torch
@@ -138,6 +139,20 @@ class RuleOptimizer(Optimizer):
         self._check_groups()
 
     def _check_groups(self) -> None:
+        """Checked once per settings: a step whose groups hold the same scalar objects as the last checked ones (a
+        tensor or any other object is checked every time: it may have changed in place) skips the checks."""
+        settings = _group_settings(self.param_groups)
+        checked = self.__dict__.get("_checked_settings")
+        if settings is not None and checked is not None and len(settings) == len(checked) and all(
+                map(operator.is_, settings, checked)):
+            return
+        self._checked_settings = None
+        largest_of_all = self._check_groups_now()
+        if settings is not None and largest_of_all <= _SMALLEST_MAX:  # else the parameters' dtypes matter too
+            self._checked_settings = settings
+
+    def _check_groups_now(self) -> float:
+        largest_of_all = 0.0
         for i, group in enumerate(self.param_groups):
             where = f"param_groups[{i}]: " if len(self.param_groups) > 1 else ""
             for key, (low, high) in self._ranges().items():
@@ -146,6 +161,7 @@ class RuleOptimizer(Optimizer):
             values = [(key, group[key]) for key in ("lr", "momentum", "dampening", "weight_decay")
                       if isinstance(group.get(key), (int, float))]
             largest = max((abs(value) for _, value in values), default=0.0)
+            largest_of_all = max(largest_of_all, largest)
             if largest > _SMALLEST_MAX and largest > min(
                     (torch.finfo(p.dtype).max for p in group["params"] if p.is_floating_point()), default=math.inf):
                 for param in group["params"]:  # torch's kernels cast these to the dtype: an overflow is silent there
@@ -153,6 +169,7 @@ class RuleOptimizer(Optimizer):
                         if param.is_floating_point() and abs(value) > torch.finfo(param.dtype).max:
                             raise ValueError(f"{where}{key}={value:g} overflows {param.dtype}, the dtype of "
                                              f"{param_names(self.net, [param])[0]}")
+        return largest_of_all
 
     def _ranges(self) -> dict:
         return _SGD_RANGES
@@ -446,6 +463,21 @@ class RuleOptimizer(Optimizer):
 
 
 _SMALLEST_MAX = torch.finfo(torch.float16).max  # below this a hyper-parameter fits every floating dtype
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+
+
+def _group_settings(groups: list[dict]) -> tuple | None:
+    """Every group's keys and values but its parameters, in one flat tuple (the groups' number and sizes first);
+    None when one is not an immutable scalar (a tensor learning rate may change in place)."""
+    settings = [len(groups)]
+    for group in groups:
+        settings.append(len(group))
+        for key, value in group.items():
+            if key != "params":
+                if type(value) not in _SCALARS:
+                    return None
+                settings += (key, value)
+    return tuple(settings)
 
 _CLASS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
