@@ -756,8 +756,12 @@ class ChainRecorder(HookedRecorder):
                                "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
         for module, what, then, names, through in self._configs:
             now = _settings(module)
-            change = (_setting_change(module, then, now) if now != then
-                      else _read_change(module, names, through, _read_through(module, names)))
+            if now != then:
+                change = _setting_change(module, then, now)
+            else:  # the same objects (the usual case): nothing to say; else the differences in words, if any
+                found = _read_through(module, names)
+                change = (None if len(found) == len(through) and all(map(operator.is_, found, through))
+                          else _read_change(module, names, through, found))
             if change is not None:
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was changed between the forward and the sweep ({change}); "
