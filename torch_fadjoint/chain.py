@@ -150,22 +150,11 @@ def _read_change(module: nn.Module, names: tuple, then: tuple, now: tuple) -> st
     return None
 
 
-def _backward_hook_of(layers, configs) -> str | None:
-    """The first backward-side hook the sweep would have to call, in words (None if there is none): a tensor hook
-    or post-accumulate hook on a recorded parameter, a (full) backward (pre-)hook on a recorded module, or a global
-    module backward hook."""
-    if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
-        return "a global module backward hook is registered (register_module_full_backward_hook)"
-    for module, what, *_ in configs:
-        if module._backward_hooks or module._backward_pre_hooks:
-            return f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)"
-    for layer in layers:
-        for name in layer.entry.param_names:
-            param = _read(layer.module, name)
-            if param is not None and (param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None)):
-                return (f"{layer.name}.{name} has a gradient hook (register_hook / "
-                        "register_post_accumulate_grad_hook)")
-    return None
+def _tensor_hook(tensor) -> bool:
+    """Whether autograd would call a hook of ``tensor`` when it accumulates its gradient (register_hook /
+    register_post_accumulate_grad_hook)."""
+    return isinstance(tensor, Tensor) and bool(tensor._backward_hooks or getattr(tensor, "_post_accumulate_grad_hooks",
+                                                                                  None))
 
 
 def plain_chain(model: nn.Module) -> bool:
@@ -724,6 +713,12 @@ class ChainRecorder(HookedRecorder):
                     x = replaced
         return x
 
+    def _refuse_hook(self, hook: str):
+        """RuntimeError naming a backward-side hook the sweep would have to call (records cleared)."""
+        self.clear()
+        raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
+                           "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
+
     def _finish(self, output) -> None:
         if not self._layers:
             raise ValueError(f"FPropagation: no parametric layer ran in the forward; nothing to record "
@@ -749,17 +744,20 @@ class ChainRecorder(HookedRecorder):
                 raise RuntimeError(f"FPropagation: the parameter {what} was given other memory after the forward "
                                    "(p.data = …, vector_to_parameters): the sweep would read the old one; records "
                                    "cleared, nothing was changed (run the forward again)")
-        hook = _backward_hook_of(self._layers, self._configs)
-        if hook is not None:
-            self.clear()
-            raise RuntimeError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; records "
-                               "cleared, nothing was changed (remove it; clip or freeze in the optimizer instead)")
+        if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
+            self._refuse_hook("a global module backward hook is registered (register_module_full_backward_hook)")
         for module, what, then, names, through in self._configs:
+            if module._backward_hooks or module._backward_pre_hooks:
+                self._refuse_hook(f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)")
             now = _settings(module)
             if now != then:
                 change = _setting_change(module, then, now)
             else:  # the same objects (the usual case): nothing to say; else the differences in words, if any
                 found = _read_through(module, names)
+                for name, tensor in zip(names, found[1::2]):  # what the sweep reads: parameters, buffers
+                    if _tensor_hook(tensor):
+                        self._refuse_hook(f"{self._param_names.get(id(tensor), f'{what}: its {name}')} has a gradient "
+                                          "hook (register_hook / register_post_accumulate_grad_hook)")
                 change = (None if len(found) == len(through) and all(map(operator.is_, found, through))
                           else _read_change(module, names, through, found))
             if change is not None:
