@@ -14,7 +14,10 @@ Functional forwards between modules (``F.relu(x)``, ``F.max_pool2d(x, 2)``, ``to
 ``x.view(x.size(0), -1)``, ``F.dropout(x, p, training=self.training)``, ``F.log_softmax(x, dim=1)``) are
 seen by a ``TorchFunctionMode`` active during ``net(x)`` (STYLE P10) and go through the same table as
 the modules. Models whose containers are all ``nn.Sequential`` (whose forward only calls its children)
-run without the mode. Records are detached tensors that share storage with the forward's own.
+run without the mode, and the recorder runs them itself (``ChainRecorder._run``): each leaf's two hooks and
+``forward`` called in the order and the way ``nn.Module.__call__`` would call them, without its dispatch, whenever
+nothing else would run there (no other hook, no module compiled in place or with its own ``__call__``, torch's own
+``nn.Sequential``; else ``model(x)``). Records are detached tensors that share storage with the forward's own.
 
 Exact or refused (§6.7): the executed modules and functionals must form a chain — every layer and map
 receives exactly what the one before it returned, and the model returns the last one's output.
@@ -425,7 +428,10 @@ class ChainRecorder(HookedRecorder):
         # is_inference() first, on purpose: under torch.compile it graph-breaks and the rest of the hook runs eagerly,
         # with eager versions; asking _compiling() first kept the hook traced and broke compiled_step (test_graph)
         if isinstance(tensor, Tensor) and not tensor.is_inference() and not _compiling():
-            self._watch.append((weakref.ref(tensor), tensor._version, what, tensor.data_ptr() if memory else None))
+            watch, version = self._watch, tensor._version
+            if not memory and watch and watch[-1][0]() is tensor and watch[-1][1] == version:
+                return  # watched last, at this version (a map's record that the next layer receives): once is enough
+            watch.append((weakref.ref(tensor), version, what, tensor.data_ptr() if memory else None))
 
     def _consume(self, what: str, inputs: tuple) -> Tensor | None:
         """The chain tensor a module or op receives (None before the first layer); refuses a non-chain."""
