@@ -105,8 +105,7 @@ class Layer:
         if weight is None and not registered:  # an entry whose tensors are not registered parameters
             params = self.params(module)
             weight = params[0] if params else None
-        if weight is not None and (x_prev.dtype is not weight.dtype or not (x_prev.is_cpu and weight.is_cpu)
-                                   and x_prev.device != weight.device):  # one CPU: no device objects to compare
+        if weight is not None and (x_prev.dtype is not weight.dtype or x_prev.device != weight.device):
             return (f"expected a {weight.dtype} input on {weight.device} (its weight's), "
                     f"got {x_prev.dtype} on {x_prev.device}")
         return None
