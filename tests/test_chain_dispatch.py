@@ -224,3 +224,37 @@ def test_a_class_forward_patched_after_wrapping_is_refused(monkeypatch, graph):
     monkeypatch.setattr(nn.Linear, "forward", lambda self, x: original(self, x) * 2.0)
     with pytest.raises(RuntimeError, match=r"changed after wrapping; call net.attach\(\)"):
         net(_batch()[0])
+
+
+def test_a_class_forward_made_anew_at_every_access_is_no_change():
+    """A ``functools.partialmethod`` forward is a new function at every ``cls.forward``: the same class, not a
+    patch (the detailed comparison reads the class's own attribute)."""
+    from functools import partialmethod
+
+    class Scale(nn.Module):
+        def scaled(self, x, k):
+            return x * k
+        forward = partialmethod(scaled, k=2.0)
+
+    assert Scale.forward is not Scale.forward
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), Scale(), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    x, t = _batch()
+    net = tfa.FPropagation(model)
+    assert net.graph  # Scale has no table entry: the tape records its ops
+    for _ in range(2):
+        net(x)
+    net.remove()
+    _grads_match_autograd_graph(model, x, t)
+
+
+def _grads_match_autograd_graph(model, x, t):
+    net = tfa.FPropagation(model, graph=True)
+    net(x)
+    net.backward(F.cross_entropy, t)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with net.paused():
+        F.cross_entropy(model(x), t).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-10, atol=1e-12)

@@ -190,14 +190,23 @@ def _signature(module: nn.Module) -> tuple:
     after wrapping, it computes something else), its instance forward, children,
     parameters and forward hooks (their names and the objects; each part's length first, so that no two different
     states flatten alike). Compared by identity (``_same``): the fingerprint keeps every object alive, so an equal
-    signature is the same module state; an equal object that is not the same one (a name re-made) only sends the
-    comparison to the detailed one."""
+    signature is the same module state; an equal object that is not the same one (a name re-made, a class forward
+    its descriptor makes anew) only sends the comparison to the detailed one."""
     state = module.__dict__
     params, children = state["_parameters"], state["_modules"]
     pre, post = state["_forward_pre_hooks"], state["_forward_hooks"]
     cls = type(module)
     return (cls, cls.forward, state.get("forward"), len(params), len(children), len(pre), len(post),
             *params, *params.values(), *children, *children.values(), *pre, *pre.values(), *post, *post.values())
+
+
+def _class_forward(cls: type):
+    """``forward`` as ``cls`` or its nearest base holds it, unbound: one object however its descriptor binds (a
+    ``functools.partialmethod`` makes a new function at every ``cls.forward``)."""
+    for base in cls.__mro__:
+        if "forward" in base.__dict__:
+            return base.__dict__["forward"]
+    return None
 
 
 def _signatures(modules) -> tuple:
@@ -355,7 +364,7 @@ class FPropagation(nn.Module):
         modules = tuple((m, tuple(m._modules), tuple(map(id, m._modules.values())), tuple(m._parameters),
                          tuple(map(id, m._parameters.values())),
                          (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))),
-                         (type(m), m.__dict__.get("forward"), type(m).forward),
+                         (type(m), m.__dict__.get("forward"), _class_forward(type(m))),
                          (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
                         for _, m in self.model.named_modules())
         params = tuple((p, p.shape, p.dtype, p.device, p.is_cpu)
@@ -390,7 +399,7 @@ class FPropagation(nn.Module):
             if (tuple(map(id, found_params.values())) != own or tuple(map(id, found_children.values())) != children
                     or tuple(found_params) != own_names or tuple(found_children) != child_names
                     or type(module) is not kind or module.__dict__.get("forward") is not forward
-                    or kind.forward is not class_forward):
+                    or _class_forward(kind) is not class_forward):
                 return True
             if _hook_keys(module) != hooks[0] and tuple(map(id, _foreign_hooks(module))) != hooks[1]:
                 return True
