@@ -119,26 +119,24 @@ def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
 def _read_through(module: nn.Module, names: tuple) -> tuple:
     """What a sweep reads through ``module`` besides its settings: its class, and for each of ``names`` (a layer's
     parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, or a
-    property of a class swapped in, shadows the registered one) and whether it requires grad."""
-    found = [type(module)]
+    property of a class swapped in, shadows the registered one) and whether it requires grad. Read from the
+    registries where nothing can shadow them (no instance attribute, no class attribute of that name, ``nn.Module``'s
+    ``__getattr__``): what ``getattr`` gives then, at a third of its cost (``nn.Module.__getattr__`` runs after a
+    failed lookup)."""
+    cls, state = type(module), module.__dict__
+    plain = cls.__getattr__ is _MODULE_GETATTR
+    found = [cls]
     for name in names:
-        tensor = _read(module, name)
+        if plain and name not in state and getattr(cls, name, _MISSING) is _MISSING:
+            tensor = state["_parameters"].get(name, _MISSING)
+            if tensor is _MISSING:
+                tensor = state["_buffers"].get(name, _MISSING)
+                if tensor is _MISSING:
+                    tensor = state["_modules"].get(name)
+        else:
+            tensor = getattr(module, name, None)
         found += (tensor, isinstance(tensor, Tensor) and tensor.requires_grad)
     return tuple(found)
-
-
-def _read(module: nn.Module, name: str):
-    """``getattr(module, name, None)``, from the registries where nothing can shadow them (no instance attribute, no
-    class attribute of that name, ``nn.Module``'s ``__getattr__``): what ``getattr`` gives then, at a third of its
-    cost (``nn.Module.__getattr__`` runs after a failed lookup)."""
-    cls, state = type(module), module.__dict__
-    if cls.__getattr__ is _MODULE_GETATTR and name not in state and getattr(cls, name, _MISSING) is _MISSING:
-        for registry in ("_parameters", "_buffers", "_modules"):
-            found = state[registry]
-            if name in found:
-                return found[name]
-        return None
-    return getattr(module, name, None)
 
 
 def _read_change(module: nn.Module, names: tuple, then: tuple, now: tuple) -> str | None:
