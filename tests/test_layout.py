@@ -19,7 +19,8 @@ ALLOWED = {
     "steps": {"junctions"},  # tfa.nn.Step's entry (torch.heaviside)
     "tape_writes": set(),  # what a recorded forward may write, and what a refused one puts back
     "tape": {"junctions", "arithmetic", "activations", "functionals", "poolings", "steps", "tape_writes"},  # the graph: ops through the table
-    "chain": {"layers", "maps"},
+    "module_reads": set(),  # what a sweep reads through a module, and how two readings compare
+    "chain": {"layers", "maps", "module_reads"},
     "tape_sweep": {"tape"},  # the sweep over a recorded tape (the F-adjoint, the rules' interface)
     "output": {"tape", "tape_writes", "losses"},  # the returned output that notices a change before the loss (its op names: the tape's; in-place names: tape_writes)
     "recorder": {"chain", "layers", "maps", "sweep", "losses", "distributed", "tape", "tape_sweep", "output"},  # the façade, the tape recorder

@@ -34,7 +34,6 @@ Over 400 lines: one class, the chain recorder's plan and record, whose hooks sha
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 import weakref
 
@@ -46,6 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from .layers import Layer, LayerRecord, layer_for, supported_layers
 from .maps import FUNCTIONALS, MAPS, TRANSPARENT, VIEWS, Map, MapRecord, Reshape, map_for, supported_maps
+from .module_reads import gradient_hook, read_change, read_through, setting_change, settings_of
 
 __all__ = ["ChainRecorder", "HookedRecorder", "plain_chain"]
 
@@ -70,92 +70,6 @@ def _ours(hook):
 
 
 _STANDINS_KEPT = 64  # functional stand-ins cached per call signature, least recently used evicted first
-
-
-_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
-_SETTING_KEYS: dict[type, tuple] = {}  # type -> (the setting names, their getter)
-_MODULE_GETATTR = nn.Module.__getattr__
-_MISSING = object()
-
-
-def _settings(module: nn.Module) -> tuple:
-    """What a backward reads from a module besides its records: its plain settings (``eps``, ``negative_slope``,
-    ``stride``, ``count_include_pad``, ``training``, …) and which tensors its parameters and buffers are, in one flat
-    tuple: the settings (a fixed number per type), how many parameters, then the ids of the parameters and buffers."""
-    state = module.__dict__
-    read = _SETTING_KEYS.get(type(module))
-    if read is None:  # the names a freshly made module of this type holds (torch's own table modules)
-        keys = tuple(k for k, v in state.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
-        read = _SETTING_KEYS[type(module)] = (keys, _getter(keys))
-    params = state["_parameters"]
-    return (*read[1](state), len(params), *map(id, params.values()), *map(id, state["_buffers"].values()))
-
-
-def _getter(keys: tuple):
-    """``state -> tuple of state.get(key)`` for ``keys``, in C where every key is there (the usual case)."""
-    if not keys:
-        return lambda state: ()
-    at_once = operator.itemgetter(*keys)
-    if len(keys) == 1:
-        return lambda state: (state.get(keys[0]),)
-
-    def get(state: dict) -> tuple:
-        try:
-            return at_once(state)
-        except KeyError:  # a setting deleted from the instance
-            return tuple(map(state.get, keys))
-    return get
-
-
-def _setting_change(module: nn.Module, then: tuple, now: tuple) -> str:
-    """The first difference between two ``_settings`` of ``module``, in words."""
-    keys = _SETTING_KEYS[type(module)][0]
-    for key, a, b in zip(keys, then, now):
-        if a != b:
-            return f"{key}: {a!r} → {b!r}"
-    return "a parameter or buffer was replaced"
-
-
-def _read_through(module: nn.Module, names: tuple) -> tuple:
-    """What a sweep reads through ``module`` besides its settings: its class, and for each of ``names`` (a layer's
-    parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, or a
-    property of a class swapped in, shadows the registered one) and whether it requires grad. Read from the
-    registries where nothing can shadow them (no instance attribute, no class attribute of that name, ``nn.Module``'s
-    ``__getattr__``): what ``getattr`` gives then, at a third of its cost (``nn.Module.__getattr__`` runs after a
-    failed lookup)."""
-    cls, state = type(module), module.__dict__
-    plain = cls.__getattr__ is _MODULE_GETATTR
-    found = [cls]
-    for name in names:
-        if plain and name not in state and getattr(cls, name, _MISSING) is _MISSING:
-            tensor = state["_parameters"].get(name, _MISSING)
-            if tensor is _MISSING:
-                tensor = state["_buffers"].get(name, _MISSING)
-                if tensor is _MISSING:
-                    tensor = state["_modules"].get(name)
-        else:
-            tensor = getattr(module, name, None)
-        found += (tensor, isinstance(tensor, Tensor) and tensor.requires_grad)
-    return tuple(found)
-
-
-def _read_change(module: nn.Module, names: tuple, then: tuple, now: tuple) -> str | None:
-    """The first difference between two ``_read_through`` of ``module``, in words (None if none)."""
-    if now[0] is not then[0]:
-        return f"its class is {now[0].__name__}, was {then[0].__name__}"
-    for name, tensor, wanted, found, wants in zip(names, then[1::2], then[2::2], now[1::2], now[2::2]):
-        if found is not tensor:
-            return f"its {name} is another tensor (an attribute set on the module?)"
-        if wants and not wanted:  # frozen at the forward: autograd gives it no gradient (one frozen since: none)
-            return f"{name}.requires_grad is True, was False"
-    return None
-
-
-def _tensor_hook(tensor) -> bool:
-    """Whether autograd would call a hook of ``tensor`` when it accumulates its gradient (register_hook /
-    register_post_accumulate_grad_hook)."""
-    return isinstance(tensor, Tensor) and bool(tensor._backward_hooks or getattr(tensor, "_post_accumulate_grad_hooks",
-                                                                                  None))
 
 
 def plain_chain(model: nn.Module) -> bool:
@@ -368,10 +282,10 @@ class ChainRecorder(HookedRecorder):
         self._watch: list[tuple[Tensor, int, str, int | None]] = []  # (tensor, version, name, data_ptr of a
         # parameter: one given other memory after the forward, p.data = …, is refused as an in-place write is)
         self._configs: list[tuple] = []  # (module, its description, its settings then, the names the sweep reads
-        # through it, what they gave then: _read_through)
+        # through it, what they gave then: module_reads.read_through)
         self._depth = 0
         self._transparent = None
-        self._reads: list[tuple] = []  # (module, _read_through of its parameters) of each layer whose forward
+        self._reads: list[tuple] = []  # (module, read_through of its parameters) of each layer whose forward
         # runs: what its pre-hook read, taken by its forward hook
 
     @property
@@ -465,7 +379,7 @@ class ChainRecorder(HookedRecorder):
             self._depth += 1  # the module's own ops are not the chain's (reset by forward() on error)
             what = _Lazy(lambda: _describe(name, module))
             known = self._param_names
-            through = _read_through(module, layer.param_names)  # the parameters its forward reads (on_layer adds
+            through = read_through(module, layer.param_names)  # the parameters its forward reads (on_layer adds
             for param_name, value in zip(layer.param_names, through[1::2]):  # the buffers, as they are after it)
                 if value is not None and id(value) not in known:
                     raise ValueError(f"{what}: its {param_name} is not the parameter it was wrapped with (torch.func."
@@ -511,11 +425,11 @@ class ChainRecorder(HookedRecorder):
                 reads = layer.param_names
                 if buffers:
                     reads = (*reads, *buffers)
-                    through += _read_through(module, tuple(buffers))[1:]
+                    through += read_through(module, tuple(buffers))[1:]
                 if buffers and not (isinstance(rec.saved, dict) and rec.saved.get("train", True)):
                     for buffer_name in ("running_mean", "running_var"):  # eval-mode BatchNorm reads them
                         self._watch_tensor(buffers.get(buffer_name), f"{name}.{buffer_name}")
-                self._configs.append((module, described, _settings(module), reads, through))
+                self._configs.append((module, described, settings_of(module), reads, through))
                 layers.append(rec)
                 self._advance(output, described)
             finally:
@@ -575,7 +489,7 @@ class ChainRecorder(HookedRecorder):
                 self._watch_tensor(item, f"the record of {what}")
         rec = MapRecord(name, module, entry, saved)
         reads = tuple(module._buffers)
-        self._configs.append((module, what, _settings(module), reads, _read_through(module, reads)))
+        self._configs.append((module, what, settings_of(module), reads, read_through(module, reads)))
         if self.keep_pre_activations:
             rec.y, rec.x = _detach(y), _detach(x)
             self._watch_tensor(rec.y, f"the input of {what}")
@@ -706,15 +620,13 @@ class ChainRecorder(HookedRecorder):
         the recording's cost on a small MLP; docs/performance.md)."""
         for module, pre, post in self._steps[0]:
             inputs = (x,)
-            if pre is not None:
-                replaced = pre(module, inputs)
-                if replaced is not None:
-                    inputs = replaced if isinstance(replaced, tuple) else (replaced,)
+            replaced = pre(module, inputs)
+            if replaced is not None:
+                inputs = replaced if isinstance(replaced, tuple) else (replaced,)
             x = module.forward(*inputs)
-            if post is not None:
-                replaced = post(module, inputs, x)
-                if replaced is not None:
-                    x = replaced
+            replaced = post(module, inputs, x)
+            if replaced is not None:
+                x = replaced
         return x
 
     def _refuse_hook(self, hook: str):
@@ -753,17 +665,17 @@ class ChainRecorder(HookedRecorder):
         for module, what, then, names, through in self._configs:
             if module._backward_hooks or module._backward_pre_hooks:
                 self._refuse_hook(f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)")
-            now = _settings(module)
+            now = settings_of(module)
             if now != then:
-                change = _setting_change(module, then, now)
+                change = setting_change(module, then, now)
             else:  # the same objects (the usual case): nothing to say; else the differences in words, if any
-                found = _read_through(module, names)
+                found = read_through(module, names)
                 for name, tensor in zip(names, found[1::2]):  # what the sweep reads: parameters, buffers
-                    if _tensor_hook(tensor):
+                    if gradient_hook(tensor):
                         self._refuse_hook(f"{self._param_names.get(id(tensor), f'{what}: its {name}')} has a gradient "
                                           "hook (register_hook / register_post_accumulate_grad_hook)")
                 change = (None if len(found) == len(through) and all(map(operator.is_, found, through))
-                          else _read_change(module, names, through, found))
+                          else read_change(module, names, through, found))
             if change is not None:
                 self.clear()
                 raise RuntimeError(f"FPropagation: {what} was changed between the forward and the sweep ({change}); "

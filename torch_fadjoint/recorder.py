@@ -443,7 +443,7 @@ class FPropagation(nn.Module):
     def _output_needs(self) -> bool:
         """Whether a trainable parameter lies upstream of the recorded output (autograd's ``requires_grad`` of it,
         were the forward run with grad enabled): the tape's own answer; on a chain, any parameter's (or buffer's) the
-        forward read (its ``requires_grad``, as the recorder kept it: ``chain._read_through``)."""
+        forward read (its ``requires_grad``, as the recorder kept it: ``module_reads.read_through``)."""
         recorder = self._recorder
         if isinstance(recorder, TapeRecorder):
             return bool(recorder.tape.needs[recorder.tape.output])
