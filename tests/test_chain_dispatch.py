@@ -88,10 +88,11 @@ def test_a_patched_sequential_forward_is_what_runs(monkeypatch):
     with pytest.raises(RuntimeError, match=r"changed after wrapping; call net.attach\(\)"):  # its class's forward
         net(x)
     net.attach()
+    assert net.graph  # not torch's own nn.Sequential.forward: the tape records what the patched one runs
     net(x)
     assert seen == ["Sequential", "Sequential"]  # the model and its inner Sequential
     net.remove()
-    _grads_match_autograd(model, x, t)
+    _grads_match_autograd_graph(model, x, t)
 
 
 def test_a_second_recorder_on_the_same_model_sends_the_forward_through_model_call():
@@ -258,3 +259,79 @@ def _grads_match_autograd_graph(model, x, t):
         F.cross_entropy(model(x), t).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-10, atol=1e-12)
+
+
+# -- session 8's second red team: older faults of the chain, each silently wrong or misleading before ---------------
+@pytest.mark.parametrize("where", ["outer", "inner"])
+@pytest.mark.parametrize("kind", ["pre", "full"])
+def test_a_containers_backward_hook_is_refused_before_anything_is_written(where, kind):
+    """autograd calls a container's backward hooks with its gradients (×0 here: 0.27 off when ignored)."""
+    model = _model()
+    container = model if where == "outer" else model[2]
+    if kind == "pre":
+        container.register_full_backward_pre_hook(lambda module, grad_out: (grad_out[0] * 0,))
+    else:
+        container.register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 3,))
+    net = tfa.FPropagation(model)
+    opt = tfa.optim.FAdjoint(net, lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, t = _batch()
+    net(x)
+    with pytest.raises(RuntimeError, match=r"^FPropagation: (<model>|2) \(Sequential\) has a backward hook"):
+        opt.step(target=t)
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+    assert not opt.state
+
+
+def test_a_patched_getattribute_is_read_through():
+    """``nn.Linear.__getattribute__`` patched to give another weight: what the forward reads is not the parameter
+    the model was wrapped with (0.08 off, the weights' .grad None, when the registries were read instead)."""
+    model = _model()
+    net = tfa.FPropagation(model)
+
+    def doubled(self, name):
+        return object.__getattribute__(self, name) if name != "weight" else nn.Module.__getattr__(self, name) * 2
+
+    nn.Linear.__getattribute__ = doubled
+    try:
+        with pytest.raises(ValueError, match=r"its weight is not the parameter it was wrapped with"):
+            net(_batch()[0])
+    finally:
+        del nn.Linear.__getattribute__
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_torchs_class_with_a_forward_patched_before_wrapping_goes_to_the_tape(monkeypatch):
+    """``nn.Linear.forward`` patched before wrapping computes what the Linear entry does not say (0.30 off on the
+    chain): the chain refuses it, so the tape records the ops the patched forward runs, exact."""
+    original = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: original(self, x) * 2.0)
+    model = _model()
+    with pytest.raises(TypeError, match=r"its class's forward is not torch's own"):
+        tfa.FPropagation(model, graph=False)
+    net = tfa.FPropagation(model)
+    assert net.graph
+    net.remove()
+    x, t = _batch()
+    _grads_match_autograd_graph(model, x, t)
+
+
+def test_an_in_place_map_over_a_kept_output_is_refused_at_the_forward():
+    """keep_pre_activations (LFP sets it) keeps Y^k; ReLU(inplace=True) overwrites it during the forward: refused
+    there, naming the map (the step said "modified after the forward; run the forward again", which never helped)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
+    net = tfa.FPropagation(model, keep_pre_activations=True)
+    with pytest.raises(ValueError, match=r"^1 \(ReLU\): an in-place map overwrites its input Y\^1, which "
+                                         r"keep_pre_activations keeps"):
+        net(_batch()[0])
+    plain = tfa.FPropagation(model)  # not kept: the in-place map is exact
+    x, t = _batch()
+    plain(x)
+    plain.backward(F.cross_entropy, t)
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with plain.paused():
+        F.cross_entropy(model(x), t).backward()
+    for got, param in zip(ours, model.parameters()):
+        torch.testing.assert_close(got, param.grad, rtol=1e-10, atol=1e-12)

@@ -35,6 +35,7 @@ Over 400 lines: one class, the chain recorder's plan and record, whose hooks sha
 from __future__ import annotations
 
 import operator
+import os
 import weakref
 
 import torch
@@ -91,6 +92,24 @@ def _torchs(function, module: str, qualname: str, file: str):
             and code.co_filename.replace("\\", "/").endswith(file)):
         return function
     return None
+
+
+_TORCH_DIR = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+
+
+def _own_forward(cls: type) -> bool:
+    """Whether a class of torch's own (``torch.nn``) has its forward as torch defines it (a table entry says what
+    that forward computes); any other class's forward is its author's (registered with it)."""
+    if not cls.__module__.startswith("torch."):
+        return True
+    for base in cls.__mro__:
+        if "forward" in base.__dict__:
+            forward, code = base.__dict__["forward"], getattr(base.__dict__["forward"], "__code__", None)
+            return (base.__module__.startswith("torch.") and getattr(forward, "__module__", None) == base.__module__
+                    and getattr(forward, "__qualname__", None) == f"{base.__qualname__}.forward"
+                    and not hasattr(forward, "__wrapped__") and code is not None
+                    and os.path.realpath(code.co_filename).startswith(_TORCH_DIR))
+    return True
 
 
 # what nn.Sequential's forward calls, as torch defines it: the direct run (ChainRecorder._run) only stands in for these
@@ -246,6 +265,7 @@ class ChainRecorder(HookedRecorder):
         self._undo: list = []  # what map entries' prepare() set on a module for one call (MaxPool's return_indices)
         self._param_names: dict[int, str] = {}
         self._normalisations: list[nn.Module] = []
+        self._containers: list[tuple[str, nn.Module]] = []
         self.clear()
 
     @property
@@ -270,6 +290,8 @@ class ChainRecorder(HookedRecorder):
         self._steps = None if self._needs_mode or not _DIRECT else _direct_steps(self.model, hooks)
         self._param_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         self._normalisations = _normalisations(self.model)
+        self._containers = [(name, m) for name, m in self.model.named_modules() if m._modules]  # their backward
+        # hooks: the sweep refuses them (a leaf's are refused with its record)
 
     def clear(self) -> None:
         """Drop the records of the last forward."""
@@ -305,6 +327,10 @@ class ChainRecorder(HookedRecorder):
                             "what its type's table entry says; record the model on the tape (graph=None or True)")
         own = [n for n, p in module._parameters.items() if p is not None]
         layer, entry = layer_for(module), map_for(module)
+        if (layer is not None or entry is not None or type(module) in TRANSPARENT or type(module) is nn.Sequential) \
+                and not _own_forward(type(module)):
+            raise TypeError(f"{_describe(name, module)}: its class's forward is not torch's own (patched?), so it may "
+                            "not compute what its table entry says; record the model on the tape (graph=None or True)")
         if layer is not None:
             why = layer.check(module)
             if why:
@@ -480,6 +506,9 @@ class ChainRecorder(HookedRecorder):
         if x is y and entry.saves == "input":
             raise ValueError(f"{what}: an in-place map overwrites its own input, which its derivative needs; "
                              "use inplace=False")
+        if x is y and self.keep_pre_activations and layer.y is y:
+            raise ValueError(f"{what}: an in-place map overwrites its input Y^{layer.k}, which keep_pre_activations "
+                             "keeps (LFP reads it); use inplace=False")
         if isinstance(saved, Tensor):
             saved = _detach(saved)
             self._watch_tensor(saved, _Lazy(lambda: f"the record of {what}"))
@@ -662,6 +691,10 @@ class ChainRecorder(HookedRecorder):
                                    "cleared, nothing was changed (run the forward again)")
         if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
             self._refuse_hook("a global module backward hook is registered (register_module_full_backward_hook)")
+        for name, container in self._containers:  # autograd calls a container's hooks with its gradients too
+            if container._backward_hooks or container._backward_pre_hooks:
+                self._refuse_hook(f"{_describe(name, container)} has a backward hook (register_full_backward_hook / "
+                                  "register_full_backward_pre_hook)")
         for module, what, then, names, through in self._configs:
             if module._backward_hooks or module._backward_pre_hooks:
                 self._refuse_hook(f"{what} has a backward hook (register_full_backward_hook / register_backward_hook)")

@@ -16,7 +16,7 @@ __all__ = ["settings_of", "setting_change", "read_through", "read_change", "grad
 
 _SETTING_TYPES = (bool, int, float, str, tuple, type(None))
 _SETTING_KEYS: dict[type, tuple] = {}  # type -> (the setting names, their getter)
-_MODULE_GETATTR = nn.Module.__getattr__
+_MODULE_GETATTR, _MODULE_GETATTRIBUTE = nn.Module.__getattr__, nn.Module.__getattribute__
 _MISSING = object()
 
 
@@ -63,10 +63,10 @@ def read_through(module: nn.Module, names: tuple) -> tuple:
     parameters, the module's buffers) the tensor ``module.<name>`` gives (an attribute set on the instance, or a
     property of a class swapped in, shadows the registered one) and whether it requires grad. Read from the
     registries where nothing can shadow them (no instance attribute, no class attribute of that name, ``nn.Module``'s
-    ``__getattr__``): what ``getattr`` gives then, at a third of its cost (``nn.Module.__getattr__`` runs after a
+    ``__getattr__`` and ``__getattribute__``): what ``getattr`` gives then, at a third of its cost (``nn.Module.__getattr__`` runs after a
     failed lookup)."""
     cls, state = type(module), module.__dict__
-    plain = cls.__getattr__ is _MODULE_GETATTR
+    plain = cls.__getattr__ is _MODULE_GETATTR and cls.__getattribute__ is _MODULE_GETATTRIBUTE
     found = [cls]
     for name in names:
         if plain and name not in state and getattr(cls, name, _MISSING) is _MISSING:
