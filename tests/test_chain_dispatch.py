@@ -335,3 +335,14 @@ def test_an_in_place_map_over_a_kept_output_is_refused_at_the_forward():
         F.cross_entropy(model(x), t).backward()
     for got, param in zip(ours, model.parameters()):
         torch.testing.assert_close(got, param.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_containers_backward_hook_on_the_tape_is_named_at_the_forward():
+    """On the tape the hook's autograd.Function (torch's BackwardHook) was refused as "runs inside a
+    torch.autograd.Function": the message names the hook now (session 8's second red team)."""
+    model = _model()
+    model[2].register_full_backward_pre_hook(lambda module, grad_out: (grad_out[0] * 0,))
+    net = tfa.FPropagation(model, graph=True)
+    with pytest.raises(ValueError, match=r"^FPropagation: 2 \(Sequential\) has a backward hook, which autograd would "
+                                         r"call and the F-adjoint does not; the forward is refused"):
+        net(_batch()[0])

@@ -128,12 +128,20 @@ class TapeRecorder(HookedRecorder):
             tape.param_memory = [(p, p.data_ptr()) for p in params]
             check_versions(tape)  # an overwritten record refused now, while the buffers can be put back
             tape.watched = [(weakref.ref(t), *rest) for t, *rest in tape.watched]  # none kept past the forward
-        except BaseException:
+        except BaseException as exc:
             self.clear()
             put_back_state(tape)
             for buffers, before in bound:  # a buffer rebound in the forward (self.buf = …)
                 buffers.clear()
                 buffers.update(before)
+            # a full backward hook runs the module's forward through an autograd.Function (torch's BackwardHook): name
+            # the hook, not the Function the tape refused
+            hook = (_graph_backward_hook(net.model, net._modules_seen(), self._params.values())
+                    if isinstance(exc, ValueError) and "torch.autograd.Function" in str(exc) else None)
+            if hook is not None:
+                raise ValueError(f"FPropagation: {hook}, which autograd would call and the F-adjoint does not; the "
+                                 "forward is refused, nothing was changed (remove it; clip or freeze in the optimizer "
+                                 "instead)") from None
             raise
         finally:
             self._path.clear()
