@@ -285,7 +285,8 @@ class RuleOptimizer(Optimizer):
     def _momentum_buffer(self, param: Tensor, group: dict) -> Tensor | None:
         """The parameter's momentum buffer, checked: a tensor of its shape, dtype and device (a loaded or edited
         state may hold anything); None before its first step or without momentum."""
-        buf = self.state.get(param, {}).get("momentum_buffer")
+        state = self.state.get(param)
+        buf = state.get("momentum_buffer") if state else None
         if buf is None or not group["momentum"]:
             return None
         # is_inference() is an eager-mode check: dynamo graph-breaks on it, and torch 2.14.1 resumes a frame that

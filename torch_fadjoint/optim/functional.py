@@ -46,9 +46,11 @@ def sgd_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
                            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, ok=ok)
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3; looked up once
+
+
 def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling and is_compiling())
+    return _is_compiling is not None and bool(_is_compiling())
 
 
 def _add(target: Tensor, other: Tensor, alpha: float, inplace: bool = False) -> Tensor:
