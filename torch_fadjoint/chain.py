@@ -83,18 +83,28 @@ def plain_chain(model: nn.Module) -> bool:
                and not _foreign_hooks(m) and "forward" not in m.__dict__ for m in model.modules())
 
 
-def _torchs(function, module: str, qualname: str, file: str):
-    """``function`` when it is torch's own (its module, qualified name and source file; not a wrapper), else None:
-    a patch made before this module was imported is no reference for "unpatched"."""
+_TORCH_DIR = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+
+
+def _torchs(function, module: str, qualname: str, file: str = ""):
+    """``function`` when it is torch's own (its module, qualified name and source file, in torch's directory; not a
+    wrapper), else None: a patch made before this module was imported is no reference for "unpatched"."""
     code = getattr(function, "__code__", None)
     if (getattr(function, "__module__", None) == module and getattr(function, "__qualname__", None) == qualname
-            and not hasattr(function, "__wrapped__") and code is not None
-            and code.co_filename.replace("\\", "/").endswith(file)):
-        return function
+            and not hasattr(function, "__wrapped__") and code is not None):
+        path = os.path.realpath(code.co_filename)
+        if path.startswith(_TORCH_DIR) and path.replace("\\", "/").endswith(file):
+            return function
     return None
 
 
-_TORCH_DIR = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+def _forward_holder(cls: type) -> tuple:
+    """(the class in ``cls``'s MRO that holds ``forward``, that ``forward`` as it holds it: one object however its
+    descriptor binds; a ``functools.partialmethod`` makes a new function at every ``cls.forward``), or (None, None)."""
+    for base in cls.__mro__:
+        if "forward" in base.__dict__:
+            return base, base.__dict__["forward"]
+    return None, None
 
 
 def _own_forward(cls: type) -> bool:
@@ -102,14 +112,9 @@ def _own_forward(cls: type) -> bool:
     that forward computes); any other class's forward is its author's (registered with it)."""
     if not cls.__module__.startswith("torch."):
         return True
-    for base in cls.__mro__:
-        if "forward" in base.__dict__:
-            forward, code = base.__dict__["forward"], getattr(base.__dict__["forward"], "__code__", None)
-            return (base.__module__.startswith("torch.") and getattr(forward, "__module__", None) == base.__module__
-                    and getattr(forward, "__qualname__", None) == f"{base.__qualname__}.forward"
-                    and not hasattr(forward, "__wrapped__") and code is not None
-                    and os.path.realpath(code.co_filename).startswith(_TORCH_DIR))
-    return True
+    base, forward = _forward_holder(cls)
+    return base is None or (base.__module__.startswith("torch.")
+                            and _torchs(forward, base.__module__, f"{base.__qualname__}.forward") is not None)
 
 
 # what nn.Sequential's forward calls, as torch defines it: the direct run (ChainRecorder._run) only stands in for these
@@ -631,12 +636,12 @@ class ChainRecorder(HookedRecorder):
 
     def _runs_as_planned(self) -> bool:
         """Whether ``model(x)`` would call each leaf of ``_steps`` in turn with this recorder's two hooks and nothing
-        else: the façade found the model as attach saw it (hooks included, ``net._pristine``; ``net.model`` not
-        replaced), no module is compiled in place (``module.compile()``), has a backward hook, a ``_call_impl`` set on
+        else: the façade found the model as attach saw it (hooks included, ``net._pristine``; ``net.model``
+        replaced is refused there), no module is compiled in place (``module.compile()``), has a backward hook, a ``_call_impl`` set on
         it or a class whose ``__call__`` or ``_call_impl`` is not ``nn.Module``'s, ``nn.Sequential``'s ``forward``
         and ``__iter__`` are torch's, and no JIT trace is running."""
         modules = self._steps[1]
-        return (self.net._pristine and self.net.model is modules[0] and nn.Sequential.forward is _SEQUENTIAL_FORWARD
+        return (self.net._pristine and nn.Sequential.forward is _SEQUENTIAL_FORWARD
                 and nn.Sequential.__iter__ is _SEQUENTIAL_ITER and not torch._C._get_tracing_state()
                 and not any(m._compiled_call_impl is not None or m._backward_hooks or m._backward_pre_hooks
                             or "_call_impl" in m.__dict__ or type(m).__call__ is not _MODULE_CALL

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 from torch.utils._pytree import tree_flatten
 
-from .chain import ChainRecorder, HookedRecorder, _check_inputs, _describe, _foreign_hooks, _ours, plain_chain
+from .chain import (ChainRecorder, HookedRecorder, _check_inputs, _describe, _foreign_hooks, _forward_holder, _ours,
+                    plain_chain)
 from .layers import LayerRecord
 from .losses import describe_identity, get_loss, loss_identity
 from .maps import MapRecord
@@ -208,15 +209,6 @@ def _signature(module: nn.Module) -> tuple:
             *params, *params.values(), *children, *children.values(), *pre, *pre.values(), *post, *post.values())
 
 
-def _class_forward(cls: type):
-    """``forward`` as ``cls`` or its nearest base holds it, unbound: one object however its descriptor binds (a
-    ``functools.partialmethod`` makes a new function at every ``cls.forward``)."""
-    for base in cls.__mro__:
-        if "forward" in base.__dict__:
-            return base.__dict__["forward"]
-    return None
-
-
 def _signatures(modules) -> tuple:
     """The signatures of ``modules``, one flat tuple."""
     return tuple(chain.from_iterable(map(_signature, modules)))
@@ -372,7 +364,7 @@ class FPropagation(nn.Module):
         modules = tuple((m, tuple(m._modules), tuple(map(id, m._modules.values())), tuple(m._parameters),
                          tuple(map(id, m._parameters.values())),
                          (_hook_keys(m), tuple(map(id, _foreign_hooks(m)))),
-                         (type(m), m.__dict__.get("forward"), _class_forward(type(m))),
+                         (type(m), m.__dict__.get("forward"), _forward_holder(type(m))[1]),
                          (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
                         for _, m in self.model.named_modules())
         params = tuple((p, p.shape, p.dtype, p.device, p.is_cpu)
@@ -407,7 +399,7 @@ class FPropagation(nn.Module):
             if (tuple(map(id, found_params.values())) != own or tuple(map(id, found_children.values())) != children
                     or tuple(found_params) != own_names or tuple(found_children) != child_names
                     or type(module) is not kind or module.__dict__.get("forward") is not forward
-                    or _class_forward(kind) is not class_forward):
+                    or _forward_holder(kind)[1] is not class_forward):
                 return True
             if _hook_keys(module) != hooks[0] and tuple(map(id, _foreign_hooks(module))) != hooks[1]:
                 return True
